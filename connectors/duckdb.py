@@ -1,0 +1,113 @@
+"""``ai_query`` and ``ai_embed`` as DuckDB SQL functions.
+
+Two ways in::
+
+    from connectors.duckdb import connect, register
+    con = connect()              # a new in-memory DuckDB connection with the functions
+    ai = register(existing_con)  # or add them to a connection you already have
+    con.sql("SELECT ai_query('system-smollm2-135m-instruct', review) FROM 'reviews.csv'")
+
+Each function is a vectorized Arrow UDF: DuckDB hands over a chunk of up to 2048 rows and the
+whole chunk goes to the serving layer at once (``ai_functions``). A SQL macro in front of each
+UDF gives the optional arguments names, so both ``modelParameters => {...}`` and
+``modelParameters := {...}`` work; model parameters travel to Python as JSON (``to_json``).
+
+``ai_embed`` returns ``FLOAT[n]``: ``n`` is read from the embedding endpoints known when the
+functions are registered (384 for the bundled all-MiniLM-L6-v2). If those endpoints disagree on
+``n`` it returns the variable-length ``FLOAT[]`` instead.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+
+from ai_functions.functions import ai_embed_batch, ai_query_batch
+from ai_functions.stats import QueryStats
+from engine.errors import SqlinferError
+from serving.client import InProcessClient, ServingClient
+
+_QUERY_UDF = "__sqlinfer_ai_query"
+_EMBED_UDF = "__sqlinfer_ai_embed"
+
+
+@dataclass
+class AIFunctions:
+    """The functions registered on one connection: their client and what they have done."""
+
+    client: ServingClient
+    embedding_dimension: int | None
+    stats: QueryStats = field(default_factory=QueryStats)
+
+
+def _embedding_dimension(client: ServingClient) -> int | None:
+    dimensions = set()
+    for name, task in client.endpoints():
+        if task != "llm/v1/embeddings":
+            continue
+        try:
+            dimension = client.embedding_dimension(name)
+        except SqlinferError:  # e.g. its package is missing: it will fail clearly when called
+            continue
+        if dimension is not None:
+            dimensions.add(dimension)
+    return dimensions.pop() if len(dimensions) == 1 else None
+
+
+def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None,
+             embedding_dimension: int | None | str = "auto") -> AIFunctions:
+    """Add ``ai_query`` and ``ai_embed`` to ``con``; returns their handle (client, stats)."""
+    client = client or InProcessClient()
+    dimension = _embedding_dimension(client) if embedding_dimension == "auto" else embedding_dimension
+    ai = AIFunctions(client=client, embedding_dimension=dimension)  # type: ignore[arg-type]
+
+    def query_udf(endpoint: Any, request: Any, model_parameters: Any) -> Any:
+        return ai_query_batch(ai.client, endpoint, request, model_parameters, ai.stats)
+
+    def embed_udf(endpoint: Any, text: Any) -> Any:
+        return ai_embed_batch(ai.client, endpoint, text, ai.embedding_dimension, ai.stats)
+
+    varchar = duckdb.sqltype("VARCHAR")
+    vector = duckdb.sqltype(f"FLOAT[{dimension}]" if dimension else "FLOAT[]")
+    for name in (_QUERY_UDF, _EMBED_UDF):
+        try:
+            con.remove_function(name)
+        except Exception:  # not registered yet: nothing to replace
+            pass
+    # null_handling="special": DuckDB must call us even when modelParameters is NULL (the
+    # default); NULL requests are handled per row in ai_functions. side_effects: never fold or
+    # reuse results across calls (a model is not a pure function unless asked to be).
+    udf_options = {"type": "arrow", "side_effects": True, "null_handling": "special"}
+    con.create_function(_QUERY_UDF, query_udf, [varchar, varchar, varchar], varchar, **udf_options)
+    con.create_function(_EMBED_UDF, embed_udf, [varchar, varchar], vector, **udf_options)
+    con.execute(
+        f"CREATE OR REPLACE TEMP MACRO ai_query(endpoint, request, modelParameters := NULL) AS "
+        f"{_QUERY_UDF}(endpoint, request, to_json(modelParameters)::VARCHAR)"
+    )
+    con.execute(f"CREATE OR REPLACE TEMP MACRO ai_embed(endpoint, text) AS {_EMBED_UDF}(endpoint, text)")
+    return ai
+
+
+def connect(database: str = ":memory:", client: ServingClient | None = None, **kwargs: Any) -> duckdb.DuckDBPyConnection:
+    """``duckdb.connect(database, **kwargs)`` with ``ai_query``/``ai_embed`` registered.
+
+    The functions' handle (stats, client) is available as ``functions(con)``.
+    """
+    con = duckdb.connect(database, **kwargs)
+    _HANDLES[con] = register(con, client)
+    return con
+
+
+def functions(con: duckdb.DuckDBPyConnection) -> AIFunctions:
+    """The handle of the functions ``connect`` registered on ``con``."""
+    try:
+        return _HANDLES[con]
+    except (KeyError, TypeError):
+        raise SqlinferError("this connection was not made by connectors.duckdb.connect(); use register(con)") from None
+
+
+# Connections accept no attributes, but weak references: the handle lives as long as the connection.
+_HANDLES: "weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, AIFunctions]" = weakref.WeakKeyDictionary()

@@ -1,0 +1,66 @@
+"""The one error tree of sqlinfer.
+
+Every error a user can see derives from :class:`SqlinferError` and carries a stable
+``error_code`` (Databricks' codes, so REST clients that branch on them keep working) and the
+HTTP status the REST layer answers with. It lives in ``engine`` because that is the bottom of
+the dependency chain (``connectors -> ai_functions -> serving -> engine``): every layer can
+raise and catch the same classes.
+
+A message says what was wrong, the offending value, and how to fix it. Messages never contain
+secret values: callers pass references (``{{secrets/scope/key}}``), never resolved secrets.
+"""
+
+from __future__ import annotations
+
+
+class SqlinferError(Exception):
+    """Base of every user-facing error."""
+
+    error_code = "INTERNAL_ERROR"
+    http_status = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, str]:
+        """The Databricks REST error body."""
+        return {"error_code": self.error_code, "message": self.message}
+
+
+class InvalidParameterValue(SqlinferError):
+    """A request or config value is wrong; the message names the field and the value."""
+
+    error_code = "INVALID_PARAMETER_VALUE"
+    http_status = 400
+
+
+class ResourceDoesNotExist(SqlinferError):
+    """A named endpoint, model, scope or key does not exist."""
+
+    error_code = "RESOURCE_DOES_NOT_EXIST"
+    http_status = 404
+
+
+class ResourceAlreadyExists(SqlinferError):
+    error_code = "RESOURCE_ALREADY_EXISTS"
+    http_status = 409
+
+
+class ResourceConflict(SqlinferError):
+    error_code = "RESOURCE_CONFLICT"
+    http_status = 409
+
+
+class ModelUnavailable(SqlinferError):
+    """A model exists by name but cannot be loaded here (missing package, broken directory)."""
+
+    error_code = "RESOURCE_DOES_NOT_EXIST"
+    http_status = 404
+
+
+class EngineError(SqlinferError):
+    """The local inference engine failed to start or to answer."""
+
+    error_code = "INTERNAL_ERROR"
+    http_status = 500

@@ -1,0 +1,84 @@
+"""Requests and results that cross the engine boundary.
+
+These are the vocabulary shared by the engine, the serving layer's backends and the SQL
+functions: sampling options validated once (pydantic, unknown fields rejected by name), and
+plain result records with the text or vector, the finish reason and token usage. They import
+nothing heavy so that ``ai_functions`` on a Spark executor can use them without vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Task = Literal["llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings"]
+TASKS: tuple[str, ...] = ("llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings")
+
+
+class SamplingOptions(BaseModel):
+    """Generation parameters, with OpenAI's names and meanings.
+
+    ``None`` means "the model's default". ``json_schema`` asks for structured output that
+    conforms to the schema (vLLM structured outputs for local models).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stop: tuple[str, ...] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=16)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    json_schema: dict[str, Any] | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_tuple(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list):
+            return tuple(value)
+        return value
+
+    def merged_over(self, defaults: "SamplingOptions") -> "SamplingOptions":
+        """These options, with every unset field taken from ``defaults``."""
+        return defaults.model_copy(update=self.model_dump(exclude_unset=True))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top_logprobs: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Choice:
+    text: str
+    finish_reason: str | None
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One request's answer: ``n`` choices and its token usage, or an error for this row only."""
+
+    choices: tuple[Choice, ...] = ()
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def text(self) -> str | None:
+        return self.choices[0].text if self.choices else None
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vector: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    error: str | None = None

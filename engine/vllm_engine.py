@@ -1,0 +1,345 @@
+"""The local inference engine: one vLLM ``AsyncLLM`` per model per process, shared by all callers.
+
+Why async and shared: vLLM batches continuously, so the fastest way to answer many callers is
+to let all their requests into one running batch. Each :class:`LocalEngine` owns an AsyncLLM that
+lives on a single background event loop thread (shared by every engine of the process); callers
+on any thread submit a *whole batch at once* with ``asyncio.run_coroutine_threadsafe`` and block
+until it drains (vLLM's ``LLM._run_engine`` pattern: submit everything, drain, restore input
+order). Two DuckDB threads, a REST handler and a Spark task calling at the same time therefore
+share one batch instead of queueing behind each other.
+
+Engines start lazily on first use (~30 s on CPU) and shut down cleanly at interpreter exit
+(explicitly, so vLLM's ``__del__`` never runs against a half-torn-down interpreter and no
+EngineCore child process is left behind). This is the only module that imports vllm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import logging
+import os
+import threading
+from typing import Any, Callable, Coroutine, Sequence, TypeVar
+
+from engine.config import EngineConfig
+from engine.errors import EngineError, InvalidParameterValue
+from engine.model_store import ModelInfo, resolve_model
+from engine.types import (
+    Choice,
+    EmbeddingResult,
+    GenerationResult,
+    SamplingOptions,
+    TokenLogprob,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+ResultCallback = Callable[[int, Any], None]
+
+# vLLM logs every engine step at INFO; a SQL user wants their table, not the engine's diary.
+# Set VLLM_LOGGING_LEVEL=INFO to see it again.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+# No usage statistics phone-home: there is no network here, and users did not ask for it.
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+class _EventLoopThread:
+    """One asyncio loop on a daemon thread, hosting every engine of the process."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(
+                    target=self._loop.run_forever, name="sqlinfer-engine-loop", daemon=True
+                )
+                self._thread.start()
+            return self._loop
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop()).result()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._loop is None:
+                return
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout=10)
+            self._loop.close()
+            self._loop, self._thread = None, None
+
+
+_LOOP = _EventLoopThread()
+_ENGINES: dict[tuple[str, str], "LocalEngine"] = {}
+_ENGINES_LOCK = threading.Lock()
+_REQUEST_IDS = itertools.count()
+
+
+class LocalEngine:
+    """A lazily started vLLM engine for one model; thread-safe; batches submitted whole."""
+
+    def __init__(self, model: ModelInfo, config: EngineConfig | None = None):
+        self.model = model
+        self.config = config or EngineConfig.from_env()
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._max_model_len = 0
+        self._start_lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def is_running(self) -> bool:
+        return self._llm is not None
+
+    def start(self) -> None:
+        """Start the engine if it is not running (blocks ~30 s on CPU the first time)."""
+        if self._llm is not None:
+            return
+        with self._start_lock:
+            if self._llm is not None:
+                return
+            args = self.config.engine_args(str(self.model.path), self.model.runner)
+            log.info("starting vLLM engine for %s (%s)", self.model.name, self.model.path)
+            try:
+                self._llm = _LOOP.run(_create_async_llm(args))
+            except Exception as exc:  # vLLM raises many types; the user needs one clear story
+                raise EngineError(
+                    f"could not start the local engine for model {self.model.name!r} at "
+                    f"{str(self.model.path)!r}: {type(exc).__name__}: {exc}. Engine settings can "
+                    f"be changed with SQLINFER_ENGINE_* variables (e.g. "
+                    f"SQLINFER_ENGINE_GPU_MEMORY_UTILIZATION=0.3)"
+                ) from exc
+            self._tokenizer = self._llm.get_tokenizer()
+            self._max_model_len = int(self._llm.vllm_config.model_config.max_model_len)
+            _register_atexit()
+
+    def close(self) -> None:
+        """Shut the engine down; the next request starts it again (used for scale-to-zero)."""
+        with self._start_lock:
+            llm, self._llm = self._llm, None
+            if llm is not None:
+                try:
+                    _LOOP.run(_shutdown_async_llm(llm))
+                except Exception:  # a dying engine must not stop the others from closing
+                    log.exception("error while shutting down the engine for %s", self.model.name)
+
+    @property
+    def tokenizer(self) -> Any:
+        self.start()
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        self.start()
+        return self._max_model_len
+
+    # -- generation ------------------------------------------------------------------------
+
+    def chat(
+        self,
+        conversations: Sequence[Sequence[dict[str, str]]],
+        options: SamplingOptions | Sequence[SamplingOptions],
+        on_result: ResultCallback | None = None,
+    ) -> list[GenerationResult]:
+        """Answer every conversation (the model's chat template applied), in input order."""
+        self._require("llm/v1/chat", "chat")
+        tokenizer = self.tokenizer
+        prompts: list[Any] = []
+        for messages in conversations:
+            try:
+                text = tokenizer.apply_chat_template(
+                    list(messages), tokenize=False, add_generation_prompt=True
+                )
+                prompts.append({"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+            except Exception as exc:  # a malformed conversation fails its own row only
+                prompts.append(exc)
+        return self._generate(prompts, options, on_result)
+
+    def complete(
+        self,
+        prompts: Sequence[str],
+        options: SamplingOptions | Sequence[SamplingOptions],
+        on_result: ResultCallback | None = None,
+    ) -> list[GenerationResult]:
+        """Continue every raw prompt (no chat template), in input order."""
+        self._require(("llm/v1/chat", "llm/v1/completions"), "completions")
+        return self._generate(list(prompts), options, on_result)
+
+    def embed(self, texts: Sequence[str], on_result: ResultCallback | None = None) -> list[EmbeddingResult]:
+        """Embed every text (truncated to the model's length), in input order."""
+        self._require("llm/v1/embeddings", "embeddings")
+        tokenizer, limit = self.tokenizer, self.max_model_len
+        token_ids = tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"] if texts else []
+        return _LOOP.run(self._embed_all(token_ids, on_result))
+
+    def _require(self, tasks: str | tuple[str, ...], what: str) -> None:
+        allowed = (tasks,) if isinstance(tasks, str) else tasks
+        if self.model.task not in allowed:
+            raise InvalidParameterValue(
+                f"model {self.model.name!r} serves {self.model.task}, not {what}; use an endpoint "
+                f"whose task is {' or '.join(allowed)}"
+            )
+
+    def _generate(
+        self,
+        prompts: list[Any],
+        options: SamplingOptions | Sequence[SamplingOptions],
+        on_result: ResultCallback | None,
+    ) -> list[GenerationResult]:
+        per_prompt = [options] * len(prompts) if isinstance(options, SamplingOptions) else list(options)
+        if len(per_prompt) != len(prompts):
+            raise InvalidParameterValue(
+                f"got {len(per_prompt)} sampling options for {len(prompts)} prompts; give one, or one per prompt"
+            )
+        self.start()
+        # A batch usually repeats one options object; convert each distinct object once.
+        params_by_id: dict[int, Any] = {}
+        sampling = []
+        for option in per_prompt:
+            if id(option) not in params_by_id:
+                params_by_id[id(option)] = _to_sampling_params(option)
+            sampling.append(params_by_id[id(option)])
+        return _LOOP.run(self._generate_all(prompts, sampling, on_result))
+
+    async def _generate_all(self, prompts: list[Any], sampling: list[Any], on_result: ResultCallback | None) -> list[GenerationResult]:
+        async def one(index: int, prompt: Any, params: Any) -> GenerationResult:
+            if isinstance(prompt, Exception):
+                result = GenerationResult(error=f"invalid request: {prompt}")
+            else:
+                try:
+                    final = None
+                    async for output in self._llm.generate(prompt, params, f"sqlinfer-{next(_REQUEST_IDS)}"):
+                        final = output
+                    result = _to_generation_result(final)
+                except Exception as exc:  # e.g. a prompt longer than max_model_len: this row only
+                    result = GenerationResult(error=_describe(exc))
+            if on_result is not None:
+                on_result(index, result)
+            return result
+
+        return list(await asyncio.gather(*(one(i, p, s) for i, (p, s) in enumerate(zip(prompts, sampling)))))
+
+    async def _embed_all(self, token_ids: list[list[int]], on_result: ResultCallback | None) -> list[EmbeddingResult]:
+        from vllm.pooling_params import PoolingParams
+
+        params = PoolingParams(task="embed")
+
+        async def one(index: int, ids: list[int]) -> EmbeddingResult:
+            try:
+                final = None
+                prompt = {"prompt_token_ids": ids}
+                async for output in self._llm.encode(prompt, params, f"sqlinfer-{next(_REQUEST_IDS)}"):
+                    final = output
+                vector = final.outputs.data.float().tolist()
+                result = EmbeddingResult(vector=vector, prompt_tokens=len(ids))
+            except Exception as exc:
+                result = EmbeddingResult(error=_describe(exc))
+            if on_result is not None:
+                on_result(index, result)
+            return result
+
+        return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(token_ids))))
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def _create_async_llm(args: dict[str, Any]) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+
+
+async def _shutdown_async_llm(llm: Any) -> None:
+    llm.shutdown()
+
+
+def _to_sampling_params(options: SamplingOptions) -> Any:
+    from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+    kwargs: dict[str, Any] = {"n": options.n, "output_kind": RequestOutputKind.FINAL_ONLY}
+    for name in ("max_tokens", "temperature", "top_p", "seed", "logprobs"):
+        value = getattr(options, name)
+        if value is not None:
+            kwargs[name] = value
+    if "max_tokens" not in kwargs:
+        kwargs["max_tokens"] = None  # OpenAI semantics: up to the model's context, not vLLM's 16
+    if options.stop:
+        kwargs["stop"] = list(options.stop)
+    if options.json_schema is not None:
+        kwargs["structured_outputs"] = StructuredOutputsParams(json=options.json_schema)
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise InvalidParameterValue(f"invalid sampling options {options.model_dump(exclude_none=True)}: {exc}") from None
+
+
+def _to_generation_result(output: Any) -> GenerationResult:
+    choices = []
+    completion_tokens = 0
+    for completion in output.outputs:
+        completion_tokens += len(completion.token_ids)
+        logprobs = None
+        if completion.logprobs is not None:
+            logprobs = tuple(
+                _token_logprob(token_id, position)
+                for token_id, position in zip(completion.token_ids, completion.logprobs)
+            )
+        choices.append(Choice(text=completion.text, finish_reason=completion.finish_reason, logprobs=logprobs))
+    return GenerationResult(
+        choices=tuple(choices),
+        prompt_tokens=len(output.prompt_token_ids or ()),
+        completion_tokens=completion_tokens,
+    )
+
+
+def _token_logprob(token_id: int, position: dict[int, Any]) -> TokenLogprob:
+    chosen = position[token_id]
+    alternatives = tuple(
+        (entry.decoded_token or "", float(entry.logprob))
+        for _, entry in sorted(position.items(), key=lambda item: item[1].rank or 0)
+    )
+    return TokenLogprob(token=chosen.decoded_token or "", logprob=float(chosen.logprob), top_logprobs=alternatives)
+
+
+def get_engine(model: str, config: EngineConfig | None = None) -> LocalEngine:
+    """The process-wide engine for a bundled model name or a local model directory."""
+    info = resolve_model(model)
+    key = (str(info.path), info.runner)
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            engine = _ENGINES[key] = LocalEngine(info, config)
+        return engine
+
+
+def shutdown_all() -> None:
+    """Stop every engine of this process and the loop they run on."""
+    with _ENGINES_LOCK:
+        engines = list(_ENGINES.values())
+    for engine in engines:
+        engine.close()
+    _LOOP.stop()
+
+
+_ATEXIT_REGISTERED = False
+
+
+def _register_atexit() -> None:
+    global _ATEXIT_REGISTERED
+    if not _ATEXIT_REGISTERED:
+        _ATEXIT_REGISTERED = True
+        atexit.register(shutdown_all)

@@ -1,0 +1,152 @@
+"""The backend seam: one interface for everything that can answer an endpoint.
+
+A :class:`Backend` answers a *whole batch* of requests in one call and returns results in input
+order, with a per-request error instead of an exception when one row fails. The SQL functions,
+the REST server and tests all talk to this interface only, so a local vLLM engine, an external
+provider or a test double are interchangeable behind an endpoint name.
+
+:class:`EchoBackend` is the official test double (like httpx's ``MockTransport``): it answers
+instantly and deterministically, so the SQL machinery can be exercised and benchmarked without a
+model. It ships with the library; register it under any endpoint name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from abc import ABC
+from typing import Any, Callable, Sequence
+
+from engine.errors import InvalidParameterValue
+from engine.types import EmbeddingResult, GenerationResult, SamplingOptions, Task, Choice
+
+ResultCallback = Callable[[int, Any], None]
+Conversation = Sequence[dict[str, str]]
+
+
+class Backend(ABC):
+    """What serves one endpoint. Subclasses implement the methods of their task."""
+
+    task: Task
+
+    def chat(
+        self, conversations: Sequence[Conversation], options: SamplingOptions, on_result: ResultCallback | None = None
+    ) -> list[GenerationResult]:
+        raise self._unsupported("chat")
+
+    def complete(
+        self, prompts: Sequence[str], options: SamplingOptions, on_result: ResultCallback | None = None
+    ) -> list[GenerationResult]:
+        raise self._unsupported("completions")
+
+    def embed(self, texts: Sequence[str], on_result: ResultCallback | None = None) -> list[EmbeddingResult]:
+        raise self._unsupported("embeddings")
+
+    def embedding_dimension(self) -> int | None:
+        """Vector length for embedding backends, known without running a model; else None."""
+        return None
+
+    def close(self) -> None:
+        """Release what the backend holds (an engine, connections). It may be used again after."""
+
+    def _unsupported(self, what: str) -> InvalidParameterValue:
+        return InvalidParameterValue(f"this endpoint serves {self.task}, not {what}")
+
+
+class LocalEngineBackend(Backend):
+    """A bundled model or a local Hugging Face directory, served by the in-process vLLM engine."""
+
+    def __init__(self, model: str, task: Task, engine_config: Any = None):
+        self.model = model
+        self.task = task
+        self._engine_config = engine_config
+        self._engine: Any = None
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            from engine.vllm_engine import get_engine
+
+            self._engine = get_engine(self.model, self._engine_config)
+        return self._engine
+
+    def chat(self, conversations, options, on_result=None):
+        if self.task == "llm/v1/completions":
+            raise self._unsupported("chat")
+        return self.engine.chat(conversations, options, on_result)
+
+    def complete(self, prompts, options, on_result=None):
+        return self.engine.complete(prompts, options, on_result)
+
+    def embed(self, texts, on_result=None):
+        return self.engine.embed(texts, on_result)
+
+    def embedding_dimension(self) -> int | None:
+        if self.task != "llm/v1/embeddings":
+            return None
+        from engine.model_store import embedding_dimension, resolve_model
+
+        return embedding_dimension(resolve_model(self.model).path)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+
+
+class EchoBackend(Backend):
+    """Answers instantly: chat echoes the last user message, embeddings hash the text.
+
+    ``fail_on`` makes rows whose text contains that marker fail (per-row error), for testing
+    error paths. Usage counts whitespace-separated words as tokens.
+    """
+
+    def __init__(self, task: Task = "llm/v1/chat", dimension: int = 8, fail_on: str | None = None):
+        self.task = task
+        self.dimension = dimension
+        self.fail_on = fail_on
+        self.calls: list[int] = []  # batch sizes, so tests can see how requests were grouped
+
+    def _answer(self, text: str, options: SamplingOptions) -> GenerationResult:
+        if self.fail_on is not None and self.fail_on in text:
+            return GenerationResult(error=f"echo backend refused a request containing {self.fail_on!r}")
+        words = text.split()
+        limit = options.max_tokens
+        reply = " ".join(words[:limit]) if limit is not None else text
+        finish = "length" if limit is not None and len(words) > limit else "stop"
+        return GenerationResult(
+            choices=(Choice(text=reply, finish_reason=finish),) * options.n,
+            prompt_tokens=len(words),
+            completion_tokens=len(reply.split()) * options.n,
+        )
+
+    def chat(self, conversations, options, on_result=None):
+        self.calls.append(len(conversations))
+        results = []
+        for index, messages in enumerate(conversations):
+            user_turns = [m.get("content", "") for m in messages if m.get("role") == "user"]
+            results.append(self._answer(user_turns[-1] if user_turns else "", options))
+            if on_result is not None:
+                on_result(index, results[-1])
+        return results
+
+    def complete(self, prompts, options, on_result=None):
+        return self.chat([[{"role": "user", "content": p}] for p in prompts], options, on_result)
+
+    def embed(self, texts, on_result=None):
+        self.calls.append(len(texts))
+        results = []
+        for index, text in enumerate(texts):
+            if self.fail_on is not None and self.fail_on in text:
+                result = EmbeddingResult(error=f"echo backend refused a request containing {self.fail_on!r}")
+            else:
+                digest = hashlib.sha256(text.encode()).digest()
+                raw = [digest[i % len(digest)] - 127.5 for i in range(self.dimension)]
+                norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+                result = EmbeddingResult(vector=[x / norm for x in raw], prompt_tokens=len(text.split()))
+            results.append(result)
+            if on_result is not None:
+                on_result(index, result)
+        return results
+
+    def embedding_dimension(self) -> int | None:
+        return self.dimension if self.task == "llm/v1/embeddings" else None

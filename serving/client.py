@@ -1,0 +1,62 @@
+"""How the SQL functions reach the serving layer.
+
+:class:`ServingClient` is the one interface ``ai_functions`` calls: whole batches per endpoint,
+results in input order. :class:`InProcessClient` serves from a registry in this process (DuckDB,
+tests, one machine); an HTTP client to ``sqlinfer serve`` with the same interface lets many Spark
+executors share one engine.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from engine.types import EmbeddingResult, GenerationResult, SamplingOptions, Task
+from serving.backends import Conversation, ResultCallback
+from serving.registry import EndpointRegistry, default_registry
+
+
+class ServingClient(Protocol):
+    def endpoints(self) -> list[tuple[str, Task]]: ...
+
+    def task(self, endpoint: str) -> Task: ...
+
+    def embedding_dimension(self, endpoint: str) -> int | None: ...
+
+    def chat(
+        self, endpoint: str, conversations: Sequence[Conversation], options: SamplingOptions,
+        on_result: ResultCallback | None = None,
+    ) -> list[GenerationResult]: ...
+
+    def complete(
+        self, endpoint: str, prompts: Sequence[str], options: SamplingOptions,
+        on_result: ResultCallback | None = None,
+    ) -> list[GenerationResult]: ...
+
+    def embed(
+        self, endpoint: str, texts: Sequence[str], on_result: ResultCallback | None = None
+    ) -> list[EmbeddingResult]: ...
+
+
+class InProcessClient:
+    """Serves requests from a registry in this process (the default registry if none given)."""
+
+    def __init__(self, registry: EndpointRegistry | None = None):
+        self.registry = registry or default_registry()
+
+    def endpoints(self) -> list[tuple[str, Task]]:
+        return [(endpoint.name, endpoint.task) for endpoint in self.registry.endpoints()]
+
+    def task(self, endpoint: str) -> Task:
+        return self.registry.endpoint(endpoint).task
+
+    def embedding_dimension(self, endpoint: str) -> int | None:
+        return self.registry.backend(endpoint).embedding_dimension()
+
+    def chat(self, endpoint, conversations, options, on_result=None):
+        return self.registry.backend(endpoint).chat(conversations, options, on_result)
+
+    def complete(self, endpoint, prompts, options, on_result=None):
+        return self.registry.backend(endpoint).complete(prompts, options, on_result)
+
+    def embed(self, endpoint, texts, on_result=None):
+        return self.registry.backend(endpoint).embed(texts, on_result)

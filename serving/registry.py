@@ -1,0 +1,123 @@
+"""Endpoint names -> backends.
+
+This is the seam the full Databricks-shaped registry (persistence, served entities, traffic
+split) plugs into: callers only ever ask ``registry.backend(name)``. Out of the box the registry
+holds the bundled system models as pay-per-token style endpoints, the way Databricks
+pre-provisions its ``databricks-*`` endpoints:
+
+* ``system-smollm2-135m-instruct`` (llm/v1/chat)
+* ``system-all-minilm-l6-v2`` (llm/v1/embeddings)
+
+Endpoints register by name; a duplicate is refused, and an unknown name is answered with the
+list of known ones (the MLflow gateway's provider registry does the same).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from engine.errors import InvalidParameterValue, ResourceAlreadyExists, ResourceDoesNotExist
+from engine.types import TASKS, Task
+from serving.backends import Backend, LocalEngineBackend
+
+SYSTEM_PREFIX = "system-"
+BackendFactory = Callable[[], Backend]
+
+
+@dataclass
+class Endpoint:
+    name: str
+    task: Task
+    factory: BackendFactory
+    description: str = ""
+    backend: Backend | None = None
+
+
+class EndpointRegistry:
+    """Thread-safe name -> endpoint map; backends are built on first use and then shared."""
+
+    def __init__(self) -> None:
+        self._endpoints: dict[str, Endpoint] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str, task: Task, backend: Backend | BackendFactory, description: str = "") -> None:
+        if task not in TASKS:
+            raise InvalidParameterValue(f"task {task!r} is not one of {', '.join(TASKS)}")
+        factory = (lambda: backend) if isinstance(backend, Backend) else backend
+        with self._lock:
+            if name in self._endpoints:
+                raise ResourceAlreadyExists(
+                    f"endpoint {name!r} already exists; choose another name or remove it first"
+                )
+            self._endpoints[name] = Endpoint(name, task, factory, description)
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            endpoint = self._endpoints.pop(name, None)
+        if endpoint is None:
+            raise self._not_found(name)
+        if endpoint.backend is not None:
+            endpoint.backend.close()
+
+    def endpoint(self, name: str) -> Endpoint:
+        with self._lock:
+            endpoint = self._endpoints.get(name)
+        if endpoint is None:
+            raise self._not_found(name)
+        return endpoint
+
+    def backend(self, name: str) -> Backend:
+        endpoint = self.endpoint(name)
+        with self._lock:
+            if endpoint.backend is None:
+                endpoint.backend = endpoint.factory()
+            return endpoint.backend
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._endpoints)
+
+    def endpoints(self) -> list[Endpoint]:
+        with self._lock:
+            return [self._endpoints[name] for name in sorted(self._endpoints)]
+
+    def close(self) -> None:
+        for endpoint in self.endpoints():
+            if endpoint.backend is not None:
+                endpoint.backend.close()
+
+    def _not_found(self, name: str) -> ResourceDoesNotExist:
+        known = ", ".join(self.names()) or "(none)"
+        return ResourceDoesNotExist(
+            f"endpoint {name!r} does not exist; known endpoints: {known}. "
+            f"List them with `sqlinfer endpoints list`"
+        )
+
+
+def add_system_endpoints(registry: EndpointRegistry) -> None:
+    """Register one endpoint per bundled model, named ``system-<model>``."""
+    from engine.model_store import BUNDLED_MODELS
+
+    for model in BUNDLED_MODELS.values():
+        registry.register(
+            SYSTEM_PREFIX + model.name,
+            model.task,
+            lambda model=model: LocalEngineBackend(model.name, model.task),
+            description=f"bundled {model.name} ({model.license}) on the local engine",
+        )
+
+
+_DEFAULT: EndpointRegistry | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_registry() -> EndpointRegistry:
+    """The process-wide registry, holding the system endpoints."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = EndpointRegistry()
+            add_system_endpoints(_DEFAULT)
+        return _DEFAULT
