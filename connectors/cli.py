@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from typing import Sequence
 
 from engine.errors import SqlinferError
@@ -29,17 +30,14 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     try:
         ai = functions(con)
         try:
-            if args.progress:
-                with ai.stats.progress(description="ai rows"):
-                    relation = con.sql(args.query)
-                    result = relation.arrow() if relation is not None else None
-            else:
+            with ai.stats.progress(description="ai rows") if args.progress else nullcontext():
                 relation = con.sql(args.query)
-                result = relation.arrow() if relation is not None else None
+                # A DuckDB 2.0 relation runs again on every call: materialize it exactly once.
+                result = relation.to_arrow_table() if relation is not None else None
         except duckdb.Error as exc:
             raise SqlinferError(_strip_udf_prefix(str(exc))) from None
         if result is not None:
-            duckdb.sql("SELECT * FROM result").show(max_rows=args.max_rows, max_width=args.max_width)
+            duckdb.from_arrow(result).show(max_rows=args.max_rows, max_width=args.max_width)
         snapshot = ai.stats.snapshot()
         if snapshot.rows:
             print(f"ai functions: {snapshot.summary()}", file=sys.stderr)

@@ -31,9 +31,9 @@ class EngineConfig(BaseModel):
     extra_engine_args: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> "EngineConfig":
-        """Defaults, then ``SQLINFER_ENGINE_*`` variables, then explicit overrides."""
-        values: dict[str, Any] = {}
+    def from_env(cls, device_defaults: dict[str, Any] | None = None, **overrides: Any) -> "EngineConfig":
+        """Defaults, then ``device_defaults``, then ``SQLINFER_ENGINE_*`` variables, then overrides."""
+        values: dict[str, Any] = dict(device_defaults or {})
         for name in cls.model_fields:
             raw = os.environ.get(f"SQLINFER_ENGINE_{name.upper()}")
             if raw is None:
@@ -47,6 +47,15 @@ class EngineConfig(BaseModel):
             return cls(**values)
         except ValueError as exc:
             raise InvalidParameterValue(f"invalid engine setting: {exc}") from None
+
+    @classmethod
+    def for_this_machine(cls) -> "EngineConfig":
+        """CPU defaults, or GPU ones when CUDA is available (vLLM's own memory fraction, graphs on)."""
+        import torch
+
+        if torch.cuda.is_available():
+            return cls.from_env({"gpu_memory_utilization": 0.85, "enforce_eager": False, "dtype": "auto"})
+        return cls.from_env()
 
     def engine_args(self, model_path: str, runner: str) -> dict[str, Any]:
         """Keyword arguments for vLLM's ``AsyncEngineArgs``."""

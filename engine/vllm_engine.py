@@ -90,11 +90,15 @@ class LocalEngine:
 
     def __init__(self, model: ModelInfo, config: EngineConfig | None = None):
         self.model = model
-        self.config = config or EngineConfig.from_env()
+        self.config = config or EngineConfig.for_this_machine()
         self._llm: Any = None
         self._tokenizer: Any = None
         self._max_model_len = 0
         self._start_lock = threading.Lock()
+        # Requests inside vLLM right now, and the most there ever were at once: the proof that
+        # separate callers joined one continuous batch. Touched only on the loop thread.
+        self.in_flight = 0
+        self.peak_in_flight = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -217,6 +221,7 @@ class LocalEngine:
             if isinstance(prompt, Exception):
                 result = GenerationResult(error=f"invalid request: {prompt}")
             else:
+                self._enter()
                 try:
                     final = None
                     async for output in self._llm.generate(prompt, params, f"sqlinfer-{next(_REQUEST_IDS)}"):
@@ -224,6 +229,8 @@ class LocalEngine:
                     result = _to_generation_result(final)
                 except Exception as exc:  # e.g. a prompt longer than max_model_len: this row only
                     result = GenerationResult(error=_describe(exc))
+                finally:
+                    self.in_flight -= 1
             if on_result is not None:
                 on_result(index, result)
             return result
@@ -236,6 +243,7 @@ class LocalEngine:
         params = PoolingParams(task="embed")
 
         async def one(index: int, ids: list[int]) -> EmbeddingResult:
+            self._enter()
             try:
                 final = None
                 prompt = {"prompt_token_ids": ids}
@@ -245,11 +253,18 @@ class LocalEngine:
                 result = EmbeddingResult(vector=vector, prompt_tokens=len(ids))
             except Exception as exc:
                 result = EmbeddingResult(error=_describe(exc))
+            finally:
+                self.in_flight -= 1
             if on_result is not None:
                 on_result(index, result)
             return result
 
         return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(token_ids))))
+
+
+    def _enter(self) -> None:
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,0 +1,147 @@
+"""The local vLLM engine with the bundled models: answers, batching, concurrency, embeddings."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import pytest
+
+from engine.errors import InvalidParameterValue
+from engine.types import SamplingOptions
+from tests.conftest import GREEDY
+
+pytestmark = pytest.mark.engine
+
+
+def ask(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_capital_of_france(chat_engine):
+    [result] = chat_engine.chat([ask("What is the capital of France? Answer in one word.")], GREEDY)
+    assert result.error is None
+    assert "Paris" in result.text
+    assert result.prompt_tokens > 0 and result.completion_tokens > 0
+    assert result.choices[0].finish_reason in ("stop", "length")
+
+
+PROMPTS = [
+    "Name a fruit.",
+    "What is 2+2?",
+    "Write a haiku about rain.",
+    "Describe a cat in one sentence.",
+    "Is this review positive or negative? 'The blender broke after a week.'",
+    "Translate 'good morning' to Spanish.",
+]
+
+
+def test_batched_equals_one_at_a_time(chat_engine):
+    conversations = [ask(p) for p in PROMPTS]
+    batched = [r.text for r in chat_engine.chat(conversations * 4, GREEDY)]
+    alone = [chat_engine.chat([c], GREEDY)[0].text for c in conversations]
+    assert batched == alone * 4
+
+
+def test_fifty_concurrent_callers_share_one_batch_and_get_their_own_answer(chat_engine):
+    prompts = [f"Write one sentence about the number {i}." for i in range(50)]
+    options = SamplingOptions(temperature=0.0, max_tokens=12)
+    reference = [r.text for r in chat_engine.chat([ask(p) for p in prompts], options)]
+    assert len(set(reference)) > 10  # the prompts really produce different answers
+
+    answers: dict[int, str] = {}
+    barrier = threading.Barrier(50)
+    chat_engine.peak_in_flight = 0
+
+    def caller(i: int) -> None:
+        barrier.wait()
+        answers[i] = chat_engine.chat([ask(prompts[i])], options)[0].text
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert [answers[i] for i in range(50)] == reference
+    assert chat_engine.peak_in_flight > 1, "concurrent callers were served one at a time"
+
+
+def test_sampling_parameters(chat_engine):
+    question = [ask("Count from one to twenty in words, separated by commas.")]
+    [short] = chat_engine.chat(question, SamplingOptions(temperature=0.0, max_tokens=3))
+    assert short.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+
+    [free] = chat_engine.chat([ask("Tell me about Paris.")], SamplingOptions(temperature=0.0, max_tokens=30))
+    stop_word = free.text.split()[3]  # a stop string the greedy answer is known to reach
+    [stopped] = chat_engine.chat([ask("Tell me about Paris.")], SamplingOptions(temperature=0.0, max_tokens=30, stop=[stop_word]))
+    assert stopped.text == free.text[: free.text.index(stop_word)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+    seeded = SamplingOptions(temperature=1.0, seed=7, max_tokens=12)
+    first, second = (chat_engine.chat([ask("Tell me a story.")], seeded)[0].text for _ in range(2))
+    assert first == second
+
+    [several] = chat_engine.chat([ask("Say a word.")], SamplingOptions(temperature=1.0, n=3, max_tokens=4, seed=1))
+    assert len(several.choices) == 3
+
+    [with_logprobs] = chat_engine.chat(question, SamplingOptions(temperature=0.0, max_tokens=3, logprobs=2))
+    positions = with_logprobs.choices[0].logprobs
+    assert len(positions) == 3
+    assert all(p.logprob <= 0.0 and 1 <= len(p.top_logprobs) <= 3 for p in positions)
+    assert "".join(p.token for p in positions) == with_logprobs.text
+
+
+def test_completions_take_raw_prompts(chat_engine):
+    [result] = chat_engine.complete(["The capital of France is"], SamplingOptions(temperature=0.0, max_tokens=4))
+    assert "Paris" in result.text
+
+
+def test_json_schema_structured_output(chat_engine):
+    schema = {
+        "type": "object",
+        "properties": {"sentiment": {"type": "string", "enum": ["positive", "negative"]}},
+        "required": ["sentiment"],
+    }
+    [result] = chat_engine.chat(
+        [ask("Review: 'Broke after one day, awful.' What is the sentiment? Answer in JSON.")],
+        SamplingOptions(temperature=0.0, max_tokens=40, json_schema=schema),
+    )
+    assert json.loads(result.text)["sentiment"] in ("positive", "negative")
+
+
+def test_a_failing_row_does_not_fail_its_batch(chat_engine):
+    too_long = "word " * 5000  # beyond max_model_len (2048)
+    results = chat_engine.chat([ask("Say hi."), ask(too_long), ask("Say bye.")], GREEDY)
+    assert results[0].error is None and results[2].error is None
+    assert results[1].error and results[1].text is None
+
+
+def test_chat_on_an_embedding_model_is_refused(embed_engine):
+    with pytest.raises(InvalidParameterValue, match="serves llm/v1/embeddings, not chat"):
+        embed_engine.chat([ask("hi")], GREEDY)
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b)) / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def test_embeddings_are_unit_norm_and_meaningful(embed_engine):
+    texts = [
+        "The cat sat on the mat.",
+        "A kitten was sitting on the rug.",
+        "Quarterly revenue grew by eight percent.",
+        "",
+    ]
+    results = embed_engine.embed(texts)
+    assert all(r.error is None for r in results)
+    assert all(len(r.vector) == 384 for r in results)
+    for r in results:
+        assert math.sqrt(sum(x * x for x in r.vector)) == pytest.approx(1.0, abs=1e-2)
+    cat, kitten, revenue = (r.vector for r in results[:3])
+    assert cosine(cat, kitten) > cosine(cat, revenue) + 0.2
+
+
+def test_long_text_is_truncated_not_failed(embed_engine):
+    [result] = embed_engine.embed(["long " * 2000])
+    assert result.error is None and len(result.vector) == 384
