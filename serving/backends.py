@@ -46,6 +46,9 @@ class Backend(ABC):
         """Vector length for embedding backends, known without running a model; else None."""
         return None
 
+    def warm_up(self) -> None:
+        """Get ready to answer (start an engine, open connections) before the first request."""
+
     def close(self) -> None:
         """Release what the backend holds (an engine, connections). It may be used again after."""
 
@@ -87,6 +90,9 @@ class LocalEngineBackend(Backend):
         from engine.model_store import embedding_dimension, resolve_model
 
         return embedding_dimension(resolve_model(self.model).path)
+
+    def warm_up(self) -> None:
+        self.engine.start()
 
     def close(self) -> None:
         if self._engine is not None:

@@ -22,6 +22,8 @@ class ServingClient(Protocol):
 
     def embedding_dimension(self, endpoint: str) -> int | None: ...
 
+    def warm_up(self, endpoint: str) -> None: ...
+
     def chat(
         self, endpoint: str, conversations: Sequence[Conversation], options: SamplingOptions,
         on_result: ResultCallback | None = None,
@@ -51,6 +53,9 @@ class InProcessClient:
 
     def embedding_dimension(self, endpoint: str) -> int | None:
         return self.registry.backend(endpoint).embedding_dimension()
+
+    def warm_up(self, endpoint: str) -> None:
+        self.registry.backend(endpoint).warm_up()
 
     def chat(self, endpoint, conversations, options, on_result=None):
         return self.registry.backend(endpoint).chat(conversations, options, on_result)
