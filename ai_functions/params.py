@@ -22,8 +22,10 @@ SQL_DEFAULTS = SamplingOptions(temperature=0.0, max_tokens=256)
 
 # Parameters whose values the function owns; setting them in modelParameters is refused.
 RESERVED = {"messages": "the request argument", "prompt": "the request argument", "model": "the endpoint argument",
-            "stream": "ai_query (results are never streamed)", "json_schema": "responseFormat"}
-SUPPORTED = tuple(name for name in SamplingOptions.model_fields if name != "json_schema")
+            "stream": "ai_query (results are never streamed)", "json_schema": "responseFormat",
+            # A SQL cell holds one answer: more choices or token logprobs would be paid for and dropped.
+            "n": "ai_query (one answer per row)", "logprobs": "ai_query (a cell holds the answer text only)"}
+SUPPORTED = tuple(name for name in SamplingOptions.model_fields if name not in RESERVED)
 
 
 @lru_cache(maxsize=256)

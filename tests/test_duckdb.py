@@ -60,6 +60,7 @@ def test_model_parameters_with_both_named_argument_syntaxes(echo_con):
         ("{'max_tokens': 0}", r"modelParameters.max_tokens = 0 is invalid"),
         ("{'colour': 'red'}", r"modelParameters.colour is not a supported parameter; supported: max_tokens"),
         ("{'messages': 'x'}", r"modelParameters.messages is reserved"),
+        ("{'n': 3}", r"modelParameters.n is reserved: it is set by ai_query \(one answer per row\)"),
         ("{'max_tokens': 'many'}", r"modelParameters.max_tokens = 'many' is invalid"),
     ],
 )
