@@ -5,7 +5,14 @@ It sits at the edge of the project (it may import every package; none imports it
     sqlinfer sql "SELECT ai_query('system-smollm2-135m-instruct', review) FROM 'reviews.csv'"
     sqlinfer models            # bundled and local models
     sqlinfer models prepare    # convert the bundled models now instead of on first use
-    sqlinfer endpoints list    # endpoints the SQL functions can call
+    sqlinfer endpoints list    # endpoints (system and registered)
+    sqlinfer serve --port 8080 # the REST API (Databricks Model Serving compatible)
+    sqlinfer tokens create --user alice [--admin]
+    sqlinfer endpoints create -f config.json | get NAME | update-config NAME -f c.json | delete NAME
+    sqlinfer secrets create-scope S | put S K | list S | ...
+
+Management commands act on the local registry (``$SQLINFER_HOME/registry.db``) directly, as
+the owner of that file (the way ``sqlite3`` does); remote clients use the REST API with a token.
 
 Errors print as one line ``error: <ERROR_CODE>: <message>`` and exit with status 1; a table goes
 to stdout, progress and summaries to stderr, so ``sqlinfer sql ... > out.txt`` stays clean.
@@ -14,6 +21,7 @@ to stdout, progress and summaries to stderr, so ``sqlinfer sql ... > out.txt`` s
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from contextlib import nullcontext
 from typing import Sequence
@@ -55,6 +63,9 @@ def _strip_udf_prefix(message: str) -> str:
 def _cmd_models(args: argparse.Namespace) -> int:
     from engine.model_store import BUNDLED_MODELS, list_models, materialize
 
+    if args.action == "register":
+        _print_json(_service().register_local_model(_need(args.name, "NAME"), _need(args.path, "PATH")))
+        return 0
     if args.action == "prepare":
         for name in BUNDLED_MODELS:
             print(f"{name}: {materialize(name)}")
@@ -65,12 +76,102 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_endpoints(args: argparse.Namespace) -> int:
-    from serving.registry import default_registry
+def _service():
+    from serving.endpoints import EndpointService
 
-    rows = [("name", "task", "description")]
-    rows += [(e.name, e.task, e.description) for e in default_registry().endpoints()]
-    _print_columns(rows)
+    return EndpointService()
+
+
+def _read_json(path: str) -> object:
+    try:
+        text = sys.stdin.read() if path == "-" else open(path).read()
+    except OSError as exc:
+        raise SqlinferError(f"cannot read {path!r}: {exc.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        from serving.errors import MalformedRequest
+
+        raise MalformedRequest(f"{path!r} is not valid JSON: {exc}") from None
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _cmd_endpoints(args: argparse.Namespace) -> int:
+    service = _service()
+    if args.action == "list":
+        rows = [("name", "task", "ready", "config_update")]
+        for e in service.list():
+            rows.append((e["name"], e.get("task", "-"), e["state"]["ready"], e["state"]["config_update"]))
+        _print_columns(rows)
+        return 0
+    if args.action == "create":
+        endpoint = service.create(_read_json(args.file))
+    elif args.action == "update-config":
+        endpoint = service.update_config(_need(args.name, "NAME"), _read_json(args.file))
+    elif args.action == "get":
+        endpoint = service.get(_need(args.name, "NAME"))
+    else:  # delete
+        service.delete(_need(args.name, "NAME"))
+        print(f"deleted {args.name}")
+        return 0
+    if args.wait and endpoint["state"]["config_update"] == "IN_PROGRESS":
+        service.wait_for_deployments()
+        endpoint = service.get(endpoint["name"])
+    _print_json(endpoint)
+    return 0
+
+
+def _need(value: str | None, what: str) -> str:
+    if not value:
+        raise SqlinferError(f"this command needs {what}")
+    return value
+
+
+def _cmd_tokens(args: argparse.Namespace) -> int:
+    auth = _service().auth
+    if args.action == "create":
+        token_id, token = auth.create_token(_need(args.user, "--user NAME"), is_admin=args.admin, comment=args.comment)
+        print(token)
+        print(f"token id {token_id} for {args.user}{' (admin)' if args.admin else ''}; the token is shown only once",
+              file=sys.stderr)
+    elif args.action == "list":
+        rows = [("id", "user", "admin", "comment")]
+        rows += [(t["id"], t["user_name"], str(t["is_admin"]).lower(), t["comment"] or "") for t in auth.list_tokens()]
+        _print_columns(rows)
+    else:
+        auth.revoke_token(_need(args.token_id, "a token id"))
+        print(f"revoked {args.token_id}")
+    return 0
+
+
+def _cmd_secrets(args: argparse.Namespace) -> int:
+    secrets = _service().secrets
+    action, scope = args.action, args.scope
+    if action == "list-scopes":
+        _print_columns([("scope",)] + [(s["name"],) for s in secrets.list_scopes()])
+    elif action == "create-scope":
+        secrets.create_scope(_need(scope, "a scope"))
+    elif action == "delete-scope":
+        secrets.delete_scope(_need(scope, "a scope"))
+    elif action == "put":
+        value = args.value if args.value is not None else sys.stdin.read().rstrip("\n")
+        secrets.put(_need(scope, "a scope"), _need(args.key, "a key"), value)
+    elif action == "list":
+        _print_columns([("key", "last_updated_timestamp")] + [(s["key"], str(s["last_updated_timestamp"])) for s in secrets.list(_need(scope, "a scope"))])
+    else:  # delete
+        secrets.delete(_need(scope, "a scope"), _need(args.key, "a key"))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serving.rest import create_app
+
+    uvicorn.run(create_app(_service()), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -92,13 +193,39 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     sql.set_defaults(handler=_cmd_sql)
 
-    models = commands.add_parser("models", help="list bundled and local models, or prepare them")
-    models.add_argument("action", nargs="?", choices=("list", "prepare"), default="list")
+    models = commands.add_parser("models", help="list, prepare or register models")
+    models.add_argument("action", nargs="?", choices=("list", "prepare", "register"), default="list")
+    models.add_argument("name", nargs="?", help="register: the name entity_name will use")
+    models.add_argument("path", nargs="?", help="register: a local Hugging Face model directory")
     models.set_defaults(handler=_cmd_models)
 
-    endpoints = commands.add_parser("endpoints", help="list endpoints")
-    endpoints.add_argument("action", nargs="?", choices=("list",), default="list")
+    endpoints = commands.add_parser("endpoints", help="manage serving endpoints (Databricks shapes)")
+    endpoints.add_argument("action", nargs="?", choices=("list", "get", "create", "update-config", "delete"), default="list")
+    endpoints.add_argument("name", nargs="?", help="the endpoint (get, update-config, delete)")
+    endpoints.add_argument("-f", "--file", default="-", help="JSON request body (create, update-config); - for stdin")
+    endpoints.add_argument("--no-wait", dest="wait", action="store_false", help="return while the config deploys")
     endpoints.set_defaults(handler=_cmd_endpoints)
+
+    tokens = commands.add_parser("tokens", help="API tokens")
+    tokens.add_argument("action", choices=("create", "list", "revoke"))
+    tokens.add_argument("token_id", nargs="?", help="revoke: the token id")
+    tokens.add_argument("--user", help="create: the user the token authenticates")
+    tokens.add_argument("--admin", action="store_true", help="create: the user may do everything")
+    tokens.add_argument("--comment")
+    tokens.set_defaults(handler=_cmd_tokens)
+
+    secrets = commands.add_parser("secrets", help="secret scopes and secrets (values are never printed)")
+    secrets.add_argument("action", choices=("list-scopes", "create-scope", "delete-scope", "put", "list", "delete"))
+    secrets.add_argument("scope", nargs="?")
+    secrets.add_argument("key", nargs="?")
+    secrets.add_argument("--value", help="put: the value (default: read from stdin, so it stays out of shell history)")
+    secrets.set_defaults(handler=_cmd_secrets)
+
+    serve = commands.add_parser("serve", help="run the REST API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(handler=_cmd_serve)
     return parser
 
 

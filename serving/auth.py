@@ -1,0 +1,117 @@
+"""Who is calling, and what they may do.
+
+Tokens are random bearer strings (``sqli_...``) shown once at creation and stored only as a
+SHA-256 hash. Permissions are Databricks' levels on one endpoint, ordered
+``CAN_VIEW < CAN_QUERY < CAN_MANAGE``; an endpoint's creator gets CAN_MANAGE, admins may do
+everything, and every authenticated user may view and query the system endpoints.
+
+The embedded in-process path (DuckDB in your own Python process) uses :data:`EMBEDDED`, an
+admin principal that needs no token: the process already owns the database file. The server
+never falls back to it: every API request needs ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+
+from serving.db import Database
+from serving.errors import InvalidParameterValue, PermissionDenied, ResourceDoesNotExist, Unauthenticated
+
+LEVELS = ("CAN_VIEW", "CAN_QUERY", "CAN_MANAGE")
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_name: str
+    is_admin: bool = False
+
+
+EMBEDDED = Principal("embedded", is_admin=True)
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Auth:
+    def __init__(self, db: Database):
+        self._db = db
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def create_token(self, user_name: str, is_admin: bool = False, comment: str | None = None) -> tuple[str, str]:
+        """A new token for ``user_name``: (token id, token value). The value is not stored."""
+        if not user_name or any(c.isspace() for c in user_name):
+            raise InvalidParameterValue(f"user name {user_name!r} must be non-empty and contain no spaces")
+        token = "sqli_" + secrets.token_urlsafe(32)
+        token_id = uuid.uuid4().hex
+        with self._db.write() as con:
+            con.execute(
+                "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
+                (token_id, _hash(token), user_name, int(is_admin), comment, int(time.time() * 1000)),
+            )
+        return token_id, token
+
+    def list_tokens(self) -> list[dict[str, object]]:
+        rows = self._db.read().execute(
+            "SELECT id, user_name, is_admin, comment, creation_timestamp FROM tokens ORDER BY creation_timestamp"
+        ).fetchall()
+        return [dict(row) | {"is_admin": bool(row["is_admin"])} for row in rows]
+
+    def revoke_token(self, token_id: str) -> None:
+        with self._db.write() as con:
+            if con.execute("DELETE FROM tokens WHERE id = ?", (token_id,)).rowcount == 0:
+                raise ResourceDoesNotExist(f"no token with id {token_id!r}; list them with `sqlinfer tokens list`")
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """``Authorization`` header value -> principal, or 401 UNAUTHENTICATED."""
+        if not authorization:
+            raise Unauthenticated("missing Authorization header; send 'Authorization: Bearer <token>' "
+                                  "(create a token with `sqlinfer tokens create --user NAME`)")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
+        row = self._db.read().execute(
+            "SELECT user_name, is_admin FROM tokens WHERE token_hash = ?", (_hash(token.strip()),)
+        ).fetchone()
+        if row is None:
+            raise Unauthenticated("invalid or revoked token")
+        return Principal(row["user_name"], bool(row["is_admin"]))
+
+    # -- permissions -------------------------------------------------------------------------
+
+    def level(self, principal: Principal, endpoint_id: str) -> str | None:
+        if principal.is_admin:
+            return "CAN_MANAGE"
+        row = self._db.read().execute(
+            "SELECT level FROM permissions WHERE endpoint_id = ? AND principal = ?", (endpoint_id, principal.user_name)
+        ).fetchone()
+        return row["level"] if row else None
+
+    def require(self, principal: Principal, endpoint_id: str, endpoint_name: str, needed: str) -> None:
+        have = self.level(principal, endpoint_id)
+        if have is None or LEVELS.index(have) < LEVELS.index(needed):
+            raise PermissionDenied(
+                f"user {principal.user_name!r} needs {needed} on endpoint {endpoint_name!r} "
+                f"(has {have or 'no permission'}); ask someone with CAN_MANAGE to grant it"
+            )
+
+    def acl(self, endpoint_id: str) -> list[tuple[str, str]]:
+        rows = self._db.read().execute(
+            "SELECT principal, level FROM permissions WHERE endpoint_id = ? ORDER BY principal", (endpoint_id,)
+        ).fetchall()
+        return [(row["principal"], row["level"]) for row in rows]
+
+    def set_acl(self, con, endpoint_id: str, entries: list[tuple[str, str]], replace: bool) -> None:
+        """Within the caller's write transaction: replace or update direct permissions."""
+        if replace:
+            con.execute("DELETE FROM permissions WHERE endpoint_id = ?", (endpoint_id,))
+        for principal, level in entries:
+            con.execute(
+                "INSERT INTO permissions VALUES (?, ?, ?) ON CONFLICT(endpoint_id, principal) DO UPDATE SET level = excluded.level",
+                (endpoint_id, principal, level),
+            )

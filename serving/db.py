@@ -1,0 +1,130 @@
+"""The registry's SQLite database: schema, migrations, and transactions that all-or-nothing.
+
+Why SQLite: it is the embedded default, it ships with Python, and with WAL and ``BEGIN
+IMMEDIATE`` several processes (a server, the CLI, a notebook) can write the same registry
+safely. Every change to the registry runs in :meth:`Database.write`, one transaction, so a
+request that fails half-way changes nothing.
+
+The schema is versioned: ``MIGRATIONS[i]`` takes the database from version ``i`` to ``i + 1``,
+recorded in ``PRAGMA user_version``. New versions append; old ones are never edited.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+MIGRATIONS: list[str] = [
+    # 1: the registry
+    """
+    CREATE TABLE endpoints (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        creator TEXT NOT NULL,
+        creation_timestamp INTEGER NOT NULL,
+        last_updated_timestamp INTEGER NOT NULL,
+        state_ready TEXT NOT NULL,
+        state_config_update TEXT NOT NULL,
+        config_json TEXT,              -- the config serving now (NULL until the first one is ready)
+        pending_config_json TEXT,      -- the config being deployed, or the last one that failed
+        config_version INTEGER NOT NULL,
+        route_optimized INTEGER NOT NULL DEFAULT 0,
+        description TEXT,
+        rate_limits_json TEXT,
+        ai_gateway_json TEXT
+    );
+    CREATE TABLE endpoint_config_history (
+        endpoint_id TEXT NOT NULL REFERENCES endpoints(id) ON DELETE CASCADE,
+        config_version INTEGER NOT NULL,
+        config_json TEXT NOT NULL,
+        outcome TEXT NOT NULL,         -- IN_PROGRESS, READY or UPDATE_FAILED
+        created_timestamp INTEGER NOT NULL,
+        PRIMARY KEY (endpoint_id, config_version)
+    );
+    CREATE TABLE endpoint_tags (
+        endpoint_id TEXT NOT NULL REFERENCES endpoints(id) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        value TEXT,
+        PRIMARY KEY (endpoint_id, key)
+    );
+    CREATE TABLE permissions (
+        endpoint_id TEXT NOT NULL,
+        principal TEXT NOT NULL,
+        level TEXT NOT NULL,
+        PRIMARY KEY (endpoint_id, principal)
+    );
+    CREATE TABLE secret_scopes (
+        name TEXT PRIMARY KEY,
+        created_timestamp INTEGER NOT NULL
+    );
+    CREATE TABLE secrets (
+        scope TEXT NOT NULL REFERENCES secret_scopes(name) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        ciphertext BLOB NOT NULL,
+        last_updated_timestamp INTEGER NOT NULL,
+        PRIMARY KEY (scope, key)
+    );
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        token_hash TEXT NOT NULL UNIQUE,
+        user_name TEXT NOT NULL,
+        is_admin INTEGER NOT NULL,
+        comment TEXT,
+        creation_timestamp INTEGER NOT NULL
+    );
+    CREATE TABLE local_models (
+        name TEXT PRIMARY KEY,
+        path TEXT NOT NULL,
+        task TEXT NOT NULL,
+        creation_timestamp INTEGER NOT NULL
+    );
+    """,
+]
+
+
+class Database:
+    """One SQLite file; a connection per thread; writes serialized by ``BEGIN IMMEDIATE``."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self.write() as con:  # migrate under the write lock: two processes never race it
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    con.execute(statement)
+                con.execute(f"PRAGMA user_version = {number}")
+
+    def _connection(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA foreign_keys=ON")
+            con.execute("PRAGMA busy_timeout=30000")
+            self._local.con = con
+        return con
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: committed if the block returns, rolled back if it raises."""
+        con = self._connection()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+
+    def read(self) -> sqlite3.Connection:
+        return self._connection()
+
+    @property
+    def schema_version(self) -> int:
+        return self.read().execute("PRAGMA user_version").fetchone()[0]

@@ -1,0 +1,39 @@
+"""Serving-layer errors: the shared tree (``engine.errors``) plus the API's own codes.
+
+The REST layer answers every :class:`SqlinferError` as ``{"error_code", "message"}`` with its
+``http_status``; these add the statuses that only exist at the API (auth, limits, bad JSON).
+"""
+
+from __future__ import annotations
+
+from engine.errors import (  # noqa: F401  (re-exported: the serving layer's one import site)
+    InvalidParameterValue,
+    ResourceAlreadyExists,
+    ResourceConflict,
+    ResourceDoesNotExist,
+    SqlinferError,
+)
+
+
+class MalformedRequest(SqlinferError):
+    error_code = "MALFORMED_REQUEST"
+    http_status = 400
+
+
+class Unauthenticated(SqlinferError):
+    error_code = "UNAUTHENTICATED"
+    http_status = 401
+
+
+class PermissionDenied(SqlinferError):
+    error_code = "PERMISSION_DENIED"
+    http_status = 403
+
+
+class RequestLimitExceeded(SqlinferError):
+    error_code = "REQUEST_LIMIT_EXCEEDED"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_seconds: float = 1.0):
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds

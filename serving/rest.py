@@ -1,0 +1,226 @@
+"""The REST API, wire-compatible with Databricks Model Serving's management API and secrets API.
+
+This module sits at the edge (only it imports fastapi). It authenticates, decodes JSON, calls
+``serving.endpoints.EndpointService`` and maps every :class:`SqlinferError` to Databricks' error
+body ``{"error_code", "message"}`` with its HTTP status. Unexpected failures answer a generic
+``INTERNAL_ERROR`` and are logged server-side with the request path only: bodies, which may
+carry secrets, are never logged.
+
+Unauthenticated routes: ``/health``, ``/metrics`` (Prometheus counters, no secrets),
+``/openapi.json`` and ``/.well-known/databricks-config`` (404, which the Databricks SDK
+probes before it sends a token).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.auth import Principal
+from serving.endpoints import EndpointService
+from serving.errors import MalformedRequest, SqlinferError
+from serving.wire import CreateScope, DeleteScope, DeleteSecret, PutSecret, parse
+
+log = logging.getLogger("sqlinfer.rest")
+API = "/api/2.0"
+
+
+def create_app(service: EndpointService | None = None) -> FastAPI:
+    service = service or EndpointService()
+    app = FastAPI(title="sqlinfer", version="0.1.0",
+                  description="Databricks Model Serving compatible endpoint registry and query API.")
+    app.state.service = service
+    counters: dict[tuple[str, int], int] = {}
+    started = time.time()
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        key = (request.method, response.status_code)
+        counters[key] = counters.get(key, 0) + 1
+        return response
+
+    @app.exception_handler(SqlinferError)
+    async def sqlinfer_error(request: Request, exc: SqlinferError) -> JSONResponse:
+        headers = {}
+        if getattr(exc, "retry_after_seconds", None) is not None:
+            headers["Retry-After"] = str(max(1, round(exc.retry_after_seconds)))
+        return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error_code": "INVALID_PARAMETER_VALUE", "message": str(exc.errors()[0].get("msg"))}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "ENDPOINT_NOT_FOUND", 405: "BAD_REQUEST"}.get(exc.status_code, "BAD_REQUEST")
+        message = f"no route for {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+        return JSONResponse({"error_code": code, "message": message}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        return JSONResponse({"error_code": "INTERNAL_ERROR", "message": "internal error; see the server log"}, status_code=500)
+
+    def principal(request: Request) -> Principal:
+        return service.auth.authenticate(request.headers.get("authorization"))
+
+    async def body(request: Request) -> Any:
+        raw = await request.body()
+        if not raw:
+            return {}
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MalformedRequest(f"the request body is not valid JSON: {exc}") from None
+
+    # -- unauthenticated -------------------------------------------------------------------
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "schema_version": service.db.schema_version}
+
+    @app.get("/metrics")
+    def metrics() -> PlainTextResponse:
+        lines = ["# HELP sqlinfer_http_requests_total HTTP requests answered, by method and status.",
+                 "# TYPE sqlinfer_http_requests_total counter"]
+        for (method, status), count in sorted(counters.items()):
+            lines.append(f'sqlinfer_http_requests_total{{method="{method}",status="{status}"}} {count}')
+        endpoints = service.db.read().execute("SELECT count(*) FROM endpoints").fetchone()[0]
+        lines += ["# HELP sqlinfer_endpoints Endpoints in the registry (system endpoints excluded).",
+                  "# TYPE sqlinfer_endpoints gauge", f"sqlinfer_endpoints {endpoints}",
+                  "# HELP sqlinfer_uptime_seconds Seconds since the server started.",
+                  "# TYPE sqlinfer_uptime_seconds gauge", f"sqlinfer_uptime_seconds {time.time() - started:.0f}"]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    @app.get("/.well-known/databricks-config")
+    def databricks_config() -> JSONResponse:
+        return JSONResponse({"error_code": "ENDPOINT_NOT_FOUND", "message": "not a Databricks workspace"}, status_code=404)
+
+    # -- serving endpoints -----------------------------------------------------------------
+
+    endpoints = f"{API}/serving-endpoints"
+
+    @app.post(endpoints)
+    @app.post(endpoints + "/", include_in_schema=False)
+    async def create_endpoint(request: Request) -> dict[str, Any]:
+        who = principal(request)
+        return service.create(await body(request), who)
+
+    @app.get(endpoints)
+    @app.get(endpoints + "/", include_in_schema=False)
+    def list_endpoints(request: Request) -> dict[str, Any]:
+        return {"endpoints": service.list(principal(request))}
+
+    @app.get(endpoints + "/get-model-optimization-info/{model}/{version}")
+    def optimization_info(model: str, version: str, request: Request) -> dict[str, Any]:
+        principal(request)
+        return service.optimization_info(model, version)
+
+    @app.get(endpoints + "/{name}")
+    def get_endpoint(name: str, request: Request) -> dict[str, Any]:
+        return service.get(name, principal(request))
+
+    @app.delete(endpoints + "/{name}")
+    def delete_endpoint(name: str, request: Request) -> dict[str, Any]:
+        service.delete(name, principal(request))
+        return {}
+
+    @app.put(endpoints + "/{name}/config")
+    async def update_config(name: str, request: Request) -> dict[str, Any]:
+        who = principal(request)
+        return service.update_config(name, await body(request), who)
+
+    @app.patch(endpoints + "/{name}/tags")
+    async def patch_tags(name: str, request: Request) -> dict[str, Any]:
+        who = principal(request)
+        return {"tags": service.patch_tags(name, await body(request), who)}
+
+    @app.put(endpoints + "/{name}/rate-limits")
+    async def put_rate_limits(name: str, request: Request) -> dict[str, Any]:
+        who = principal(request)
+        return service.put_rate_limits(name, await body(request), who)
+
+    @app.put(endpoints + "/{name}/ai-gateway")
+    async def put_ai_gateway(name: str, request: Request) -> dict[str, Any]:
+        who = principal(request)
+        return service.put_ai_gateway(name, await body(request), who)
+
+    # -- permissions -----------------------------------------------------------------------
+
+    permissions = f"{API}/permissions/serving-endpoints/{{endpoint_id}}"
+
+    @app.get(permissions)
+    def get_permissions(endpoint_id: str, request: Request) -> dict[str, Any]:
+        return service.permissions(endpoint_id, principal(request))
+
+    @app.put(permissions)
+    async def put_permissions(endpoint_id: str, request: Request) -> dict[str, Any]:
+        who = principal(request)
+        return service.set_permissions(endpoint_id, await body(request), replace=True, principal=who)
+
+    @app.patch(permissions)
+    async def patch_permissions(endpoint_id: str, request: Request) -> dict[str, Any]:
+        who = principal(request)
+        return service.set_permissions(endpoint_id, await body(request), replace=False, principal=who)
+
+    # -- secrets (admins manage them: a secret is reachable from any endpoint config) -------
+
+    def admin(request: Request) -> Principal:
+        who = principal(request)
+        if not who.is_admin:
+            from serving.errors import PermissionDenied
+
+            raise PermissionDenied(f"user {who.user_name!r} is not an admin; secrets are managed by admins "
+                                   f"(`sqlinfer tokens create --user NAME --admin`)")
+        return who
+
+    @app.post(f"{API}/secrets/scopes/create")
+    async def create_scope(request: Request) -> dict[str, Any]:
+        admin(request)
+        service.secrets.create_scope(parse(CreateScope, await body(request)).scope)
+        return {}
+
+    @app.get(f"{API}/secrets/scopes/list")
+    def list_scopes(request: Request) -> dict[str, Any]:
+        admin(request)
+        return {"scopes": service.secrets.list_scopes()}
+
+    @app.post(f"{API}/secrets/scopes/delete")
+    async def delete_scope(request: Request) -> dict[str, Any]:
+        admin(request)
+        service.secrets.delete_scope(parse(DeleteScope, await body(request)).scope)
+        return {}
+
+    @app.post(f"{API}/secrets/put")
+    async def put_secret(request: Request) -> dict[str, Any]:
+        admin(request)
+        secret = parse(PutSecret, await body(request))
+        value = secret.string_value or secret.bytes_value
+        service.secrets.put(secret.scope, secret.key, value.get_secret_value())
+        return {}
+
+    @app.get(f"{API}/secrets/list")
+    def list_secrets(scope: str, request: Request) -> dict[str, Any]:
+        admin(request)
+        return {"secrets": service.secrets.list(scope)}
+
+    @app.post(f"{API}/secrets/delete")
+    async def delete_secret(request: Request) -> dict[str, Any]:
+        admin(request)
+        secret = parse(DeleteSecret, await body(request))
+        service.secrets.delete(secret.scope, secret.key)
+        return {}
+
+    @app.get("/", include_in_schema=False)
+    def root() -> Response:
+        return JSONResponse({"service": "sqlinfer", "docs": "/docs", "openapi": "/openapi.json"})
+
+    return app
