@@ -136,6 +136,14 @@ class ExternalModel(Strict):
     openai_config: OpenAIConfig | None = None
     anthropic_config: AnthropicConfig | None = None
     custom_provider_config: CustomProviderConfig | None = None
+    # Databricks' other providers' configs: declared so that their users hear "provider not
+    # supported" (the real problem) rather than "unknown field".
+    cohere_config: dict[str, Any] | None = None
+    google_cloud_vertex_ai_config: dict[str, Any] | None = None
+    amazon_bedrock_config: dict[str, Any] | None = None
+    ai21labs_config: dict[str, Any] | None = None
+    databricks_model_serving_config: dict[str, Any] | None = None
+    palm_config: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _rules(self) -> "ExternalModel":
@@ -151,7 +159,7 @@ class ExternalModel(Strict):
                 f"{', '.join(PROVIDER_TASKS[self.provider])}"
             )
         wanted = PROVIDER_CONFIG_FIELD[self.provider]
-        for field in PROVIDER_CONFIG_FIELD.values():
+        for field in [name for name in type(self).model_fields if name.endswith("_config")]:
             given = getattr(self, field) is not None
             if field == wanted and not given:
                 raise ValueError(f"{wanted} is required for provider {self.provider!r}")
