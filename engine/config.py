@@ -22,6 +22,11 @@ class EngineConfig(BaseModel):
 
     dtype: str = "bfloat16"
     gpu_memory_utilization: float = Field(default=0.4, gt=0.0, le=1.0)
+    # On CPU, vLLM reserves gpu_memory_utilization x the NUMA node's memory (~7 GB resident per
+    # chat engine here) and refuses to start when that much is not free, so a second process with
+    # an engine fails at random. A fixed KV cache is small and predictable: 2 GiB holds ~90k
+    # tokens of SmolLM2-135M. None: size it from gpu_memory_utilization (the GPU default).
+    kv_cache_gib: float | None = Field(default=2.0, gt=0.0)
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
     max_model_len: int | None = Field(default=2048, ge=16)
@@ -54,7 +59,7 @@ class EngineConfig(BaseModel):
         import torch
 
         if torch.cuda.is_available():
-            return cls.from_env({"gpu_memory_utilization": 0.85, "enforce_eager": False, "dtype": "auto"})
+            return cls.from_env({"gpu_memory_utilization": 0.85, "enforce_eager": False, "dtype": "auto", "kv_cache_gib": None})
         return cls.from_env()
 
     def engine_args(self, model_path: str, runner: str) -> dict[str, Any]:
@@ -72,6 +77,9 @@ class EngineConfig(BaseModel):
             "seed": self.seed,
             "disable_log_stats": True,
         }
+        if self.kv_cache_gib is not None:
+            gib = self.kv_cache_gib if runner == "generate" else min(self.kv_cache_gib, 0.25)
+            args["kv_cache_memory_bytes"] = int(gib * 1024**3)
         if self.max_model_len is not None and runner == "generate":
             # Encoders (embeddings) keep their own, shorter, position limit.
             args["max_model_len"] = self.max_model_len

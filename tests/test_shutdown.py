@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
         engine = get_engine("smollm2-135m-instruct")
         [result] = engine.chat([[{"role": "user", "content": "Say hi."}]], SamplingOptions(max_tokens=2))
         assert result.error is None
-        print(" ".join(str(p.pid) for p in psutil.Process().children(recursive=True)))
+        print("CHILDREN", " ".join(str(p.pid) for p in psutil.Process().children(recursive=True)))
     """
 )
 
@@ -40,8 +40,10 @@ def test_interpreter_exit_stops_the_engine_quietly(tmp_path):
     script = tmp_path / "use_engine.py"
     script.write_text(SCRIPT)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    (tmp_path / "stderr.txt").write_text(result.stderr)
     assert result.returncode == 0, result.stderr
-    children = [int(pid) for pid in result.stdout.split()]
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("CHILDREN")]
+    children = [int(pid) for pid in line.split()[1:]]
     assert children, "the engine should have run in a child process"
     deadline = time.monotonic() + 15
     while not all(gone(pid) for pid in children) and time.monotonic() < deadline:
