@@ -7,12 +7,15 @@ wants one, go through the real registry (``echo_client``), never around it.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from engine.types import SamplingOptions
 from serving.backends import EchoBackend
 from serving.client import InProcessClient
 from serving.registry import EndpointRegistry
+from tests.registry_helpers import SECRET_VALUE
 
 CHAT_MODEL = "smollm2-135m-instruct"
 EMBED_MODEL = "all-minilm-l6-v2"
@@ -50,3 +53,39 @@ def echo_registry() -> EndpointRegistry:
 @pytest.fixture
 def echo_client(echo_registry) -> InProcessClient:
     return InProcessClient(echo_registry)
+
+
+# -- the endpoint registry behind a real REST server ---------------------------------------------
+
+
+@pytest.fixture
+def gate():
+    event = threading.Event()
+    event.set()
+    return event
+
+
+@pytest.fixture
+def service(tmp_path, gate):
+    from serving.endpoints import EndpointService
+
+    return EndpointService(tmp_path / "home", deploy_gate=gate)
+
+
+@pytest.fixture
+def server(service):
+    from tests.rest_server import RunningServer
+
+    running = RunningServer(service)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def admin(server):
+    _, token = server.service.auth.create_token("admin@example.com", is_admin=True)
+    with server.client(token) as client:
+        client.post("/api/2.0/secrets/scopes/create", json={"scope": "my_scope"}).raise_for_status()
+        client.post("/api/2.0/secrets/put", json={"scope": "my_scope", "key": "my_openai_api_key",
+                                                  "string_value": SECRET_VALUE}).raise_for_status()
+        yield client

@@ -42,7 +42,6 @@ def test_a_local_hugging_face_directory_is_a_model(tmp_path):
 
 
 def _fake_bundle(monkeypatch, convert) -> BundledModel:
-    source = Path(__file__)  # any existing file stands in for the GGUF
     fake = BundledModel(
         name="fake-model", task="llm/v1/chat", package="pytest", module="pytest",
         relative_path="", license="MIT", convert=convert,

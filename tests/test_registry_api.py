@@ -6,71 +6,13 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import pytest
 
 from serving.endpoints import EndpointService
-from tests.rest_server import RunningServer
+from tests.registry_helpers import CREATE_EXAMPLE, SECRET_VALUE, local_entity, wait_until_settled
 
 ROOT = Path(__file__).resolve().parent.parent
-SECRET_VALUE = "sk-test-DO-NOT-LEAK-4242"
-PLAINTEXT_VALUE = "plain-DO-NOT-LEAK-7777"
-
-CREATE_EXAMPLE = {  # api-reference.md, verbatim
-    "name": "openai_endpoint",
-    "config": {"served_entities": [{
-        "name": "openai_embeddings",
-        "external_model": {"name": "text-embedding-ada-002", "provider": "openai", "task": "llm/v1/embeddings",
-                           "openai_config": {"openai_api_key": "{{secrets/my_scope/my_openai_api_key}}"}}}]},
-    "rate_limits": [{"calls": 100, "key": "user", "renewal_period": "minute"}],
-    "tags": [{"key": "team", "value": "gen-ai"}],
-}
-
-
-def local_entity(entity_name: str = "smollm2-135m-instruct", **extra) -> dict:
-    return {"served_entities": [{"entity_name": entity_name, **extra}]}
-
-
-@pytest.fixture
-def gate():
-    event = threading.Event()
-    event.set()
-    return event
-
-
-@pytest.fixture
-def service(tmp_path, gate):
-    return EndpointService(tmp_path / "home", deploy_gate=gate)
-
-
-@pytest.fixture
-def server(service):
-    running = RunningServer(service)
-    yield running
-    running.stop()
-
-
-@pytest.fixture
-def admin(server):
-    _, token = server.service.auth.create_token("admin@example.com", is_admin=True)
-    with server.client(token) as client:
-        client.post("/api/2.0/secrets/scopes/create", json={"scope": "my_scope"}).raise_for_status()
-        client.post("/api/2.0/secrets/put", json={"scope": "my_scope", "key": "my_openai_api_key",
-                                                  "string_value": SECRET_VALUE}).raise_for_status()
-        yield client
-
-
-def wait_until_settled(client, name: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        endpoint = client.get(f"/api/2.0/serving-endpoints/{name}").json()
-        if endpoint["state"]["config_update"] != "IN_PROGRESS" or time.monotonic() > deadline:
-            return endpoint
-        time.sleep(0.05)
-
-
 def test_the_documented_create_example_returns_the_documented_shape(admin):
     response = admin.post("/api/2.0/serving-endpoints", json=CREATE_EXAMPLE)
     assert response.status_code == 200, response.text

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.rest_server import free_port
-from tests.test_registry_api import CREATE_EXAMPLE, SECRET_VALUE, admin, gate, local_entity, server, service  # noqa: F401
+from tests.registry_helpers import CREATE_EXAMPLE, SECRET_VALUE, local_entity
 
 SQLINFER = shutil.which("sqlinfer", path=str(Path(sys.executable).parent)) or "sqlinfer"
 

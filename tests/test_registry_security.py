@@ -10,17 +10,7 @@ import stat
 
 import pytest
 
-from tests.test_registry_api import (  # noqa: F401  (fixtures)
-    CREATE_EXAMPLE,
-    PLAINTEXT_VALUE,
-    SECRET_VALUE,
-    admin,
-    gate,
-    local_entity,
-    server,
-    service,
-    wait_until_settled,
-)
+from tests.registry_helpers import CREATE_EXAMPLE, PLAINTEXT_VALUE, SECRET_VALUE, local_entity, wait_until_settled
 
 
 @pytest.fixture
