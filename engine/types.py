@@ -71,6 +71,7 @@ class GenerationResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    served_entity: str | None = None  # set by the serving layer: which entity answered
 
     @property
     def text(self) -> str | None:
@@ -82,3 +83,4 @@ class EmbeddingResult:
     vector: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     error: str | None = None
+    served_entity: str | None = None

@@ -122,12 +122,19 @@ class EndpointService:
         self.auth.require(principal, row["id"], name, "CAN_VIEW")
         return self._view(row, principal)
 
-    def serving_config(self, name: str) -> dict[str, Any]:
-        """The config serving now, with internal fields and sealed secrets (for the query path)."""
+    def serving_config(self, name: str) -> tuple[int, dict[str, Any]]:
+        """(version, config) serving now, internal fields and sealed secrets included (query path)."""
         row = self._row(name)
         if row["config_json"] is None:
             raise ResourceConflict(f"endpoint {name!r} is not ready yet (state {row['state_ready']}); try again shortly")
-        return json.loads(row["config_json"])
+        return row["config_version"] - (1 if row["pending_config_json"] else 0), json.loads(row["config_json"])
+
+    def endpoint_id(self, name: str) -> str:
+        return name if self._is_system(name) else self._row(name)["id"]
+
+    def local_model_path(self, entity_name: str) -> Path | None:
+        """The directory of a bundled or registered local model named by ``entity_name``."""
+        return self._local_model_path(entity_name)
 
     # -- writes ------------------------------------------------------------------------------
 

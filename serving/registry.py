@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
-from engine.errors import InvalidParameterValue, ResourceAlreadyExists, ResourceDoesNotExist
+from engine.errors import InvalidParameterValue, ResourceAlreadyExists, ResourceDoesNotExist, SqlinferError
 from engine.types import TASKS, Task
 from serving.backends import Backend, LocalEngineBackend
 
@@ -35,11 +35,25 @@ class Endpoint:
     backend: Backend | None = None
 
 
-class EndpointRegistry:
-    """Thread-safe name -> endpoint map; backends are built on first use and then shared."""
+class Resolver(Protocol):
+    """Where names not registered in memory are looked up (the persistent registry)."""
 
-    def __init__(self) -> None:
+    def names(self) -> list[str]: ...
+
+    def lookup(self, name: str) -> tuple[int, Task, BackendFactory] | None: ...
+
+
+class EndpointRegistry:
+    """Thread-safe name -> endpoint map; backends are built on first use and then shared.
+
+    Names registered in memory win; others go to the ``resolver``. A resolved endpoint is kept
+    while its config version stays the same, so a config update brings a new backend.
+    """
+
+    def __init__(self, resolver: Resolver | None = None) -> None:
         self._endpoints: dict[str, Endpoint] = {}
+        self._resolved: dict[str, tuple[int, Endpoint]] = {}
+        self._resolver = resolver
         self._lock = threading.Lock()
 
     def register(self, name: str, task: Task, backend: Backend | BackendFactory, description: str = "") -> None:
@@ -64,9 +78,21 @@ class EndpointRegistry:
     def endpoint(self, name: str) -> Endpoint:
         with self._lock:
             endpoint = self._endpoints.get(name)
-        if endpoint is None:
+        if endpoint is not None:
+            return endpoint
+        found = self._resolver.lookup(name) if self._resolver is not None else None
+        if found is None:
             raise self._not_found(name)
-        return endpoint
+        version, task, factory = found
+        with self._lock:
+            cached = self._resolved.get(name)
+            if cached is not None and cached[0] == version:
+                return cached[1]
+            if cached is not None and cached[1].backend is not None:
+                cached[1].backend.close()
+            endpoint = Endpoint(name, task, factory)
+            self._resolved[name] = (version, endpoint)
+            return endpoint
 
     def backend(self, name: str) -> Backend:
         endpoint = self.endpoint(name)
@@ -77,14 +103,25 @@ class EndpointRegistry:
 
     def names(self) -> list[str]:
         with self._lock:
-            return sorted(self._endpoints)
+            names = set(self._endpoints)
+        if self._resolver is not None:
+            names.update(self._resolver.names())
+        return sorted(names)
 
     def endpoints(self) -> list[Endpoint]:
-        with self._lock:
-            return [self._endpoints[name] for name in sorted(self._endpoints)]
+        """Every endpoint; registered ones that are not ready yet are left out."""
+        found = []
+        for name in self.names():
+            try:
+                found.append(self.endpoint(name))
+            except SqlinferError:
+                continue
+        return found
 
     def close(self) -> None:
-        for endpoint in self.endpoints():
+        with self._lock:
+            endpoints = list(self._endpoints.values()) + [e for _, e in self._resolved.values()]
+        for endpoint in endpoints:
             if endpoint.backend is not None:
                 endpoint.backend.close()
 
@@ -113,11 +150,21 @@ _DEFAULT: EndpointRegistry | None = None
 _DEFAULT_LOCK = threading.Lock()
 
 
+def registry_for(service) -> EndpointRegistry:
+    """System endpoints in memory, everything else from ``service`` (an EndpointService)."""
+    from serving.routing import RegistryResolver
+
+    registry = EndpointRegistry(RegistryResolver(service))
+    add_system_endpoints(registry)
+    return registry
+
+
 def default_registry() -> EndpointRegistry:
-    """The process-wide registry, holding the system endpoints."""
+    """The process-wide registry: system endpoints and those in ``$SQLINFER_HOME/registry.db``."""
     global _DEFAULT
     with _DEFAULT_LOCK:
         if _DEFAULT is None:
-            _DEFAULT = EndpointRegistry()
-            add_system_endpoints(_DEFAULT)
+            from serving.endpoints import EndpointService
+
+            _DEFAULT = registry_for(EndpointService())
         return _DEFAULT

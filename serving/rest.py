@@ -23,8 +23,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from starlette.concurrency import run_in_threadpool
+
 from serving.auth import Principal
-from serving.endpoints import EndpointService
+from serving.client import InProcessClient
+from serving.endpoints import SYSTEM_PREFIX, EndpointService
+from serving.invocations import invoke
+from serving.registry import registry_for
 from serving.errors import MalformedRequest, SqlinferError
 from serving.wire import CreateScope, DeleteScope, DeleteSecret, PutSecret, parse
 
@@ -218,6 +223,45 @@ def create_app(service: EndpointService | None = None) -> FastAPI:
         secret = parse(DeleteSecret, await body(request))
         service.secrets.delete(secret.scope, secret.key)
         return {}
+
+    # -- queries (data plane) --------------------------------------------------------------
+
+    query_client = InProcessClient(registry_for(service))
+
+    def may_query(request: Request, name: str) -> None:
+        who = principal(request)
+        if not name.startswith(SYSTEM_PREFIX):  # every user may query the system endpoints
+            service.auth.require(who, service.endpoint_id(name), name, "CAN_QUERY")
+
+    async def answer(name: str, payload: Any, task: str | None) -> JSONResponse:
+        if not isinstance(payload, dict):
+            raise MalformedRequest("the request body must be a JSON object")
+        result, served = await run_in_threadpool(invoke, query_client, name, payload, task)
+        served = served or name.removeprefix(SYSTEM_PREFIX)
+        return JSONResponse(result, headers={"served-model-name": served})
+
+    def openai_route(task: str):
+        async def route(request: Request) -> JSONResponse:
+            try:
+                payload = await body(request)
+                name = payload.get("model") if isinstance(payload, dict) else None
+                if not name:
+                    raise MalformedRequest("'model' (the endpoint name) is required")
+                may_query(request, name)
+                return await answer(name, payload, task)
+            except SqlinferError as exc:  # OpenAI's error shape, which the OpenAI SDK parses
+                return JSONResponse({"error": {"message": exc.message, "type": exc.error_code.lower(), "code": exc.error_code}},
+                                    status_code=exc.http_status)
+        return route
+
+    app.post("/serving-endpoints/chat/completions")(openai_route("llm/v1/chat"))
+    app.post("/serving-endpoints/completions")(openai_route("llm/v1/completions"))
+    app.post("/serving-endpoints/embeddings")(openai_route("llm/v1/embeddings"))
+
+    @app.post("/serving-endpoints/{name}/invocations")
+    async def invocations(name: str, request: Request) -> JSONResponse:
+        may_query(request, name)
+        return await answer(name, await body(request), None)
 
     @app.get("/", include_in_schema=False)
     def root() -> Response:

@@ -1,0 +1,154 @@
+"""Real-time queries: a Databricks/OpenAI request body -> one backend call -> an OpenAI object.
+
+Used by ``POST /serving-endpoints/{name}/invocations`` and the OpenAI-compatible
+``/serving-endpoints/chat/completions``, ``/completions`` and ``/embeddings`` routes. The body is
+validated here (unknown fields are named), the call goes through the same serving client as the
+SQL functions, and the answer is an OpenAI ``chat.completion`` / ``text_completion`` / embedding
+``list`` object. Client bookkeeping fields (``model``, ``user``, ``client_request_id``,
+``usage_context``) are accepted and not sent to the model.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from engine.types import SamplingOptions
+from serving.client import ServingClient
+from serving.errors import InvalidParameterValue
+
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "n", "seed")
+BOOKKEEPING_FIELDS = ("model", "user", "client_request_id", "usage_context", "stream", "extra_params")
+INPUT_FIELD = {"llm/v1/chat": "messages", "llm/v1/completions": "prompt", "llm/v1/embeddings": "input"}
+
+
+def invoke(client: ServingClient, endpoint: str, body: dict[str, Any], expected_task: str | None = None) -> tuple[dict[str, Any], str | None]:
+    """Answer one query; returns (OpenAI response object, served entity that answered)."""
+    task = client.task(endpoint)
+    if expected_task == "llm/v1/completions" and task == "llm/v1/chat":
+        task = expected_task  # a chat model also continues raw prompts (as vLLM's OpenAI server does)
+    if expected_task is not None and task != expected_task:
+        raise InvalidParameterValue(f"endpoint {endpoint!r} serves {task}; this route is for {expected_task}")
+    input_field = INPUT_FIELD[task]
+    allowed = {input_field, *BOOKKEEPING_FIELDS} | (
+        {"encoding_format"} if task == "llm/v1/embeddings" else {*SAMPLING_FIELDS, "logprobs", "top_logprobs", "response_format"})
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise InvalidParameterValue(
+            f"unknown field(s) {', '.join(map(repr, unknown))} for a {task} query to {endpoint!r}; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
+    if body.get("stream"):
+        raise InvalidParameterValue("stream=true is not supported yet; send the request without streaming")
+    if input_field not in body:
+        raise InvalidParameterValue(f"{input_field!r} is required for {task} endpoints such as {endpoint!r}")
+    if task == "llm/v1/embeddings":
+        return _embeddings(client, endpoint, body["input"], body.get("encoding_format") or "float")
+    options = _options(body)
+    if task == "llm/v1/chat":
+        return _chat(client, endpoint, _messages(body["messages"]), options)
+    return _completions(client, endpoint, body["prompt"], options)
+
+
+def _options(body: dict[str, Any]) -> SamplingOptions:
+    values = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+    if body.get("logprobs"):
+        values["logprobs"] = int(body.get("top_logprobs") or (body["logprobs"] if not isinstance(body["logprobs"], bool) else 1))
+    response_format = body.get("response_format")
+    if response_format:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind == "json_schema":
+            values["json_schema"] = (response_format.get("json_schema") or {}).get("schema") or {}
+        elif kind == "json_object":
+            values["json_schema"] = {"type": "object"}
+        elif kind != "text":
+            raise InvalidParameterValue(f"response_format.type must be text, json_object or json_schema, got {kind!r}")
+    try:
+        return SamplingOptions(**values)
+    except ValueError as exc:
+        from serving.wire import describe_validation_error
+
+        raise InvalidParameterValue(describe_validation_error(exc)) from None
+
+
+def _messages(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidParameterValue("messages must be a non-empty list of {role, content} objects")
+    cleaned = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise InvalidParameterValue(f"messages[{index}].role must be system, user or assistant")
+        content = message.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if not isinstance(content, str):
+            raise InvalidParameterValue(f"messages[{index}].content must be a string")
+        cleaned.append({"role": message["role"], "content": content})
+    return cleaned
+
+
+def _raise_row_error(result: Any) -> None:
+    if result.error:
+        raise InvalidParameterValue(f"the model could not answer: {result.error}")
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _chat(client, endpoint, messages, options) -> tuple[dict[str, Any], str | None]:
+    [result] = client.chat(endpoint, [messages], options)
+    _raise_row_error(result)
+    choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+                "logprobs": _logprobs(c)} for i, c in enumerate(result.choices)]
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": endpoint, "choices": choices,
+            "usage": _usage(result.prompt_tokens, result.completion_tokens)}, result.served_entity
+
+
+def _logprobs(choice: Any) -> dict[str, Any] | None:
+    if choice.logprobs is None:
+        return None
+    return {"content": [{"token": p.token, "logprob": p.logprob,
+                         "top_logprobs": [{"token": t, "logprob": lp} for t, lp in p.top_logprobs]} for p in choice.logprobs]}
+
+
+def _completions(client, endpoint, prompt, options) -> tuple[dict[str, Any], str | None]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts) or not prompts:
+        raise InvalidParameterValue("prompt must be a string or a non-empty list of strings")
+    results = client.complete(endpoint, prompts, options)
+    choices = []
+    for result in results:
+        _raise_row_error(result)
+        for choice in result.choices:
+            choices.append({"index": len(choices), "text": choice.text, "finish_reason": choice.finish_reason, "logprobs": None})
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": endpoint, "choices": choices,
+            "usage": _usage(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))}, results[0].served_entity
+
+
+def _embeddings(client, endpoint, texts, encoding: str) -> tuple[dict[str, Any], str | None]:
+    if encoding not in ("float", "base64"):
+        raise InvalidParameterValue(f"encoding_format must be 'float' or 'base64', got {encoding!r}")
+    inputs = [texts] if isinstance(texts, str) else texts
+    if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs) or not inputs:
+        raise InvalidParameterValue("input must be a string or a non-empty list of strings")
+    results = client.embed(endpoint, inputs)
+    for result in results:
+        _raise_row_error(result)
+    data = [{"object": "embedding", "index": i, "embedding": _encode(r.vector, encoding)} for i, r in enumerate(results)]
+    tokens = sum(r.prompt_tokens for r in results)
+    return {"object": "list", "data": data, "model": endpoint,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}, results[0].served_entity
+
+
+def _encode(vector: list[float], encoding: str) -> list[float] | str:
+    """OpenAI's base64 form: little-endian float32 bytes (what the OpenAI SDK asks for by default)."""
+    if encoding == "float":
+        return vector
+    import base64
+    import struct
+
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()

@@ -1,0 +1,154 @@
+"""From a registered endpoint to one backend: served entities built, traffic split honoured.
+
+The registry (``serving.endpoints``) stores what an endpoint serves; this module turns the
+config serving *now* into a :class:`Backend` the SQL functions and the REST API call:
+
+* each served entity becomes a backend (local entities: the in-process vLLM engine on the
+  model's directory; engines are shared per directory, so two endpoints on one model share it);
+* an endpoint with several entities becomes a :class:`TrafficSplitBackend`, which assigns every
+  request of a batch to an entity at random with the ``traffic_config`` weights, calls each
+  entity once with its share, and merges the answers back in input order, each tagged with the
+  entity that answered (``served_entity``, the REST ``served-model-name`` header).
+
+:class:`RegistryResolver` lets the in-memory :class:`~serving.registry.EndpointRegistry` find
+registered endpoints by name; a config update changes the version and so the backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, Callable, Sequence
+
+from engine.errors import InvalidParameterValue
+from engine.types import Task
+from serving.backends import Backend, LocalEngineBackend, ResultCallback
+from serving.endpoints import SYSTEM_PREFIX, EndpointService
+from serving.errors import ResourceDoesNotExist
+
+
+class TrafficSplitBackend(Backend):
+    """Several served entities behind one endpoint, chosen per request by traffic percentage."""
+
+    def __init__(self, task: Task, routes: Sequence[tuple[str, int, Backend]], rng: random.Random | None = None):
+        self.task = task
+        self.routes = [(name, weight, backend) for name, weight, backend in routes if weight > 0]
+        self._rng = rng or random.Random()
+
+    def _fan_out(self, call: Callable[[Backend, list[Any], ResultCallback | None], list[Any]],
+                 items: Sequence[Any], on_result: ResultCallback | None) -> list[Any]:
+        choices = self._rng.choices(range(len(self.routes)), weights=[w for _, w, _ in self.routes], k=len(items))
+        results: list[Any] = [None] * len(items)
+        for route_index, (entity, _, backend) in enumerate(self.routes):
+            positions = [i for i, chosen in enumerate(choices) if chosen == route_index]
+            if not positions:
+                continue
+
+            def tagged(local_index: int, result: Any, positions=positions, entity=entity) -> None:
+                if on_result is not None:
+                    on_result(positions[local_index], dataclasses.replace(result, served_entity=entity))
+
+            answers = call(backend, [items[i] for i in positions], tagged if on_result else None)
+            for position, answer in zip(positions, answers):
+                results[position] = dataclasses.replace(answer, served_entity=entity)
+        return results
+
+    def chat(self, conversations, options, on_result=None):
+        return self._fan_out(lambda b, part, cb: b.chat(part, options, cb), conversations, on_result)
+
+    def complete(self, prompts, options, on_result=None):
+        return self._fan_out(lambda b, part, cb: b.complete(part, options, cb), prompts, on_result)
+
+    def embed(self, texts, on_result=None):
+        return self._fan_out(lambda b, part, cb: b.embed(part, cb), texts, on_result)
+
+    def embedding_dimension(self) -> int | None:
+        return self.routes[0][2].embedding_dimension() if self.routes else None
+
+    def warm_up(self) -> None:
+        for _, _, backend in self.routes:
+            backend.warm_up()
+
+    def close(self) -> None:
+        for _, _, backend in self.routes:
+            backend.close()
+
+
+def entity_backend(service: EndpointService, entity: dict[str, Any], task: Task) -> Backend:
+    """The backend for one stored served entity."""
+    if "external_model" in entity:
+        provider = entity["external_model"]["provider"]
+        raise InvalidParameterValue(
+            f"served entity {entity['name']!r} calls the external provider {provider!r}, which this build "
+            f"cannot call yet; serve a local model (entity_name) meanwhile"
+        )
+    path = service.local_model_path(entity["entity_name"])
+    if path is None:
+        raise InvalidParameterValue(
+            f"served entity {entity['name']!r} is the MLflow model {entity['entity_name']!r}, which this build "
+            f"cannot serve yet; register its Hugging Face directory with `sqlinfer models register`"
+        )
+    return LocalEngineBackend(str(path), task)
+
+
+def endpoint_backend(service: EndpointService, config: dict[str, Any]) -> Backend:
+    task = config["_task"]
+    entities = {entity["name"]: entity for entity in config["served_entities"]}
+    routes = [(route.get("served_entity_name") or route["served_model_name"], route["traffic_percentage"])
+              for route in config["traffic_config"]["routes"]]
+    built = [(name, weight, entity_backend(service, entities[name], task)) for name, weight in routes if weight > 0]
+    if len(built) == 1:
+        return _Tagged(built[0][0], built[0][2])
+    return TrafficSplitBackend(task, built)
+
+
+class _Tagged(Backend):
+    """One entity, answering for itself: its results carry its name."""
+
+    def __init__(self, entity: str, backend: Backend):
+        self.entity, self.backend, self.task = entity, backend, backend.task
+
+    def _tag(self, results: list[Any]) -> list[Any]:
+        return [dataclasses.replace(r, served_entity=self.entity) for r in results]
+
+    def chat(self, conversations, options, on_result=None):
+        return self._tag(self.backend.chat(conversations, options, on_result))
+
+    def complete(self, prompts, options, on_result=None):
+        return self._tag(self.backend.complete(prompts, options, on_result))
+
+    def embed(self, texts, on_result=None):
+        return self._tag(self.backend.embed(texts, on_result))
+
+    def embedding_dimension(self) -> int | None:
+        return self.backend.embedding_dimension()
+
+    def warm_up(self) -> None:
+        self.backend.warm_up()
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class RegistryResolver:
+    """Finds registered (non-system) endpoints for an in-memory EndpointRegistry."""
+
+    def __init__(self, service: EndpointService):
+        self.service = service
+
+    def names(self) -> list[str]:
+        return [e["name"] for e in self.service.list() if not e["name"].startswith(SYSTEM_PREFIX)]
+
+    def lookup(self, name: str) -> tuple[int, Task, Callable[[], Backend]] | None:
+        """(config version, task, backend factory) of ``name``, or None if it is not registered."""
+        if name.startswith(SYSTEM_PREFIX):
+            return None
+        try:
+            version, config = self.service.serving_config(name)
+        except ResourceDoesNotExist:
+            return None
+        if not config.get("_task"):
+            raise InvalidParameterValue(
+                f"endpoint {name!r} serves a custom MLflow model, which this build cannot query yet"
+            )
+        return version, config["_task"], lambda: endpoint_backend(self.service, config)
