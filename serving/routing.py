@@ -17,14 +17,19 @@ registered endpoints by name; a config update changes the version and so the bac
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from typing import Any, Callable, Sequence
 
 from engine.errors import InvalidParameterValue
 from engine.types import Task
 from serving.backends import Backend, LocalEngineBackend, ResultCallback
-from serving.endpoints import SYSTEM_PREFIX, EndpointService
+from serving.endpoints import SEALED, SYSTEM_PREFIX, EndpointService
 from serving.errors import ResourceDoesNotExist
+
+
+# Requests in flight at once per external served entity (SQLINFER_PROVIDER_CONCURRENCY).
+PROVIDER_CONCURRENCY = int(os.environ.get("SQLINFER_PROVIDER_CONCURRENCY", "16"))
 
 
 class TrafficSplitBackend(Backend):
@@ -77,11 +82,7 @@ class TrafficSplitBackend(Backend):
 def entity_backend(service: EndpointService, entity: dict[str, Any], task: Task) -> Backend:
     """The backend for one stored served entity."""
     if "external_model" in entity:
-        provider = entity["external_model"]["provider"]
-        raise InvalidParameterValue(
-            f"served entity {entity['name']!r} calls the external provider {provider!r}, which this build "
-            f"cannot call yet; serve a local model (entity_name) meanwhile"
-        )
+        return external_backend(service, entity["external_model"], task)
     path = service.local_model_path(entity["entity_name"])
     if path is None:
         raise InvalidParameterValue(
@@ -89,6 +90,38 @@ def entity_backend(service: EndpointService, entity: dict[str, Any], task: Task)
             f"cannot serve yet; register its Hugging Face directory with `sqlinfer models register`"
         )
     return LocalEngineBackend(str(path), task)
+
+
+def external_backend(service: EndpointService, external: dict[str, Any], task: Task) -> Backend:
+    """An external model's backend; its key is resolved only when the first call is made."""
+    from serving.providers import OpenAICompatibleBackend
+
+    def secret(value: Any) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, dict) and SEALED in value:
+            return service.secrets.unseal(value[SEALED])
+        return service.secrets.resolve(value, "api key")
+
+    provider = external["provider"]
+    if provider == "openai":
+        config = external["openai_config"]
+        api_type = config.get("openai_api_type") or "openai"
+        if api_type == "azuread":
+            raise InvalidParameterValue("openai_api_type 'azuread' (Microsoft Entra ID) cannot be called from here; use an API key")
+        key = config.get("openai_api_key") or config.get("openai_api_key_plaintext")
+        azure = {"api_version": config["openai_api_version"], "deployment": config.get("openai_deployment_name")} \
+            if api_type == "azure" else None
+        return OpenAICompatibleBackend(task, external["name"], config.get("openai_api_base") or "https://api.openai.com/v1",
+                                       lambda: secret(key), azure=azure, organization=config.get("openai_organization"),
+                                       max_concurrency=PROVIDER_CONCURRENCY)
+    if provider == "custom":
+        config = external["custom_provider_config"]
+        auth = config.get("bearer_token_auth") or {}
+        token = auth.get("token") or auth.get("token_plaintext")
+        return OpenAICompatibleBackend(task, external["name"], config["custom_provider_url"], lambda: secret(token),
+                                       max_concurrency=PROVIDER_CONCURRENCY)
+    raise InvalidParameterValue(f"provider {provider!r} cannot be called by this build yet")
 
 
 def endpoint_backend(service: EndpointService, config: dict[str, Any]) -> Backend:

@@ -1,0 +1,215 @@
+"""External providers behind the backend seam: OpenAI (and Azure OpenAI), any OpenAI-compatible server.
+
+A batch becomes many single requests sent with bounded concurrency (``max_concurrency`` per
+served entity), each retried on what is worth retrying — 429, 5xx, timeouts, dropped
+connections — with exponential backoff and full jitter, waiting at least what ``Retry-After``
+asks. Other 4xx answers fail that row at once with the provider's message. Embeddings go in
+chunks (one request per ``embedding_chunk`` texts), as the APIs accept lists.
+
+The API key is resolved (secret reference or sealed plaintext) when the first call is made,
+never earlier, and is scrubbed from any error message that might echo it. The SDK's own retries
+are off: this module owns the retry policy, so ``Retry-After`` and budgets are honoured once.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from engine.types import Choice, EmbeddingResult, GenerationResult, SamplingOptions, Task, TokenLogprob
+from serving.backends import Backend, ResultCallback
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    base_delay: float = 0.2
+    max_delay: float = 10.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        backoff = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** attempt))  # full jitter
+        return max(backoff, retry_after or 0.0)
+
+
+class ProviderError(Exception):
+    def __init__(self, message: str, retryable: bool, retry_after: float | None = None, status: int | None = None):
+        super().__init__(message)
+        self.retryable, self.retry_after, self.status = retryable, retry_after, status
+
+
+class OpenAICompatibleBackend(Backend):
+    """OpenAI, Azure OpenAI, or any server speaking the OpenAI API (vLLM, custom providers)."""
+
+    def __init__(self, task: Task, model: str, base_url: str | None, api_key: Callable[[], str | None],
+                 azure: dict[str, str] | None = None, organization: str | None = None,
+                 max_concurrency: int = 16, timeout: float = 60.0, retry: RetryPolicy | None = None,
+                 embedding_chunk: int = 256):
+        self.task, self.model, self.base_url = task, model, base_url
+        self._api_key, self._azure, self._organization = api_key, azure, organization
+        self.max_concurrency, self.timeout = max_concurrency, timeout
+        self.retry = retry or RetryPolicy()
+        self.embedding_chunk = embedding_chunk
+        self._client: Any = None
+        self._key: str | None = None
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=f"provider-{model}")
+
+    # -- client --------------------------------------------------------------------------------
+
+    def _sdk(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                import openai
+
+                self._key = self._api_key() or "unused"
+                common = {"api_key": self._key, "max_retries": 0, "timeout": self.timeout}
+                if self._azure is not None:
+                    self._client = openai.AzureOpenAI(azure_endpoint=self.base_url, api_version=self._azure["api_version"],
+                                                      azure_deployment=self._azure.get("deployment"), **common)
+                else:
+                    self._client = openai.OpenAI(base_url=self.base_url, organization=self._organization, **common)
+            return self._client
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._key, "[REDACTED]") if self._key and self._key != "unused" else text
+
+    def _call(self, request: Callable[[Any], Any]) -> Any:
+        """One request with the retry policy; raises ProviderError when it gives up."""
+        import openai
+
+        attempt = 0
+        while True:
+            try:
+                return request(self._sdk())
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+                retryable = status == 429 or status >= 500
+                error = ProviderError(self._scrub(f"provider answered HTTP {status}: {_provider_message(exc)}"),
+                                      retryable, _retry_after(exc.response), status)
+            except (openai.APITimeoutError, openai.APIConnectionError) as exc:
+                error = ProviderError(self._scrub(f"{type(exc).__name__}: {exc}"), retryable=True)
+            attempt += 1
+            if not error.retryable or attempt >= self.retry.max_attempts:
+                if error.retryable:
+                    error.args = (f"{error.args[0]} (gave up after {attempt} attempts)",)
+                raise error
+            time.sleep(self.retry.delay(attempt, error.retry_after))
+
+    def _map(self, items: Sequence[Any], one: Callable[[Any], Any], failed: Callable[[str], Any],
+             on_result: ResultCallback | None) -> list[Any]:
+        def run(index: int, item: Any) -> Any:
+            try:
+                result = one(item)
+            except ProviderError as exc:
+                result = failed(str(exc))
+            if on_result is not None:
+                on_result(index, result)
+            return result
+
+        futures = [self._pool.submit(run, i, item) for i, item in enumerate(items)]
+        return [future.result() for future in futures]
+
+    # -- tasks ---------------------------------------------------------------------------------
+
+    def chat(self, conversations, options, on_result=None):
+        kwargs = _openai_kwargs(options)
+
+        def one(messages):
+            response = self._call(lambda sdk: sdk.chat.completions.create(model=self.model, messages=list(messages), **kwargs))
+            return _generation(response, chat=True)
+
+        return self._map(conversations, one, lambda e: GenerationResult(error=e), on_result)
+
+    def complete(self, prompts, options, on_result=None):
+        kwargs = _openai_kwargs(options, chat=False)
+
+        def one(prompt):
+            return _generation(self._call(lambda sdk: sdk.completions.create(model=self.model, prompt=prompt, **kwargs)), chat=False)
+
+        return self._map(prompts, one, lambda e: GenerationResult(error=e), on_result)
+
+    def embed(self, texts, on_result=None):
+        chunks = [list(texts[i:i + self.embedding_chunk]) for i in range(0, len(texts), self.embedding_chunk)]
+
+        def one(chunk):
+            response = self._call(lambda sdk: sdk.embeddings.create(model=self.model, input=chunk, encoding_format="float"))
+            per_text = (response.usage.prompt_tokens // max(1, len(chunk))) if response.usage else 0
+            ordered = sorted(response.data, key=lambda d: d.index)
+            return [EmbeddingResult(vector=list(d.embedding), prompt_tokens=per_text) for d in ordered]
+
+        def failed(message):
+            return None, message
+
+        results: list[EmbeddingResult] = []
+        for chunk, answer in zip(chunks, self._map(chunks, one, failed, None)):
+            if isinstance(answer, tuple):
+                results.extend(EmbeddingResult(error=answer[1]) for _ in chunk)
+            else:
+                results.extend(answer)
+        if on_result is not None:
+            for index, result in enumerate(results):
+                on_result(index, result)
+        return results
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+def _openai_kwargs(options: SamplingOptions, chat: bool = True) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for name in ("max_tokens", "temperature", "top_p", "seed"):
+        value = getattr(options, name)
+        if value is not None:
+            kwargs[name] = value
+    if options.n != 1:
+        kwargs["n"] = options.n
+    if options.stop:
+        kwargs["stop"] = list(options.stop)
+    if options.logprobs is not None:
+        if chat:
+            kwargs.update(logprobs=True, top_logprobs=options.logprobs)
+        else:
+            kwargs["logprobs"] = options.logprobs
+    if options.json_schema is not None and chat:
+        kwargs["response_format"] = {"type": "json_schema",
+                                     "json_schema": {"name": "response", "schema": options.json_schema}}
+    return kwargs
+
+
+def _generation(response: Any, chat: bool) -> GenerationResult:
+    choices = []
+    for choice in sorted(response.choices, key=lambda c: c.index):
+        text = (choice.message.content or "") if chat else choice.text
+        logprobs = None
+        if chat and getattr(choice, "logprobs", None) and choice.logprobs.content:
+            logprobs = tuple(TokenLogprob(t.token, t.logprob, tuple((a.token, a.logprob) for a in t.top_logprobs or ()))
+                             for t in choice.logprobs.content)
+        choices.append(Choice(text=text, finish_reason=choice.finish_reason, logprobs=logprobs))
+    usage = response.usage
+    return GenerationResult(choices=tuple(choices), prompt_tokens=usage.prompt_tokens if usage else 0,
+                            completion_tokens=usage.completion_tokens if usage else 0)
+
+
+def _retry_after(response: Any) -> float | None:
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _provider_message(exc: Any) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict):
+            return str(error.get("message") or error)
+        return str(error)
+    return str(exc.message)

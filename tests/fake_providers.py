@@ -1,0 +1,77 @@
+"""A real HTTP server on 127.0.0.1 speaking the OpenAI wire protocol, with scripted faults.
+
+It stands in for providers outside this machine. Chat answers echo the last user message;
+completions echo the prompt; embeddings are 3 numbers per text. ``faults`` is a queue consumed
+one per request: ``("status", 429, {"Retry-After": "1"})``, ``("status", 500)``,
+``("status", 400)``, ``("slow", seconds)``, ``("drop",)`` (close without answering).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class ScriptedOpenAIServer:
+    def __init__(self):
+        self.faults: deque = deque()
+        self.calls: list[tuple[str, dict, str | None]] = []  # (path, body, Authorization)
+        self.lock = threading.Lock()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                with owner.lock:
+                    owner.calls.append((self.path, body, self.headers.get("Authorization")))
+                    fault = owner.faults.popleft() if owner.faults else None
+                if fault and fault[0] == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if fault and fault[0] == "slow":
+                    time.sleep(fault[1])
+                if fault and fault[0] == "status":
+                    headers = fault[2] if len(fault) > 2 else {}
+                    # A careless provider echoes the key it was sent: the backend must scrub it.
+                    message = f"scripted failure {fault[1]} for key {self.headers.get('Authorization', '').removeprefix('Bearer ')}"
+                    return self._send(fault[1], {"error": {"message": message, "type": "scripted"}}, headers)
+                self._send(200, owner.answer(self.path, body))
+
+            def _send(self, status, payload, headers=None):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def answer(path: str, body: dict) -> dict:
+        usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+        if path.endswith("/chat/completions"):
+            text = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+            return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"], "usage": usage,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+        if path.endswith("/completions"):
+            return {"id": "x", "object": "text_completion", "created": 0, "model": body["model"], "usage": usage,
+                    "choices": [{"index": 0, "text": body["prompt"], "finish_reason": "stop"}]}
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        return {"object": "list", "model": body["model"], "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+                "data": [{"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0, 0.0]} for i, t in enumerate(inputs)]}
+
+    def stop(self) -> None:
+        self.server.shutdown()

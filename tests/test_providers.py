@@ -1,0 +1,100 @@
+"""External providers: retries, Retry-After, fail-fast 4xx, timeouts, and secrets — against real servers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from connectors.duckdb import connect
+from engine.types import SamplingOptions
+from serving.client import InProcessClient
+from serving.providers import OpenAICompatibleBackend, RetryPolicy
+from serving.registry import registry_for
+from tests.fake_providers import ScriptedOpenAIServer
+
+KEY = "sk-provider-key-DO-NOT-LEAK-31337"
+ASK = [[{"role": "user", "content": "hello there"}]]
+FAST = SamplingOptions(max_tokens=4)
+
+
+@pytest.fixture
+def upstream():
+    server = ScriptedOpenAIServer()
+    yield server
+    server.stop()
+
+
+def backend(upstream, **kwargs) -> OpenAICompatibleBackend:
+    kwargs.setdefault("retry", RetryPolicy(max_attempts=4, base_delay=0.05, max_delay=0.2))
+    return OpenAICompatibleBackend("llm/v1/chat", "model-x", upstream.url, lambda: KEY, **kwargs)
+
+
+def test_429_is_retried_after_the_time_retry_after_asks(upstream):
+    upstream.faults.append(("status", 429, {"Retry-After": "1"}))
+    started = time.monotonic()
+    [result] = backend(upstream).chat(ASK, FAST)
+    assert result.error is None and result.text == "hello there"
+    assert time.monotonic() - started >= 1.0 and len(upstream.calls) == 2
+
+
+def test_5xx_dropped_connections_and_timeouts_are_retried(upstream):
+    upstream.faults.extend([("status", 500), ("drop",), ("slow", 2.0), ("status", 503)])
+    [result] = backend(upstream, timeout=0.5, retry=RetryPolicy(max_attempts=6, base_delay=0.05, max_delay=0.2)).chat(ASK, FAST)
+    assert result.error is None and result.text == "hello there"
+    assert len(upstream.calls) == 5
+
+
+def test_other_4xx_fail_at_once_with_the_providers_message_and_no_key(upstream):
+    upstream.faults.append(("status", 400))
+    [result] = backend(upstream).chat(ASK, FAST)
+    assert len(upstream.calls) == 1
+    assert "provider answered HTTP 400: scripted failure 400" in result.error
+    assert KEY not in result.error and "[REDACTED]" in result.error
+
+
+def test_retries_give_up_and_fail_only_their_row(upstream):
+    upstream.faults.extend([("status", 500)] * 4)
+    results = backend(upstream, max_concurrency=1).chat(ASK + [[{"role": "user", "content": "second"}]], FAST)
+    assert "gave up after 4 attempts" in results[0].error and KEY not in results[0].error
+    assert results[1].text == "second"
+
+
+def test_embeddings_go_in_chunks(upstream):
+    embedder = OpenAICompatibleBackend("llm/v1/embeddings", "emb", upstream.url, lambda: KEY, embedding_chunk=4)
+    results = embedder.embed([f"t{'x' * i}" for i in range(10)])
+    assert [r.vector[0] for r in results] == [float(1 + i) for i in range(10)]
+    assert len(upstream.calls) == 3
+
+
+def test_a_custom_provider_endpoint_serves_ai_query_with_its_secret_resolved_at_call_time(upstream, service):
+    service.secrets.create_scope("providers")
+    service.secrets.put("providers", "upstream", KEY)
+    service.create({"name": "custom-chat", "config": {"served_entities": [{"external_model": {
+        "name": "model-x", "provider": "custom", "task": "llm/v1/chat",
+        "custom_provider_config": {"custom_provider_url": upstream.url,
+                                   "bearer_token_auth": {"token": "{{secrets/providers/upstream}}"}}}}]}})
+    service.wait_for_deployments()
+    assert upstream.calls == []  # nothing is called, nor the secret read for a call, before a query
+    con = connect(client=InProcessClient(registry_for(service)))
+    try:
+        rows = con.execute("SELECT ai_query('custom-chat', r) FROM (VALUES ('one'), ('two'), ('one')) t(r)").fetchall()
+    finally:
+        con.close()
+    assert rows == [("one",), ("two",), ("one",)]
+    assert len(upstream.calls) == 2  # the duplicate was sent once
+    assert {auth for _, _, auth in upstream.calls} == {f"Bearer {KEY}"}
+    assert {body["max_tokens"] for _, body, _ in upstream.calls} == {256}  # ai_query's default
+
+
+def test_an_openai_endpoint_with_a_plaintext_key_answers_invocations(upstream, server, admin):
+    created = admin.post("/api/2.0/serving-endpoints", json={"name": "oa", "config": {"served_entities": [{"external_model": {
+        "name": "gpt-x", "provider": "openai", "task": "llm/v1/chat",
+        "openai_config": {"openai_api_key_plaintext": KEY, "openai_api_base": upstream.url}}}]}})
+    assert created.status_code == 200 and KEY not in created.text
+    server.service.wait_for_deployments()
+    response = admin.post("/serving-endpoints/oa/invocations", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "hi"
+    assert response.headers["served-model-name"] == "gpt-x"
+    assert upstream.calls[-1][2] == f"Bearer {KEY}" and upstream.calls[-1][1]["model"] == "gpt-x"
