@@ -89,3 +89,47 @@ def admin(server):
         client.post("/api/2.0/secrets/put", json={"scope": "my_scope", "key": "my_openai_api_key",
                                                   "string_value": SECRET_VALUE}).raise_for_status()
         yield client
+
+
+# -- a real external provider: vLLM's own OpenAI-compatible server on the bundled model ------------
+
+
+@pytest.fixture(scope="session")
+def vllm_openai_server():
+    """``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1 (about a minute to start)."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from engine.model_store import resolve_model
+    from tests.rest_server import free_port
+
+    port = free_port()
+    model = resolve_model(CHAT_MODEL).path
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
+               "--port", str(port), "--served-model-name", "smollm2", "--enforce-eager", "--max-model-len", "2048",
+               "--kv-cache-memory-bytes", str(1024**3), "--disable-log-stats", "--dtype", "bfloat16"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"vLLM's OpenAI server exited with status {process.returncode}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("vLLM's OpenAI server did not become healthy in 300 s")
+            time.sleep(1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
