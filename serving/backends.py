@@ -52,6 +52,10 @@ class Backend(ABC):
     def close(self) -> None:
         """Release what the backend holds (an engine, connections). It may be used again after."""
 
+    def release(self) -> None:
+        """Drop this handle (its endpoint got a new config). Resources shared with others stay."""
+        self.close()
+
     def _unsupported(self, what: str) -> InvalidParameterValue:
         return InvalidParameterValue(f"this endpoint serves {self.task}, not {what}")
 
@@ -97,6 +101,9 @@ class LocalEngineBackend(Backend):
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close()
+
+    def release(self) -> None:
+        """The engine is shared per model directory by every endpoint of the process: keep it."""
 
 
 class EchoBackend(Backend):

@@ -89,7 +89,7 @@ class EndpointRegistry:
             if cached is not None and cached[0] == version:
                 return cached[1]
             if cached is not None and cached[1].backend is not None:
-                cached[1].backend.close()
+                cached[1].backend.release()
             endpoint = Endpoint(name, task, factory)
             self._resolved[name] = (version, endpoint)
             return endpoint

@@ -78,6 +78,10 @@ class TrafficSplitBackend(Backend):
         for _, _, backend in self.routes:
             backend.close()
 
+    def release(self) -> None:
+        for _, _, backend in self.routes:
+            backend.release()
+
 
 def entity_backend(service: EndpointService, entity: dict[str, Any], task: Task) -> Backend:
     """The backend for one stored served entity."""
@@ -161,6 +165,9 @@ class _Tagged(Backend):
 
     def close(self) -> None:
         self.backend.close()
+
+    def release(self) -> None:
+        self.backend.release()
 
 
 class RegistryResolver:

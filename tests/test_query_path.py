@@ -118,3 +118,17 @@ def test_ai_query_calls_registered_endpoints_and_follows_config_updates(service,
             con.execute("SELECT ai_query('nope', 'x')").fetchall()
     finally:
         con.close()
+
+
+@pytest.mark.engine
+def test_a_config_update_does_not_stop_the_engine_other_endpoints_share(service, chat_engine):
+    service.create({"name": "sharing", "config": local_entity(name="one")})
+    service.wait_for_deployments()
+    client = InProcessClient(registry_for(service))
+    ask = [[{"role": "user", "content": "Say hi."}]]
+    assert client.chat("sharing", ask, SamplingOptions(max_tokens=2))[0].error is None
+    running = chat_engine._llm
+    service.update_config("sharing", local_entity(name="two"))
+    service.wait_for_deployments()
+    assert client.chat("sharing", ask, SamplingOptions(max_tokens=2))[0].served_entity == "two"
+    assert chat_engine._llm is running  # the same vLLM instance: nothing was shut down and restarted
