@@ -82,6 +82,17 @@ MIGRATIONS: list[str] = [
         creation_timestamp INTEGER NOT NULL
     );
     """,
+    # 2: rate-limit counters shared by every process (serving.limits)
+    """
+    CREATE TABLE rate_usage (
+        endpoint_id TEXT NOT NULL,
+        principal TEXT NOT NULL,       -- a user name, or '*' for endpoint-wide limits
+        window_start INTEGER NOT NULL, -- unix seconds, a multiple of 60
+        calls INTEGER NOT NULL DEFAULT 0,
+        tokens INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (endpoint_id, principal, window_start)
+    );
+    """,
 ]
 
 

@@ -40,7 +40,7 @@ class Resolver(Protocol):
 
     def names(self) -> list[str]: ...
 
-    def lookup(self, name: str) -> tuple[int, Task, BackendFactory] | None: ...
+    def lookup(self, name: str) -> tuple[object, Task, BackendFactory] | None: ...
 
 
 class EndpointRegistry:
@@ -52,7 +52,7 @@ class EndpointRegistry:
 
     def __init__(self, resolver: Resolver | None = None) -> None:
         self._endpoints: dict[str, Endpoint] = {}
-        self._resolved: dict[str, tuple[int, Endpoint]] = {}
+        self._resolved: dict[str, tuple[object, Endpoint]] = {}
         self._resolver = resolver
         self._lock = threading.Lock()
 

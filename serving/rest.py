@@ -29,6 +29,7 @@ from serving.auth import Principal
 from serving.client import InProcessClient
 from serving.endpoints import SYSTEM_PREFIX, EndpointService
 from serving.invocations import invoke
+from serving.limits import current_user, limit_mode
 from serving.registry import registry_for
 from serving.errors import MalformedRequest, SqlinferError
 from serving.wire import CreateScope, DeleteScope, DeleteSecret, PutSecret, parse
@@ -228,15 +229,21 @@ def create_app(service: EndpointService | None = None) -> FastAPI:
 
     query_client = InProcessClient(registry_for(service))
 
-    def may_query(request: Request, name: str) -> None:
+    def may_query(request: Request, name: str) -> Principal:
         who = principal(request)
         if not name.startswith(SYSTEM_PREFIX):  # every user may query the system endpoints
             service.auth.require(who, service.endpoint_id(name), name, "CAN_QUERY")
+        return who
 
-    async def answer(name: str, payload: Any, task: str | None) -> JSONResponse:
+    def invoke_as(who: Principal, name: str, payload: dict[str, Any], task: str | None):
+        current_user.set(who.user_name)
+        limit_mode.set("refuse")  # REST callers get 429 + Retry-After; SQL jobs wait instead
+        return invoke(query_client, name, payload, task)
+
+    async def answer(who: Principal, name: str, payload: Any, task: str | None) -> JSONResponse:
         if not isinstance(payload, dict):
             raise MalformedRequest("the request body must be a JSON object")
-        result, served = await run_in_threadpool(invoke, query_client, name, payload, task)
+        result, served = await run_in_threadpool(invoke_as, who, name, payload, task)
         served = served or name.removeprefix(SYSTEM_PREFIX)
         return JSONResponse(result, headers={"served-model-name": served})
 
@@ -247,11 +254,11 @@ def create_app(service: EndpointService | None = None) -> FastAPI:
                 name = payload.get("model") if isinstance(payload, dict) else None
                 if not name:
                     raise MalformedRequest("'model' (the endpoint name) is required")
-                may_query(request, name)
-                return await answer(name, payload, task)
+                return await answer(may_query(request, name), name, payload, task)
             except SqlinferError as exc:  # OpenAI's error shape, which the OpenAI SDK parses
+                headers = {"Retry-After": str(max(1, round(exc.retry_after_seconds)))} if hasattr(exc, "retry_after_seconds") else {}
                 return JSONResponse({"error": {"message": exc.message, "type": exc.error_code.lower(), "code": exc.error_code}},
-                                    status_code=exc.http_status)
+                                    status_code=exc.http_status, headers=headers)
         return route
 
     app.post("/serving-endpoints/chat/completions")(openai_route("llm/v1/chat"))
@@ -260,8 +267,8 @@ def create_app(service: EndpointService | None = None) -> FastAPI:
 
     @app.post("/serving-endpoints/{name}/invocations")
     async def invocations(name: str, request: Request) -> JSONResponse:
-        may_query(request, name)
-        return await answer(name, await body(request), None)
+        who = may_query(request, name)
+        return await answer(who, name, await body(request), None)
 
     @app.get("/", include_in_schema=False)
     def root() -> Response:

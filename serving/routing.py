@@ -26,6 +26,7 @@ from engine.types import Task
 from serving.backends import Backend, LocalEngineBackend, ResultCallback
 from serving.endpoints import SEALED, SYSTEM_PREFIX, EndpointService
 from serving.errors import ResourceDoesNotExist
+from serving.limits import RateLimitedBackend, RateLimiter, limits_from
 
 
 # Requests in flight at once per external served entity (SQLINFER_PROVIDER_CONCURRENCY).
@@ -175,6 +176,7 @@ class RegistryResolver:
 
     def __init__(self, service: EndpointService):
         self.service = service
+        self.limiter = RateLimiter(service.db)
 
     def names(self) -> list[str]:
         return [e["name"] for e in self.service.list() if not e["name"].startswith(SYSTEM_PREFIX)]
@@ -184,11 +186,17 @@ class RegistryResolver:
         if name.startswith(SYSTEM_PREFIX):
             return None
         try:
-            version, config = self.service.serving_config(name)
+            version, endpoint_id, config, rate_limits = self.service.serving(name)
         except ResourceDoesNotExist:
             return None
         if not config.get("_task"):
             raise InvalidParameterValue(
                 f"endpoint {name!r} serves a custom MLflow model, which this build cannot query yet"
             )
-        return version, config["_task"], lambda: endpoint_backend(self.service, config)
+
+        def build() -> Backend:
+            backend = endpoint_backend(self.service, config)
+            limits = limits_from(rate_limits)
+            return RateLimitedBackend(backend, self.limiter, endpoint_id, name, limits) if limits else backend
+
+        return version, config["_task"], build

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 
+from serving.db import MIGRATIONS
 from serving.endpoints import EndpointService
 from tests.registry_helpers import CREATE_EXAMPLE, SECRET_VALUE, local_entity, wait_until_settled
 
@@ -133,7 +134,23 @@ def test_everything_survives_a_restart(tmp_path, gate):
     assert endpoint["state"]["ready"] == "READY" and endpoint["tags"] == [{"key": "t", "value": "v"}]
     assert again.secrets.resolve("{{secrets/s/k}}") == SECRET_VALUE
     assert again.auth.authenticate(f"Bearer {token}").user_name == "bob"
-    assert again.db.schema_version == 1
+    assert again.db.schema_version == len(MIGRATIONS)
+
+
+def test_an_older_registry_is_migrated_in_place_and_keeps_its_data(tmp_path, monkeypatch):
+    import serving.db
+
+    home = tmp_path / "home"
+    monkeypatch.setattr(serving.db, "MIGRATIONS", MIGRATIONS[:1])  # the registry as version 1 wrote it
+    old = EndpointService(home)
+    old.create({"name": "from-v1", "config": local_entity()})
+    old.wait_for_deployments()
+    assert old.db.schema_version == 1
+    monkeypatch.setattr(serving.db, "MIGRATIONS", MIGRATIONS)
+    upgraded = EndpointService(home)
+    assert upgraded.db.schema_version == len(MIGRATIONS)
+    assert upgraded.get("from-v1")["state"]["ready"] == "READY"
+    upgraded.db.read().execute("SELECT count(*) FROM rate_usage").fetchone()  # the new table exists
 
 
 def test_an_interrupted_deployment_resumes_when_the_registry_opens_again(tmp_path):
@@ -146,6 +163,7 @@ def test_an_interrupted_deployment_resumes_when_the_registry_opens_again(tmp_pat
 
 WRITER = """
 import sys
+from serving.db import MIGRATIONS
 from serving.endpoints import EndpointService
 service = EndpointService(sys.argv[1])
 for i in range(5):
