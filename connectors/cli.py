@@ -37,6 +37,8 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     con = connect(args.database)
     try:
         ai = functions(con)
+        if "sqlinfer_usage" in args.query.lower():
+            _register_usage_view(con)
         try:
             with ai.stats.progress(description="ai rows") if args.progress else nullcontext():
                 relation = con.sql(args.query)
@@ -52,6 +54,16 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     finally:
         con.close()
     return 0
+
+
+def _register_usage_view(con) -> None:
+    """``sqlinfer_usage``: the usage table as of the query's start (one row per request)."""
+    import pyarrow as pa
+
+    from serving.usage import COLUMNS, UsageRecorder
+
+    rows = UsageRecorder(_service().db).rows()
+    con.register("sqlinfer_usage", pa.Table.from_pylist(rows) if rows else pa.table({c: pa.array([], pa.string()) for c in COLUMNS}))
 
 
 def _strip_udf_prefix(message: str) -> str:

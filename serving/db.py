@@ -93,6 +93,33 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (endpoint_id, principal, window_start)
     );
     """,
+    # 3: usage tracking and inference tables (serving.usage)
+    """
+    CREATE TABLE usage (
+        request_id TEXT PRIMARY KEY,
+        timestamp_ms INTEGER NOT NULL,
+        endpoint_name TEXT NOT NULL,
+        endpoint_id TEXT NOT NULL,
+        served_entity TEXT,
+        requester TEXT NOT NULL,
+        source TEXT NOT NULL,          -- rest or sql
+        input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        status_code INTEGER NOT NULL,
+        latency_ms REAL NOT NULL,
+        client_request_id TEXT,
+        usage_context TEXT,            -- JSON
+        error TEXT
+    );
+    CREATE INDEX usage_by_endpoint ON usage (endpoint_name, timestamp_ms);
+    CREATE TABLE inference_payloads (
+        request_id TEXT PRIMARY KEY,
+        endpoint_name TEXT NOT NULL,
+        timestamp_ms INTEGER NOT NULL,
+        request_json TEXT NOT NULL,
+        response_json TEXT NOT NULL
+    );
+    """,
 ]
 
 

@@ -133,15 +133,26 @@ class EndpointRegistry:
         )
 
 
-def add_system_endpoints(registry: EndpointRegistry) -> None:
-    """Register one endpoint per bundled model, named ``system-<model>``."""
+def add_system_endpoints(registry: EndpointRegistry, recorder=None) -> None:
+    """Register one endpoint per bundled model, named ``system-<model>`` (usage recorded if given)."""
     from engine.model_store import BUNDLED_MODELS
+
+    def factory(model) -> Backend:
+        from serving.routing import _Tagged
+
+        backend: Backend = _Tagged(model.name, LocalEngineBackend(model.name, model.task))
+        if recorder is not None:
+            from serving.usage import UsageRecordingBackend
+
+            name = SYSTEM_PREFIX + model.name
+            backend = UsageRecordingBackend(backend, recorder, name, name)
+        return backend
 
     for model in BUNDLED_MODELS.values():
         registry.register(
             SYSTEM_PREFIX + model.name,
             model.task,
-            lambda model=model: LocalEngineBackend(model.name, model.task),
+            lambda model=model: factory(model),
             description=f"bundled {model.name} ({model.license}) on the local engine",
         )
 
@@ -154,8 +165,10 @@ def registry_for(service) -> EndpointRegistry:
     """System endpoints in memory, everything else from ``service`` (an EndpointService)."""
     from serving.routing import RegistryResolver
 
+    from serving.usage import UsageRecorder
+
     registry = EndpointRegistry(RegistryResolver(service))
-    add_system_endpoints(registry)
+    add_system_endpoints(registry, UsageRecorder(service.db))
     return registry
 
 

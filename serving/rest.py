@@ -30,6 +30,7 @@ from serving.client import InProcessClient
 from serving.endpoints import SYSTEM_PREFIX, EndpointService
 from serving.invocations import invoke
 from serving.limits import current_user, limit_mode
+from serving.usage import UsageRecorder, request_context
 from serving.registry import registry_for
 from serving.errors import MalformedRequest, SqlinferError
 from serving.wire import CreateScope, DeleteScope, DeleteSecret, PutSecret, parse
@@ -238,6 +239,7 @@ def create_app(service: EndpointService | None = None) -> FastAPI:
     def invoke_as(who: Principal, name: str, payload: dict[str, Any], task: str | None):
         current_user.set(who.user_name)
         limit_mode.set("refuse")  # REST callers get 429 + Retry-After; SQL jobs wait instead
+        request_context.set({"client_request_id": payload.get("client_request_id"), "usage_context": payload.get("usage_context")})
         return invoke(query_client, name, payload, task)
 
     async def answer(who: Principal, name: str, payload: Any, task: str | None) -> JSONResponse:
@@ -269,6 +271,17 @@ def create_app(service: EndpointService | None = None) -> FastAPI:
     async def invocations(name: str, request: Request) -> JSONResponse:
         who = may_query(request, name)
         return await answer(who, name, await body(request), None)
+
+    usage = UsageRecorder(service.db)
+
+    @app.get("/serving-endpoints/{name}/metrics")
+    def endpoint_metrics(name: str, request: Request) -> PlainTextResponse:
+        who = principal(request)
+        if not name.startswith(SYSTEM_PREFIX):
+            service.auth.require(who, service.endpoint_id(name), name, "CAN_VIEW")
+        else:
+            service.get(name, who)  # an unknown system name is a 404
+        return PlainTextResponse(usage.prometheus(name), media_type="text/plain; version=0.0.4")
 
     @app.get("/", include_in_schema=False)
     def root() -> Response:

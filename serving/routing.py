@@ -27,6 +27,7 @@ from serving.backends import Backend, LocalEngineBackend, ResultCallback
 from serving.endpoints import SEALED, SYSTEM_PREFIX, EndpointService
 from serving.errors import ResourceDoesNotExist
 from serving.limits import RateLimitedBackend, RateLimiter, limits_from
+from serving.usage import UsageRecorder, UsageRecordingBackend
 
 
 # Requests in flight at once per external served entity (SQLINFER_PROVIDER_CONCURRENCY).
@@ -140,7 +141,7 @@ def endpoint_backend(service: EndpointService, config: dict[str, Any]) -> Backen
     return TrafficSplitBackend(task, built)
 
 
-class _Tagged(Backend):
+class _Tagged(Backend):  # noqa: N801 (module-private, also used by serving.registry)
     """One entity, answering for itself: its results carry its name."""
 
     def __init__(self, entity: str, backend: Backend):
@@ -177,6 +178,7 @@ class RegistryResolver:
     def __init__(self, service: EndpointService):
         self.service = service
         self.limiter = RateLimiter(service.db)
+        self.recorder = UsageRecorder(service.db)
 
     def names(self) -> list[str]:
         return [e["name"] for e in self.service.list() if not e["name"].startswith(SYSTEM_PREFIX)]
@@ -186,7 +188,7 @@ class RegistryResolver:
         if name.startswith(SYSTEM_PREFIX):
             return None
         try:
-            version, endpoint_id, config, rate_limits = self.service.serving(name)
+            version, endpoint_id, config, rate_limits, log_payloads = self.service.serving(name)
         except ResourceDoesNotExist:
             return None
         if not config.get("_task"):
@@ -197,6 +199,8 @@ class RegistryResolver:
         def build() -> Backend:
             backend = endpoint_backend(self.service, config)
             limits = limits_from(rate_limits)
-            return RateLimitedBackend(backend, self.limiter, endpoint_id, name, limits) if limits else backend
+            if limits:
+                backend = RateLimitedBackend(backend, self.limiter, endpoint_id, name, limits)
+            return UsageRecordingBackend(backend, self.recorder, endpoint_id, name, log_payloads)
 
         return version, config["_task"], build

@@ -1,0 +1,130 @@
+"""Usage tracking: one row per request, REST or SQL, in the registry's database.
+
+Each request records its id, endpoint, served entity, requester, source (``rest`` or ``sql``),
+input and output tokens, status code (200, or the failure's), latency, and the caller's
+``client_request_id`` and ``usage_context``. Rows of one SQL batch are written in one
+transaction and share the batch's latency (a batch is answered as a whole). With the endpoint's
+``ai_gateway.inference_table_config.enabled``, request and response payloads are kept too, in
+``inference_payloads``.
+
+Read it from SQL as ``sqlinfer_usage`` (``sqlinfer sql "SELECT ... FROM sqlinfer_usage"``), or
+as Prometheus text at ``GET /serving-endpoints/{name}/metrics``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import time
+import uuid
+from typing import Any, Callable, Sequence
+
+from engine.types import Task
+from serving.backends import Backend
+from serving.db import Database
+from serving.errors import SqlinferError
+from serving.limits import current_user
+
+# What the caller said about a request (REST bodies); SQL batches leave them unset.
+request_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("sqlinfer_request_context", default={})
+
+COLUMNS = ("request_id", "timestamp_ms", "endpoint_name", "endpoint_id", "served_entity", "requester", "source",
+           "input_tokens", "output_tokens", "status_code", "latency_ms", "client_request_id", "usage_context", "error")
+
+
+class UsageRecorder:
+    def __init__(self, db: Database):
+        self.db = db
+
+    def record(self, rows: Sequence[tuple[Any, ...]], payloads: Sequence[tuple[Any, ...]] = ()) -> None:
+        with self.db.write() as con:
+            con.executemany(f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows)
+            if payloads:
+                con.executemany("INSERT INTO inference_payloads VALUES (?, ?, ?, ?, ?)", payloads)
+
+    def rows(self, endpoint_name: str | None = None) -> list[dict[str, Any]]:
+        query = f"SELECT {', '.join(COLUMNS)} FROM usage"
+        args: tuple[Any, ...] = ()
+        if endpoint_name is not None:
+            query, args = query + " WHERE endpoint_name = ?", (endpoint_name,)
+        return [dict(row) for row in self.db.read().execute(query + " ORDER BY timestamp_ms, request_id", args)]
+
+    def prometheus(self, endpoint_name: str) -> str:
+        con = self.db.read()
+        lines = [
+            "# HELP sqlinfer_endpoint_requests_total Requests answered, by served entity, source and status.",
+            "# TYPE sqlinfer_endpoint_requests_total counter",
+        ]
+        for row in con.execute(
+            "SELECT served_entity, source, status_code, count(*) AS n, sum(input_tokens) AS i, sum(output_tokens) AS o, "
+            "sum(latency_ms) AS l FROM usage WHERE endpoint_name = ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3", (endpoint_name,)
+        ).fetchall():
+            labels = f'endpoint="{endpoint_name}",served_entity="{row["served_entity"] or ""}",source="{row["source"]}",status="{row["status_code"]}"'
+            lines.append(f"sqlinfer_endpoint_requests_total{{{labels}}} {row['n']}")
+            lines.append(f"sqlinfer_endpoint_input_tokens_total{{{labels}}} {row['i'] or 0}")
+            lines.append(f"sqlinfer_endpoint_output_tokens_total{{{labels}}} {row['o'] or 0}")
+            lines.append(f"sqlinfer_endpoint_latency_ms_sum{{{labels}}} {row['l'] or 0:.1f}")
+        return "\n".join(lines) + "\n"
+
+
+class UsageRecordingBackend(Backend):
+    """Records every request answered by ``inner`` (and its payloads when asked)."""
+
+    def __init__(self, inner: Backend, recorder: UsageRecorder, endpoint_id: str, endpoint_name: str,
+                 log_payloads: bool = False):
+        self.inner, self.recorder, self.endpoint_id, self.endpoint_name = inner, recorder, endpoint_id, endpoint_name
+        self.log_payloads = log_payloads
+        self.task: Task = inner.task
+
+    def _recorded(self, items: Sequence[Any], call: Callable[[], list[Any]], describe: Callable[[Any], Any]) -> list[Any]:
+        started = time.perf_counter()
+        try:
+            results = call()
+        except SqlinferError as exc:  # refused as a whole (e.g. 429): recorded with that status
+            failed = type("Failed", (), {"served_entity": None, "prompt_tokens": 0, "completion_tokens": 0,
+                                         "error": exc.message, "status": exc.http_status})()
+            self._write(items, [failed] * len(items), (time.perf_counter() - started) * 1000, describe)
+            raise
+        self._write(items, results, (time.perf_counter() - started) * 1000, describe)
+        return results
+
+    def _write(self, items: Sequence[Any], results: Sequence[Any], latency_ms: float, describe: Callable[[Any], Any]) -> None:
+        context = request_context.get()
+        source = "rest" if context else "sql"
+        usage_context = json.dumps(context["usage_context"]) if context.get("usage_context") is not None else None
+        now = int(time.time() * 1000)
+        rows, payloads = [], []
+        for item, result in zip(items, results):
+            request_id = uuid.uuid4().hex
+            rows.append((request_id, now, self.endpoint_name, self.endpoint_id, result.served_entity, current_user.get(), source,
+                         result.prompt_tokens, getattr(result, "completion_tokens", 0),
+                         getattr(result, "status", 500 if result.error else 200),
+                         round(latency_ms, 3), context.get("client_request_id"), usage_context, result.error))
+            if self.log_payloads:
+                answer = {"error": result.error} if getattr(result, "status", None) else describe(result)
+                payloads.append((request_id, self.endpoint_name, now, json.dumps(item), json.dumps(answer)))
+        self.recorder.record(rows, payloads)
+
+    def chat(self, conversations, options, on_result=None):
+        return self._recorded(conversations, lambda: self.inner.chat(conversations, options, on_result),
+                              lambda r: {"choices": [c.text for c in r.choices], "error": r.error})
+
+    def complete(self, prompts, options, on_result=None):
+        return self._recorded(prompts, lambda: self.inner.complete(prompts, options, on_result),
+                              lambda r: {"choices": [c.text for c in r.choices], "error": r.error})
+
+    def embed(self, texts, on_result=None):
+        return self._recorded(texts, lambda: self.inner.embed(texts, on_result),
+                              lambda r: {"embedding": r.vector, "error": r.error})
+
+    def embedding_dimension(self) -> int | None:
+        return self.inner.embedding_dimension()
+
+    def warm_up(self) -> None:
+        self.inner.warm_up()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def release(self) -> None:
+        self.inner.release()
