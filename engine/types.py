@@ -72,6 +72,7 @@ class GenerationResult:
     completion_tokens: int = 0
     error: str | None = None
     served_entity: str | None = None  # set by the serving layer: which entity answered
+    error_status: int | None = None  # HTTP-like status of a failure (429, 5xx: worth a fallback)
 
     @property
     def text(self) -> str | None:
@@ -84,3 +85,4 @@ class EmbeddingResult:
     prompt_tokens: int = 0
     error: str | None = None
     served_entity: str | None = None
+    error_status: int | None = None

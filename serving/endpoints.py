@@ -122,9 +122,9 @@ class EndpointService:
         self.auth.require(principal, row["id"], name, "CAN_VIEW")
         return self._view(row, principal)
 
-    def serving(self, name: str) -> tuple[tuple[int, int], str, dict[str, Any], list[dict[str, Any]], bool]:
+    def serving(self, name: str) -> tuple[tuple[int, int], str, dict[str, Any], list[dict[str, Any]], bool, bool]:
         """What the query path needs: (version key, endpoint id, config serving now, rate limits,
-        whether payloads are logged to the inference table).
+        whether payloads are logged to the inference table, whether fallback is on).
 
         The config includes internal fields and sealed secrets. The version key changes with any
         change to the endpoint, so backends are rebuilt when limits or config change.
@@ -136,7 +136,8 @@ class EndpointService:
         limits = json.loads(row["rate_limits_json"] or "[]") + (gateway.get("rate_limits") or [])
         log_payloads = bool((gateway.get("inference_table_config") or {}).get("enabled"))
         key = (row["config_version"] - (1 if row["pending_config_json"] else 0), row["last_updated_timestamp"])
-        return key, row["id"], json.loads(row["config_json"]), limits, log_payloads
+        fallback = bool((gateway.get("fallback_config") or {}).get("enabled"))
+        return key, row["id"], json.loads(row["config_json"]), limits, log_payloads, fallback
 
     def endpoint_id(self, name: str) -> str:
         return name if self._is_system(name) else self._row(name)["id"]

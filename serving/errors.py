@@ -37,3 +37,13 @@ class RequestLimitExceeded(SqlinferError):
     def __init__(self, message: str, retry_after_seconds: float = 1.0):
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
+
+
+class UpstreamFailure(SqlinferError):
+    """A model or provider failed to answer (5xx); the status is the failure's own."""
+
+    error_code = "INTERNAL_ERROR"
+
+    def __init__(self, message: str, http_status: int = 500):
+        super().__init__(message)
+        self.http_status = http_status

@@ -16,7 +16,7 @@ from typing import Any
 
 from engine.types import SamplingOptions
 from serving.client import ServingClient
-from serving.errors import InvalidParameterValue
+from serving.errors import InvalidParameterValue, RequestLimitExceeded, UpstreamFailure
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "n", "seed")
 BOOKKEEPING_FIELDS = ("model", "user", "client_request_id", "usage_context", "stream", "extra_params")
@@ -89,8 +89,16 @@ def _messages(messages: Any) -> list[dict[str, str]]:
 
 
 def _raise_row_error(result: Any) -> None:
-    if result.error:
-        raise InvalidParameterValue(f"the model could not answer: {result.error}")
+    """A failed answer as the REST error its status calls for."""
+    if not result.error:
+        return
+    message = f"the model could not answer: {result.error}"
+    status = getattr(result, "error_status", None)
+    if status == 429:
+        raise RequestLimitExceeded(message)
+    if status is not None and status >= 500:
+        raise UpstreamFailure(message, status)
+    raise InvalidParameterValue(message)
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:

@@ -13,6 +13,7 @@ are off: this module owns the retry policy, so ``Retry-After`` and budgets are h
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -29,6 +30,12 @@ class RetryPolicy:
     max_attempts: int = 5
     base_delay: float = 0.2
     max_delay: float = 10.0
+
+    @classmethod
+    def from_env(cls) -> "RetryPolicy":
+        """``SQLINFER_PROVIDER_MAX_ATTEMPTS`` (default 5) and ``SQLINFER_PROVIDER_BASE_DELAY`` (0.2 s)."""
+        return cls(max_attempts=int(os.environ.get("SQLINFER_PROVIDER_MAX_ATTEMPTS", "5")),
+                   base_delay=float(os.environ.get("SQLINFER_PROVIDER_BASE_DELAY", "0.2")))
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         backoff = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** attempt))  # full jitter
@@ -51,7 +58,7 @@ class OpenAICompatibleBackend(Backend):
         self.task, self.model, self.base_url = task, model, base_url
         self._api_key, self._azure, self._organization = api_key, azure, organization
         self.max_concurrency, self.timeout = max_concurrency, timeout
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or RetryPolicy.from_env()
         self.embedding_chunk = embedding_chunk
         self._client: Any = None
         self._key: str | None = None
@@ -99,13 +106,13 @@ class OpenAICompatibleBackend(Backend):
                 raise error
             time.sleep(self.retry.delay(attempt, error.retry_after))
 
-    def _map(self, items: Sequence[Any], one: Callable[[Any], Any], failed: Callable[[str], Any],
+    def _map(self, items: Sequence[Any], one: Callable[[Any], Any], failed: Callable[[str, int], Any],
              on_result: ResultCallback | None) -> list[Any]:
         def run(index: int, item: Any) -> Any:
             try:
                 result = one(item)
-            except ProviderError as exc:
-                result = failed(str(exc))
+            except ProviderError as exc:  # a dropped connection or timeout counts as 503
+                result = failed(str(exc), exc.status or 503)
             if on_result is not None:
                 on_result(index, result)
             return result
@@ -122,7 +129,7 @@ class OpenAICompatibleBackend(Backend):
             response = self._call(lambda sdk: sdk.chat.completions.create(model=self.model, messages=list(messages), **kwargs))
             return _generation(response, chat=True)
 
-        return self._map(conversations, one, lambda e: GenerationResult(error=e), on_result)
+        return self._map(conversations, one, lambda e, status: GenerationResult(error=e, error_status=status), on_result)
 
     def complete(self, prompts, options, on_result=None):
         kwargs = _openai_kwargs(options, chat=False)
@@ -130,7 +137,7 @@ class OpenAICompatibleBackend(Backend):
         def one(prompt):
             return _generation(self._call(lambda sdk: sdk.completions.create(model=self.model, prompt=prompt, **kwargs)), chat=False)
 
-        return self._map(prompts, one, lambda e: GenerationResult(error=e), on_result)
+        return self._map(prompts, one, lambda e, status: GenerationResult(error=e, error_status=status), on_result)
 
     def embed(self, texts, on_result=None):
         chunks = [list(texts[i:i + self.embedding_chunk]) for i in range(0, len(texts), self.embedding_chunk)]
@@ -141,13 +148,13 @@ class OpenAICompatibleBackend(Backend):
             ordered = sorted(response.data, key=lambda d: d.index)
             return [EmbeddingResult(vector=list(d.embedding), prompt_tokens=per_text) for d in ordered]
 
-        def failed(message):
-            return None, message
+        def failed(message, status):
+            return None, message, status
 
         results: list[EmbeddingResult] = []
         for chunk, answer in zip(chunks, self._map(chunks, one, failed, None)):
             if isinstance(answer, tuple):
-                results.extend(EmbeddingResult(error=answer[1]) for _ in chunk)
+                results.extend(EmbeddingResult(error=answer[1], error_status=answer[2]) for _ in chunk)
             else:
                 results.extend(answer)
         if on_result is not None:

@@ -22,10 +22,10 @@ import random
 from typing import Any, Callable, Sequence
 
 from engine.errors import InvalidParameterValue
-from engine.types import Task
+from engine.types import EmbeddingResult, GenerationResult, Task
 from serving.backends import Backend, LocalEngineBackend, ResultCallback
 from serving.endpoints import SEALED, SYSTEM_PREFIX, EndpointService
-from serving.errors import ResourceDoesNotExist
+from serving.errors import ResourceDoesNotExist, SqlinferError
 from serving.limits import RateLimitedBackend, RateLimiter, limits_from
 from serving.usage import UsageRecorder, UsageRecordingBackend
 
@@ -130,15 +130,87 @@ def external_backend(service: EndpointService, external: dict[str, Any], task: T
     raise InvalidParameterValue(f"provider {provider!r} cannot be called by this build yet")
 
 
-def endpoint_backend(service: EndpointService, config: dict[str, Any]) -> Backend:
+def endpoint_backend(service: EndpointService, config: dict[str, Any], fallback: bool = False) -> Backend:
     task = config["_task"]
-    entities = {entity["name"]: entity for entity in config["served_entities"]}
+    backends = {entity["name"]: entity_backend(service, entity, task) for entity in config["served_entities"]}
     routes = [(route.get("served_entity_name") or route["served_model_name"], route["traffic_percentage"])
               for route in config["traffic_config"]["routes"]]
-    built = [(name, weight, entity_backend(service, entities[name], task)) for name, weight in routes if weight > 0]
-    if len(built) == 1:
-        return _Tagged(built[0][0], built[0][2])
-    return TrafficSplitBackend(task, built)
+    built = [(name, weight, backends[name]) for name, weight in routes if weight > 0]
+    primary: Backend = _Tagged(built[0][0], built[0][2]) if len(built) == 1 else TrafficSplitBackend(task, built)
+    if fallback and len(backends) > 1:
+        return FallbackBackend(primary, [(e["name"], backends[e["name"]]) for e in config["served_entities"]])
+    return primary
+
+
+def _worth_a_fallback(result: Any) -> bool:
+    status = getattr(result, "error_status", None)
+    return bool(result.error) and status is not None and (status == 429 or status >= 500)
+
+
+class FallbackBackend(Backend):
+    """``fallback_config.enabled``: a 429 or 5xx from one entity goes to the next entity, in the
+    order the config lists them, until one answers; if all fail, the last error stands."""
+
+    def __init__(self, primary: Backend, ordered: Sequence[tuple[str, Backend]]):
+        self.primary, self.ordered, self.task = primary, list(ordered), primary.task
+        self._position = {name: i for i, (name, _) in enumerate(self.ordered)}
+
+    def _with_fallback(self, items: Sequence[Any], call: Callable[[Backend, list[Any]], list[Any]],
+                       on_result: ResultCallback | None) -> list[Any]:
+        def attempt(backend: Backend, part: list[Any], name: str | None) -> list[Any]:
+            try:
+                return call(backend, part)
+            except SqlinferError as exc:  # the entity failed as a whole (e.g. its engine cannot start)
+                failed = GenerationResult if self.task != "llm/v1/embeddings" else EmbeddingResult
+                return [failed(error=exc.message, error_status=exc.http_status, served_entity=name) for _ in part]
+
+        first = self.ordered[0][0] if isinstance(self.primary, _Tagged) else None
+        results = attempt(self.primary, list(items), first)
+        tried = [{r.served_entity} for r in results]
+        while True:
+            by_next: dict[int, list[int]] = {}
+            for i, result in enumerate(results):
+                if not _worth_a_fallback(result):
+                    continue
+                start = self._position.get(result.served_entity, -1) + 1
+                following = [k for k in range(start, len(self.ordered)) if self.ordered[k][0] not in tried[i]]
+                if following:
+                    by_next.setdefault(following[0], []).append(i)
+            if not by_next:
+                break
+            for k, positions in by_next.items():
+                name, backend = self.ordered[k]
+                answers = attempt(backend, [items[i] for i in positions], name)
+                for i, answer in zip(positions, answers):
+                    results[i] = dataclasses.replace(answer, served_entity=name)
+                    tried[i].add(name)
+        if on_result is not None:  # reported once, final answers only (so nothing is counted twice)
+            for i, result in enumerate(results):
+                on_result(i, result)
+        return results
+
+    def chat(self, conversations, options, on_result=None):
+        return self._with_fallback(conversations, lambda b, part: b.chat(part, options), on_result)
+
+    def complete(self, prompts, options, on_result=None):
+        return self._with_fallback(prompts, lambda b, part: b.complete(part, options), on_result)
+
+    def embed(self, texts, on_result=None):
+        return self._with_fallback(texts, lambda b, part: b.embed(part), on_result)
+
+    def embedding_dimension(self) -> int | None:
+        return self.primary.embedding_dimension()
+
+    def warm_up(self) -> None:
+        self.primary.warm_up()
+
+    def close(self) -> None:
+        for _, backend in self.ordered:
+            backend.close()
+
+    def release(self) -> None:
+        for _, backend in self.ordered:
+            backend.release()
 
 
 class _Tagged(Backend):  # noqa: N801 (module-private, also used by serving.registry)
@@ -188,7 +260,7 @@ class RegistryResolver:
         if name.startswith(SYSTEM_PREFIX):
             return None
         try:
-            version, endpoint_id, config, rate_limits, log_payloads = self.service.serving(name)
+            version, endpoint_id, config, rate_limits, log_payloads, fallback = self.service.serving(name)
         except ResourceDoesNotExist:
             return None
         if not config.get("_task"):
@@ -197,7 +269,7 @@ class RegistryResolver:
             )
 
         def build() -> Backend:
-            backend = endpoint_backend(self.service, config)
+            backend = endpoint_backend(self.service, config, fallback)
             limits = limits_from(rate_limits)
             if limits:
                 backend = RateLimitedBackend(backend, self.limiter, endpoint_id, name, limits)
