@@ -132,3 +132,19 @@ def test_a_config_update_does_not_stop_the_engine_other_endpoints_share(service,
     service.wait_for_deployments()
     assert client.chat("sharing", ask, SamplingOptions(max_tokens=2))[0].served_entity == "two"
     assert chat_engine._llm is running  # the same vLLM instance: nothing was shut down and restarted
+
+
+@pytest.mark.engine
+def test_mlflow_predict_queries_endpoints(server, admin, monkeypatch, chat_engine, embed_engine):
+    from mlflow.deployments import get_deploy_client
+
+    _, token = server.service.auth.create_token("mlflow-predict", is_admin=True)
+    monkeypatch.setenv("DATABRICKS_HOST", server.url)
+    monkeypatch.setenv("DATABRICKS_TOKEN", token)
+    client = get_deploy_client("databricks")
+    chat = client.predict(endpoint=CHAT_ENDPOINT, inputs={
+        "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+        "max_tokens": 8, "temperature": 0})
+    assert "Paris" in chat["choices"][0]["message"]["content"]
+    vectors = client.predict(endpoint=EMBED_ENDPOINT, inputs={"input": ["one", "two"]})
+    assert [len(d["embedding"]) for d in vectors["data"]] == [384, 384]
