@@ -48,37 +48,29 @@ class ProviderError(Exception):
         self.retryable, self.retry_after, self.status = retryable, retry_after, status
 
 
-class OpenAICompatibleBackend(Backend):
-    """OpenAI, Azure OpenAI, or any server speaking the OpenAI API (vLLM, custom providers)."""
+class ProviderBackend(Backend):
+    """What every external provider shares: one SDK client, bounded concurrency, the retry policy."""
 
-    def __init__(self, task: Task, model: str, base_url: str | None, api_key: Callable[[], str | None],
-                 azure: dict[str, str] | None = None, organization: str | None = None,
-                 max_concurrency: int = 16, timeout: float = 60.0, retry: RetryPolicy | None = None,
-                 embedding_chunk: int = 256):
-        self.task, self.model, self.base_url = task, model, base_url
-        self._api_key, self._azure, self._organization = api_key, azure, organization
-        self.max_concurrency, self.timeout = max_concurrency, timeout
+    sdk_module = "openai"  # its APIStatusError / APITimeoutError / APIConnectionError drive retries
+
+    def __init__(self, task: Task, model: str, api_key: Callable[[], str | None], max_concurrency: int = 16,
+                 timeout: float = 60.0, retry: RetryPolicy | None = None):
+        self.task, self.model = task, model
+        self._api_key, self.max_concurrency, self.timeout = api_key, max_concurrency, timeout
         self.retry = retry or RetryPolicy.from_env()
-        self.embedding_chunk = embedding_chunk
         self._client: Any = None
         self._key: str | None = None
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=f"provider-{model}")
 
-    # -- client --------------------------------------------------------------------------------
+    def _make_client(self, key: str) -> Any:
+        raise NotImplementedError
 
     def _sdk(self) -> Any:
         with self._lock:
             if self._client is None:
-                import openai
-
-                self._key = self._api_key() or "unused"
-                common = {"api_key": self._key, "max_retries": 0, "timeout": self.timeout}
-                if self._azure is not None:
-                    self._client = openai.AzureOpenAI(azure_endpoint=self.base_url, api_version=self._azure["api_version"],
-                                                      azure_deployment=self._azure.get("deployment"), **common)
-                else:
-                    self._client = openai.OpenAI(base_url=self.base_url, organization=self._organization, **common)
+                self._key = self._api_key() or "unused"  # resolved at the first call, not before
+                self._client = self._make_client(self._key)
             return self._client
 
     def _scrub(self, text: str) -> str:
@@ -86,18 +78,19 @@ class OpenAICompatibleBackend(Backend):
 
     def _call(self, request: Callable[[Any], Any]) -> Any:
         """One request with the retry policy; raises ProviderError when it gives up."""
-        import openai
+        import importlib
 
+        sdk = importlib.import_module(self.sdk_module)
         attempt = 0
         while True:
             try:
                 return request(self._sdk())
-            except openai.APIStatusError as exc:
+            except sdk.APIStatusError as exc:
                 status = exc.status_code
                 retryable = status == 429 or status >= 500
                 error = ProviderError(self._scrub(f"provider answered HTTP {status}: {_provider_message(exc)}"),
                                       retryable, _retry_after(exc.response), status)
-            except (openai.APITimeoutError, openai.APIConnectionError) as exc:
+            except (sdk.APITimeoutError, sdk.APIConnectionError) as exc:
                 error = ProviderError(self._scrub(f"{type(exc).__name__}: {exc}"), retryable=True)
             attempt += 1
             if not error.retryable or attempt >= self.retry.max_attempts:
@@ -119,6 +112,33 @@ class OpenAICompatibleBackend(Backend):
 
         futures = [self._pool.submit(run, i, item) for i, item in enumerate(items)]
         return [future.result() for future in futures]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+class OpenAICompatibleBackend(ProviderBackend):
+    """OpenAI, Azure OpenAI, or any server speaking the OpenAI API (vLLM, custom providers)."""
+
+    def __init__(self, task: Task, model: str, base_url: str | None, api_key: Callable[[], str | None],
+                 azure: dict[str, str] | None = None, organization: str | None = None,
+                 max_concurrency: int = 16, timeout: float = 60.0, retry: RetryPolicy | None = None,
+                 embedding_chunk: int = 256):
+        super().__init__(task, model, api_key, max_concurrency, timeout, retry)
+        self.base_url, self._azure, self._organization = base_url, azure, organization
+        self.embedding_chunk = embedding_chunk
+
+    def _make_client(self, key: str) -> Any:
+        import openai
+
+        common = {"api_key": key, "max_retries": 0, "timeout": self.timeout}
+        if self._azure is not None:
+            return openai.AzureOpenAI(azure_endpoint=self.base_url, api_version=self._azure["api_version"],
+                                      azure_deployment=self._azure.get("deployment"), **common)
+        return openai.OpenAI(base_url=self.base_url, organization=self._organization, **common)
 
     # -- tasks ---------------------------------------------------------------------------------
 
@@ -162,11 +182,6 @@ class OpenAICompatibleBackend(Backend):
                 on_result(index, result)
         return results
 
-    def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
 
 
 def _openai_kwargs(options: SamplingOptions, chat: bool = True) -> dict[str, Any]:
@@ -220,3 +235,39 @@ def _provider_message(exc: Any) -> str:
             return str(error.get("message") or error)
         return str(error)
     return str(exc.message)
+
+
+class AnthropicBackend(ProviderBackend):
+    """Anthropic's Messages API (chat only). ``ANTHROPIC_BASE_URL`` redirects it, as in the SDK.
+
+    Anthropic requires ``max_tokens``; when a request leaves it unset, 1024 is sent. System
+    messages become the ``system`` parameter.
+    """
+
+    sdk_module = "anthropic"
+    DEFAULT_MAX_TOKENS = 1024
+
+    def _make_client(self, key: str) -> Any:
+        import anthropic
+
+        return anthropic.Anthropic(api_key=key, max_retries=0, timeout=self.timeout)
+
+    def chat(self, conversations, options, on_result=None):
+        kwargs: dict[str, Any] = {"max_tokens": options.max_tokens or self.DEFAULT_MAX_TOKENS}
+        for name in ("temperature", "top_p"):
+            if getattr(options, name) is not None:
+                kwargs[name] = getattr(options, name)
+        if options.stop:
+            kwargs["stop_sequences"] = list(options.stop)
+
+        def one(messages):
+            system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+            turns = [m for m in messages if m["role"] != "system"]
+            extra = {"system": system} if system else {}
+            response = self._call(lambda sdk: sdk.messages.create(model=self.model, messages=turns, **kwargs, **extra))
+            text = "".join(block.text for block in response.content if getattr(block, "type", "") == "text")
+            finish = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}.get(response.stop_reason, response.stop_reason)
+            return GenerationResult(choices=(Choice(text=text, finish_reason=finish),),
+                                    prompt_tokens=response.usage.input_tokens, completion_tokens=response.usage.output_tokens)
+
+        return self._map(conversations, one, lambda e, status: GenerationResult(error=e, error_status=status), on_result)

@@ -127,6 +127,12 @@ def external_backend(service: EndpointService, external: dict[str, Any], task: T
         token = auth.get("token") or auth.get("token_plaintext")
         return OpenAICompatibleBackend(task, external["name"], config["custom_provider_url"], lambda: secret(token),
                                        max_concurrency=PROVIDER_CONCURRENCY)
+    if provider == "anthropic":
+        from serving.providers import AnthropicBackend
+
+        config = external["anthropic_config"]
+        key = config.get("anthropic_api_key") or config.get("anthropic_api_key_plaintext")
+        return AnthropicBackend(task, external["name"], lambda: secret(key), max_concurrency=PROVIDER_CONCURRENCY)
     raise InvalidParameterValue(f"provider {provider!r} cannot be called by this build yet")
 
 

@@ -1,4 +1,4 @@
-"""A real HTTP server on 127.0.0.1 speaking the OpenAI wire protocol, with scripted faults.
+"""A real HTTP server on 127.0.0.1 speaking the OpenAI (and Anthropic Messages) wire protocol, with scripted faults.
 
 It stands in for providers outside this machine. Chat answers echo the last user message;
 completions echo the prompt; embeddings are 3 numbers per text. ``faults`` is a queue consumed
@@ -29,7 +29,7 @@ class ScriptedOpenAIServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 with owner.lock:
-                    owner.calls.append((self.path, body, self.headers.get("Authorization")))
+                    owner.calls.append((self.path, body, self.headers.get("Authorization") or self.headers.get("x-api-key")))
                     fault = owner.faults.popleft() if owner.faults else None
                 if fault and fault[0] == "drop":
                     self.close_connection = True
@@ -61,6 +61,11 @@ class ScriptedOpenAIServer:
 
     @staticmethod
     def answer(path: str, body: dict) -> dict:
+        if path.endswith("/v1/messages"):  # the Anthropic Messages protocol
+            text = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+            return {"id": "msg_x", "type": "message", "role": "assistant", "model": body["model"],
+                    "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+                    "usage": {"input_tokens": 3, "output_tokens": 2}}
         usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
         if path.endswith("/chat/completions"):
             text = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]

@@ -98,3 +98,22 @@ def test_an_openai_endpoint_with_a_plaintext_key_answers_invocations(upstream, s
     assert response.json()["choices"][0]["message"]["content"] == "hi"
     assert response.headers["served-model-name"] == "gpt-x"
     assert upstream.calls[-1][2] == f"Bearer {KEY}" and upstream.calls[-1][1]["model"] == "gpt-x"
+
+
+def test_an_anthropic_endpoint_answers_through_the_messages_api(upstream, server, admin, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", upstream.url.removesuffix("/v1"))
+    monkeypatch.setenv("SQLINFER_PROVIDER_BASE_DELAY", "0.01")
+    admin.post("/api/2.0/serving-endpoints", json={"name": "claude", "config": {"served_entities": [{"external_model": {
+        "name": "claude-x", "provider": "anthropic", "task": "llm/v1/chat",
+        "anthropic_config": {"anthropic_api_key_plaintext": KEY}}}]}}).raise_for_status()
+    server.service.wait_for_deployments()
+    upstream.faults.append(("status", 529))  # Anthropic's "overloaded": retried like any 5xx
+    response = admin.post("/serving-endpoints/claude/invocations", json={"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "bonjour"}], "max_tokens": 5})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "bonjour"
+    assert response.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    path, body, key = upstream.calls[-1]
+    assert path == "/v1/messages" and KEY in key  # sent the way the official SDK sends it
+    assert body["system"] == "Be brief." and body["max_tokens"] == 5
+    assert len(upstream.calls) == 2
