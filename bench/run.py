@@ -17,6 +17,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
     ("local engine, chat", ["bench_local_engine.py", "--which", "chat", "--rows", "256"]),
     ("local engine, embeddings", ["bench_local_engine.py", "--which", "embed", "--rows", "512"]),
+    ("gateway overhead and external dispatch", ["bench_gateway.py"]),
 ]
 
 
