@@ -138,9 +138,9 @@ def add_system_endpoints(registry: EndpointRegistry, recorder=None) -> None:
     from engine.model_store import BUNDLED_MODELS
 
     def factory(model) -> Backend:
-        from serving.routing import _Tagged
+        from serving.routing import TaggedBackend
 
-        backend: Backend = _Tagged(model.name, LocalEngineBackend(model.name, model.task))
+        backend: Backend = TaggedBackend(model.name, LocalEngineBackend(model.name, model.task))
         if recorder is not None:
             from serving.usage import UsageRecordingBackend
 

@@ -142,7 +142,7 @@ def endpoint_backend(service: EndpointService, config: dict[str, Any], fallback:
     routes = [(route.get("served_entity_name") or route["served_model_name"], route["traffic_percentage"])
               for route in config["traffic_config"]["routes"]]
     built = [(name, weight, backends[name]) for name, weight in routes if weight > 0]
-    primary: Backend = _Tagged(built[0][0], built[0][2]) if len(built) == 1 else TrafficSplitBackend(task, built)
+    primary: Backend = TaggedBackend(built[0][0], built[0][2]) if len(built) == 1 else TrafficSplitBackend(task, built)
     if fallback and len(backends) > 1:
         return FallbackBackend(primary, [(e["name"], backends[e["name"]]) for e in config["served_entities"]])
     return primary
@@ -170,7 +170,7 @@ class FallbackBackend(Backend):
                 failed = GenerationResult if self.task != "llm/v1/embeddings" else EmbeddingResult
                 return [failed(error=exc.message, error_status=exc.http_status, served_entity=name) for _ in part]
 
-        first = self.ordered[0][0] if isinstance(self.primary, _Tagged) else None
+        first = self.primary.entity if isinstance(self.primary, TaggedBackend) else None
         results = attempt(self.primary, list(items), first)
         tried = [{r.served_entity} for r in results]
         while True:
@@ -219,7 +219,7 @@ class FallbackBackend(Backend):
             backend.release()
 
 
-class _Tagged(Backend):  # noqa: N801 (module-private, also used by serving.registry)
+class TaggedBackend(Backend):
     """One entity, answering for itself: its results carry its name."""
 
     def __init__(self, entity: str, backend: Backend):

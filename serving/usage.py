@@ -17,6 +17,7 @@ import contextvars
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from engine.types import Task
@@ -30,6 +31,17 @@ request_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar
 
 COLUMNS = ("request_id", "timestamp_ms", "endpoint_name", "endpoint_id", "served_entity", "requester", "source",
            "input_tokens", "output_tokens", "status_code", "latency_ms", "client_request_id", "usage_context", "error")
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """The usage record of a request refused before any model saw it."""
+
+    error: str
+    status: int
+    served_entity: None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 class UsageRecorder:
@@ -81,9 +93,8 @@ class UsageRecordingBackend(Backend):
         try:
             results = call()
         except SqlinferError as exc:  # refused as a whole (e.g. 429): recorded with that status
-            failed = type("Failed", (), {"served_entity": None, "prompt_tokens": 0, "completion_tokens": 0,
-                                         "error": exc.message, "status": exc.http_status})()
-            self._write(items, [failed] * len(items), (time.perf_counter() - started) * 1000, describe)
+            refused = _Refused(error=exc.message, status=exc.http_status)
+            self._write(items, [refused] * len(items), (time.perf_counter() - started) * 1000, describe)
             raise
         self._write(items, results, (time.perf_counter() - started) * 1000, describe)
         return results
