@@ -60,6 +60,26 @@ class Backend(ABC):
         return InvalidParameterValue(f"this endpoint serves {self.task}, not {what}")
 
 
+class DelegatingBackend(Backend):
+    """A backend wrapped around another (limits, usage, tags): everything but the calls delegates."""
+
+    def __init__(self, inner: Backend):
+        self.inner = inner
+        self.task = inner.task
+
+    def embedding_dimension(self) -> int | None:
+        return self.inner.embedding_dimension()
+
+    def warm_up(self) -> None:
+        self.inner.warm_up()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def release(self) -> None:
+        self.inner.release()
+
+
 class LocalEngineBackend(Backend):
     """A bundled model or a local Hugging Face directory, served by the in-process vLLM engine."""
 

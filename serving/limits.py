@@ -19,8 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from engine.types import Task
-from serving.backends import Backend, ResultCallback
+from serving.backends import Backend, DelegatingBackend, ResultCallback
 from serving.db import Database
 from serving.errors import RequestLimitExceeded
 
@@ -92,14 +91,14 @@ class RateLimiter:
         )
 
 
-class RateLimitedBackend(Backend):
+class RateLimitedBackend(DelegatingBackend):
     """An endpoint's backend behind its rate limits: admits requests in the sizes the limits allow."""
 
     def __init__(self, inner: Backend, limiter: RateLimiter, endpoint_id: str, endpoint_name: str,
                  limits: Sequence[Limit], sleep: Callable[[float], None] = time.sleep):
-        self.inner, self.limiter, self.endpoint_id, self.endpoint_name = inner, limiter, endpoint_id, endpoint_name
+        super().__init__(inner)
+        self.limiter, self.endpoint_id, self.endpoint_name = limiter, endpoint_id, endpoint_name
         self.limits, self._sleep = list(limits), sleep
-        self.task: Task = inner.task
 
     def _admitted(self, items: Sequence[Any], call: Callable[[list[Any], ResultCallback | None], list[Any]],
                   on_result: ResultCallback | None) -> list[Any]:
@@ -137,15 +136,3 @@ class RateLimitedBackend(Backend):
 
     def embed(self, texts, on_result=None):
         return self._admitted(texts, lambda part, cb: self.inner.embed(part, cb), on_result)
-
-    def embedding_dimension(self) -> int | None:
-        return self.inner.embedding_dimension()
-
-    def warm_up(self) -> None:
-        self.inner.warm_up()
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def release(self) -> None:
-        self.inner.release()

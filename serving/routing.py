@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from engine.errors import InvalidParameterValue
 from engine.types import EmbeddingResult, GenerationResult, Task
-from serving.backends import Backend, LocalEngineBackend, ResultCallback
+from serving.backends import Backend, DelegatingBackend, LocalEngineBackend, ResultCallback
 from serving.endpoints import SEALED, SYSTEM_PREFIX, EndpointService
 from serving.errors import ResourceDoesNotExist, SqlinferError
 from serving.limits import RateLimitedBackend, RateLimiter, limits_from
@@ -219,35 +219,24 @@ class FallbackBackend(Backend):
             backend.release()
 
 
-class TaggedBackend(Backend):
+class TaggedBackend(DelegatingBackend):
     """One entity, answering for itself: its results carry its name."""
 
     def __init__(self, entity: str, backend: Backend):
-        self.entity, self.backend, self.task = entity, backend, backend.task
+        super().__init__(backend)
+        self.entity = entity
 
     def _tag(self, results: list[Any]) -> list[Any]:
         return [dataclasses.replace(r, served_entity=self.entity) for r in results]
 
     def chat(self, conversations, options, on_result=None):
-        return self._tag(self.backend.chat(conversations, options, on_result))
+        return self._tag(self.inner.chat(conversations, options, on_result))
 
     def complete(self, prompts, options, on_result=None):
-        return self._tag(self.backend.complete(prompts, options, on_result))
+        return self._tag(self.inner.complete(prompts, options, on_result))
 
     def embed(self, texts, on_result=None):
-        return self._tag(self.backend.embed(texts, on_result))
-
-    def embedding_dimension(self) -> int | None:
-        return self.backend.embedding_dimension()
-
-    def warm_up(self) -> None:
-        self.backend.warm_up()
-
-    def close(self) -> None:
-        self.backend.close()
-
-    def release(self) -> None:
-        self.backend.release()
+        return self._tag(self.inner.embed(texts, on_result))
 
 
 class RegistryResolver:

@@ -20,8 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from engine.types import Task
-from serving.backends import Backend
+from serving.backends import Backend, DelegatingBackend
 from serving.db import Database
 from serving.errors import SqlinferError
 from serving.limits import current_user
@@ -79,14 +78,14 @@ class UsageRecorder:
         return "\n".join(lines) + "\n"
 
 
-class UsageRecordingBackend(Backend):
+class UsageRecordingBackend(DelegatingBackend):
     """Records every request answered by ``inner`` (and its payloads when asked)."""
 
     def __init__(self, inner: Backend, recorder: UsageRecorder, endpoint_id: str, endpoint_name: str,
                  log_payloads: bool = False):
-        self.inner, self.recorder, self.endpoint_id, self.endpoint_name = inner, recorder, endpoint_id, endpoint_name
+        super().__init__(inner)
+        self.recorder, self.endpoint_id, self.endpoint_name = recorder, endpoint_id, endpoint_name
         self.log_payloads = log_payloads
-        self.task: Task = inner.task
 
     def _recorded(self, items: Sequence[Any], call: Callable[[], list[Any]], describe: Callable[[Any], Any]) -> list[Any]:
         started = time.perf_counter()
@@ -127,15 +126,3 @@ class UsageRecordingBackend(Backend):
     def embed(self, texts, on_result=None):
         return self._recorded(texts, lambda: self.inner.embed(texts, on_result),
                               lambda r: {"embedding": r.vector, "error": r.error})
-
-    def embedding_dimension(self) -> int | None:
-        return self.inner.embedding_dimension()
-
-    def warm_up(self) -> None:
-        self.inner.warm_up()
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def release(self) -> None:
-        self.inner.release()

@@ -15,6 +15,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_healthy(url: str, timeout: float = 60) -> None:
+    """Poll ``url`` until it answers 200 (a server started as a subprocess)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 class RunningServer:
     def __init__(self, service):
         import uvicorn

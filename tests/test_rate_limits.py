@@ -18,7 +18,7 @@ from serving.endpoints import EndpointService
 from serving.limits import Limit, RateLimitedBackend, RateLimiter, limit_mode
 from serving.providers import OpenAICompatibleBackend
 from tests.fake_providers import ScriptedOpenAIServer
-from tests.rest_server import free_port
+from tests.rest_server import free_port, wait_healthy
 
 SQLINFER = shutil.which("sqlinfer", path=str(Path(sys.executable).parent)) or "sqlinfer"
 ASK = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -129,15 +129,7 @@ def test_limits_hold_across_server_processes(tmp_path, upstream):
     servers = [subprocess.Popen([SQLINFER, "serve", "--port", str(p), "--log-level", "warning"], env=env) for p in ports]
     try:
         for port in ports:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
+            wait_healthy(f"http://127.0.0.1:{port}/health")
 
         start_of_a_window()
 

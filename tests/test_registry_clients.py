@@ -7,13 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.rest_server import free_port
+from tests.rest_server import free_port, wait_healthy
 from tests.registry_helpers import CREATE_EXAMPLE, SECRET_VALUE, local_entity
 
 SQLINFER = shutil.which("sqlinfer", path=str(Path(sys.executable).parent)) or "sqlinfer"
@@ -97,15 +96,7 @@ def test_a_newcomer_serves_creates_a_token_and_manages_endpoints(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        wait_healthy(f"{base}/health")
         headers = {"Authorization": f"Bearer {token_value}"}
         names = [e["name"] for e in httpx.get(f"{base}/api/2.0/serving-endpoints", headers=headers).json()["endpoints"]]
         assert "openai_endpoint" in names

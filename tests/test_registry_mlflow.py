@@ -18,7 +18,8 @@ def mlflow_registry(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    mlflow.set_experiment("iris")
+    # artifacts under the test's temporary directory, never ./mlruns in the repository
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("iris", artifact_location=(root / "artifacts").as_uri()))
     features, labels = load_iris(return_X_y=True, as_frame=True)
     with mlflow.start_run():
         mlflow.sklearn.log_model(LogisticRegression(max_iter=200).fit(features, labels), name="model",
