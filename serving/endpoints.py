@@ -38,7 +38,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from engine.model_store import BUNDLED_MODELS, detect_task, sqlinfer_home
-from serving.auth import EMBEDDED, LEVELS, Auth, Principal
+from serving.auth import EMBEDDED, Auth, Principal
 from serving.db import Database
 from serving.errors import (
     InvalidParameterValue,
@@ -114,6 +114,10 @@ class EndpointService:
             if self.auth.level(principal, row["id"]) is not None:
                 views.append(self._view(row, principal))
         return views
+
+    def names(self) -> list[str]:
+        """Registered endpoint names (system endpoints excluded), without building their views."""
+        return [row["name"] for row in self.db.read().execute("SELECT name FROM endpoints ORDER BY name")]
 
     def get(self, name: str, principal: Principal = EMBEDDED) -> dict[str, Any]:
         if self._is_system(name):
@@ -574,5 +578,3 @@ class EndpointService:
                 f"create your own endpoint with entity_name {SYSTEM_CATALOG + name[len(SYSTEM_PREFIX):]!r}"
             )
 
-
-__all__ = ["EndpointService", "LEVELS"]

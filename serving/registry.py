@@ -1,9 +1,10 @@
 """Endpoint names -> backends.
 
-This is the seam the full Databricks-shaped registry (persistence, served entities, traffic
-split) plugs into: callers only ever ask ``registry.backend(name)``. Out of the box the registry
-holds the bundled system models as pay-per-token style endpoints, the way Databricks
-pre-provisions its ``databricks-*`` endpoints:
+Callers only ever ask ``registry.backend(name)``. Names registered in memory (the system
+endpoints, test doubles) are answered directly; any other name goes to a resolver, which for
+``registry_for(service)`` is the persistent registry (``serving.routing.RegistryResolver``). The
+bundled system models are pay-per-token style endpoints, the way Databricks pre-provisions its
+``databricks-*`` endpoints:
 
 * ``system-smollm2-135m-instruct`` (llm/v1/chat)
 * ``system-all-minilm-l6-v2`` (llm/v1/embeddings)

@@ -39,6 +39,12 @@ log = logging.getLogger("sqlinfer.rest")
 API = "/api/2.0"
 
 
+def _retry_headers(exc: SqlinferError) -> dict[str, str]:
+    """``Retry-After`` (whole seconds, at least 1) for errors that say when to come back."""
+    seconds = getattr(exc, "retry_after_seconds", None)
+    return {"Retry-After": str(max(1, round(seconds)))} if seconds is not None else {}
+
+
 def create_app(service: EndpointService | None = None) -> FastAPI:
     service = service or EndpointService()
     app = FastAPI(title="sqlinfer", version="0.1.0",
@@ -56,10 +62,7 @@ def create_app(service: EndpointService | None = None) -> FastAPI:
 
     @app.exception_handler(SqlinferError)
     async def sqlinfer_error(request: Request, exc: SqlinferError) -> JSONResponse:
-        headers = {}
-        if getattr(exc, "retry_after_seconds", None) is not None:
-            headers["Retry-After"] = str(max(1, round(exc.retry_after_seconds)))
-        return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=headers)
+        return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=_retry_headers(exc))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -258,9 +261,8 @@ def create_app(service: EndpointService | None = None) -> FastAPI:
                     raise MalformedRequest("'model' (the endpoint name) is required")
                 return await answer(may_query(request, name), name, payload, task)
             except SqlinferError as exc:  # OpenAI's error shape, which the OpenAI SDK parses
-                headers = {"Retry-After": str(max(1, round(exc.retry_after_seconds)))} if hasattr(exc, "retry_after_seconds") else {}
                 return JSONResponse({"error": {"message": exc.message, "type": exc.error_code.lower(), "code": exc.error_code}},
-                                    status_code=exc.http_status, headers=headers)
+                                    status_code=exc.http_status, headers=_retry_headers(exc))
         return route
 
     app.post("/serving-endpoints/chat/completions")(openai_route("llm/v1/chat"))

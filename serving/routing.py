@@ -248,7 +248,7 @@ class RegistryResolver:
         self.recorder = UsageRecorder(service.db)
 
     def names(self) -> list[str]:
-        return [e["name"] for e in self.service.list() if not e["name"].startswith(SYSTEM_PREFIX)]
+        return self.service.names()
 
     def lookup(self, name: str) -> tuple[int, Task, Callable[[], Backend]] | None:
         """(config version, task, backend factory) of ``name``, or None if it is not registered."""
