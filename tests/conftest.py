@@ -133,3 +133,13 @@ def vllm_openai_server():
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture
+def upstream():
+    """A scripted OpenAI/Anthropic-protocol provider on 127.0.0.1 (tests/fake_providers.py)."""
+    from tests.fake_providers import ScriptedOpenAIServer
+
+    server = ScriptedOpenAIServer()
+    yield server
+    server.stop()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
 import time
+from pathlib import Path
 
 SECRET_VALUE = "sk-test-DO-NOT-LEAK-4242"
 PLAINTEXT_VALUE = "plain-DO-NOT-LEAK-7777"
@@ -29,3 +32,14 @@ def wait_until_settled(client, name: str, timeout: float = 60) -> dict:
         if endpoint["state"]["config_update"] != "IN_PROGRESS" or time.monotonic() > deadline:
             return endpoint
         time.sleep(0.05)
+
+
+# The installed console script, as a user runs it.
+SQLINFER = shutil.which("sqlinfer", path=str(Path(sys.executable).parent)) or "sqlinfer"
+
+
+def external_endpoint(name: str, upstream_url: str, **extra) -> dict:
+    """A create body for one external chat model on an OpenAI-compatible ``custom`` provider."""
+    return {"name": name, "config": {"served_entities": [{"external_model": {
+        "name": "model-x", "provider": "custom", "task": "llm/v1/chat",
+        "custom_provider_config": {"custom_provider_url": upstream_url}}}]}, **extra}

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.registry_helpers import SQLINFER
 from tests.conftest import CHAT_ENDPOINT
 
-SQLINFER = shutil.which("sqlinfer", path=str(Path(sys.executable).parent)) or "sqlinfer"
 
 
 def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import time
 
-import pytest
 
 from connectors.duckdb import connect
 from engine.types import SamplingOptions
 from serving.client import InProcessClient
 from serving.providers import OpenAICompatibleBackend, RetryPolicy
 from serving.registry import registry_for
-from tests.fake_providers import ScriptedOpenAIServer
 
 KEY = "sk-provider-key-DO-NOT-LEAK-31337"
 ASK = [[{"role": "user", "content": "hello there"}]]
 FAST = SamplingOptions(max_tokens=4)
 
 
-@pytest.fixture
-def upstream():
-    server = ScriptedOpenAIServer()
-    yield server
-    server.stop()
 
 
 def backend(upstream, **kwargs) -> OpenAICompatibleBackend:

@@ -3,44 +3,28 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
-import pytest
 
 from engine.types import SamplingOptions
 from serving.endpoints import EndpointService
 from serving.limits import Limit, RateLimitedBackend, RateLimiter, limit_mode
 from serving.providers import OpenAICompatibleBackend
-from tests.fake_providers import ScriptedOpenAIServer
+from tests.registry_helpers import SQLINFER, external_endpoint
 from tests.rest_server import free_port, wait_healthy
 
-SQLINFER = shutil.which("sqlinfer", path=str(Path(sys.executable).parent)) or "sqlinfer"
 ASK = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
-@pytest.fixture
-def upstream():
-    server = ScriptedOpenAIServer()
-    yield server
-    server.stop()
 
 
 def start_of_a_window() -> None:
     """Counters are per wall-clock minute: start a real-clock test well inside one, never at its end."""
     if time.time() % 60 > 45:
         time.sleep(61 - time.time() % 60)
-
-
-def external_endpoint(name: str, upstream_url: str, **extra) -> dict:
-    return {"name": name, "config": {"served_entities": [{"external_model": {
-        "name": "model-x", "provider": "custom", "task": "llm/v1/chat",
-        "custom_provider_config": {"custom_provider_url": upstream_url}}}]}, **extra}
 
 
 def test_rest_callers_get_429_with_retry_after_per_endpoint_and_per_user(server, admin, upstream):

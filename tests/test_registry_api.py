@@ -14,11 +14,14 @@ from serving.endpoints import EndpointService
 from tests.registry_helpers import CREATE_EXAMPLE, SECRET_VALUE, local_entity, wait_until_settled
 
 ROOT = Path(__file__).resolve().parent.parent
-def test_the_documented_create_example_returns_the_documented_shape(admin):
+def test_the_documented_create_example_returns_the_documented_shape(admin, gate):
+    gate.clear()  # hold the deployment so the state right after create can be checked
     response = admin.post("/api/2.0/serving-endpoints", json=CREATE_EXAMPLE)
     assert response.status_code == 200, response.text
     created = response.json()
-    assert created["state"] == {"ready": "NOT_READY", "config_update": "IN_PROGRESS"} or created["state"]["ready"] == "READY"
+    assert created["state"] == {"ready": "NOT_READY", "config_update": "IN_PROGRESS"}
+    assert "config" not in created and created["pending_config"]["config_version"] == 1
+    gate.set()
     endpoint = wait_until_settled(admin, "openai_endpoint")
     assert endpoint["state"] == {"ready": "READY", "config_update": "NOT_UPDATING"}
     assert set(endpoint) >= {"name", "creator", "creation_timestamp", "last_updated_timestamp", "state", "config",

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.registry_helpers import SQLINFER
 from tests.rest_server import free_port, wait_healthy
 from tests.registry_helpers import CREATE_EXAMPLE, SECRET_VALUE, local_entity
 
-SQLINFER = shutil.which("sqlinfer", path=str(Path(sys.executable).parent)) or "sqlinfer"
 
 
 @pytest.fixture
@@ -28,7 +26,7 @@ def mlflow_client(server, admin, monkeypatch):
     return get_deploy_client("databricks")
 
 
-def test_the_mlflow_deployments_client_works_unchanged(mlflow_client, server):
+def test_the_mlflow_deployments_client_works_unchanged(mlflow_client, server, gate):
     created = mlflow_client.create_endpoint(config=CREATE_EXAMPLE)
     assert created["name"] == "openai_endpoint"
     server.service.wait_for_deployments()
@@ -40,8 +38,10 @@ def test_the_mlflow_deployments_client_works_unchanged(mlflow_client, server):
 
     mlflow_client.create_endpoint(config={"name": "local-chat", "config": local_entity()})
     server.service.wait_for_deployments()
+    gate.clear()  # hold the deployment: the update must answer while the old config still serves
     updated = mlflow_client.update_endpoint_config("local-chat", config=local_entity(name="second"))
-    assert updated["pending_config"]["config_version"] == 2 or updated["config"]["config_version"] == 2
+    assert updated["pending_config"]["config_version"] == 2 and updated["config"]["config_version"] == 1
+    gate.set()
     server.service.wait_for_deployments()
     assert mlflow_client.get_endpoint("local-chat")["config"]["served_entities"][0]["name"] == "second"
 

@@ -4,34 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
-import pytest
 
 from connectors.duckdb import connect
 from serving.client import InProcessClient
 from serving.registry import registry_for
 from serving.usage import UsageRecorder
-from tests.fake_providers import ScriptedOpenAIServer
+from tests.registry_helpers import SQLINFER, external_endpoint
 from tests.test_rate_limits import start_of_a_window
 
-SQLINFER = shutil.which("sqlinfer", path=str(Path(sys.executable).parent)) or "sqlinfer"
 
 
-@pytest.fixture
-def upstream():
-    server = ScriptedOpenAIServer()
-    yield server
-    server.stop()
 
 
 def test_rest_and_sql_queries_are_recorded_and_summarised(server, admin, upstream):
-    admin.post("/api/2.0/serving-endpoints", json={"name": "tracked", "config": {"served_entities": [{"external_model": {
-        "name": "model-x", "provider": "custom", "task": "llm/v1/chat",
-        "custom_provider_config": {"custom_provider_url": upstream.url}}}]}}).raise_for_status()
+    admin.post("/api/2.0/serving-endpoints", json=external_endpoint("tracked", upstream.url)).raise_for_status()
     server.service.wait_for_deployments()
     admin.put("/api/2.0/serving-endpoints/tracked/ai-gateway", json={
         "inference_table_config": {"enabled": True}, "rate_limits": [{"calls": 3, "key": "endpoint", "renewal_period": "minute"}]})
@@ -71,9 +59,7 @@ def test_the_usage_table_is_queryable_from_sql(tmp_path, upstream):
     from serving.endpoints import EndpointService
 
     service = EndpointService(tmp_path / "home")
-    service.create({"name": "cli-tracked", "config": {"served_entities": [{"external_model": {
-        "name": "model-x", "provider": "custom", "task": "llm/v1/chat",
-        "custom_provider_config": {"custom_provider_url": upstream.url}}}]}})
+    service.create(external_endpoint("cli-tracked", upstream.url))
     service.wait_for_deployments()
     first = subprocess.run([SQLINFER, "sql", "SELECT ai_query('cli-tracked', 'hi there')", "--no-progress"],
                            capture_output=True, text=True, env=env, timeout=120)
