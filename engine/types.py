@@ -13,8 +13,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Task = Literal["llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings"]
-TASKS: tuple[str, ...] = ("llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings")
+# "custom": an MLflow pyfunc model (e.g. scikit-learn) answering ``{"predictions": ...}``.
+Task = Literal["llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings", "custom"]
+TASKS: tuple[str, ...] = ("llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings", "custom")
+CUSTOM_TASK = "custom"
+LLM_TASKS: tuple[str, ...] = TASKS[:3]
 
 
 class SamplingOptions(BaseModel):
@@ -86,3 +89,15 @@ class EmbeddingResult:
     error: str | None = None
     served_entity: str | None = None
     error_status: int | None = None
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    """A custom model's answer for one input row (any JSON value), or an error for this row."""
+
+    value: Any = None
+    error: str | None = None
+    served_entity: str | None = None
+    error_status: int | None = None
+    prompt_tokens: int = 0  # custom models use no tokens; kept so usage and limits treat all rows alike
+    completion_tokens: int = 0

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import itertools
 import logging
 import os
 import threading
+import time
 from typing import Any, Callable, Coroutine, Sequence, TypeVar
 
 from engine.config import EngineConfig
@@ -99,12 +101,67 @@ class LocalEngine:
         # separate callers joined one continuous batch. Touched only on the loop thread.
         self.in_flight = 0
         self.peak_in_flight = 0
+        # Scale to zero: calls inside chat/complete/embed right now, when the last one ended, and
+        # the idle time after which the reaper unloads the engine (None: never; pinned: an
+        # endpoint without scale_to_zero uses it, so it stays loaded).
+        self._use_lock = threading.Lock()
+        self._active = 0
+        self._last_used = time.monotonic()
+        self._idle_timeout: float | None = None
+        self._pinned = False
+        self._starting = False
+        self.scaled_to_zero_count = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
     @property
     def is_running(self) -> bool:
         return self._llm is not None
+
+    @property
+    def state(self) -> str:
+        """RUNNING, STARTING, SCALED_TO_ZERO (unloaded while idle) or NOT_STARTED."""
+        if self._llm is not None:
+            return "RUNNING"
+        if self._starting:
+            return "STARTING"
+        return "SCALED_TO_ZERO" if self.scaled_to_zero_count else "NOT_STARTED"
+
+    def scale_to_zero_after(self, idle_seconds: float | None) -> None:
+        """Unload after ``idle_seconds`` without calls; None pins the engine loaded for good.
+
+        Several endpoints may share an engine: one that must stay warm wins, otherwise the
+        shortest idle time does.
+        """
+        with self._use_lock:
+            if idle_seconds is None:
+                self._pinned = True
+            elif self._idle_timeout is None or idle_seconds < self._idle_timeout:
+                self._idle_timeout = float(idle_seconds)
+        if not self._pinned and self._idle_timeout is not None:
+            _REAPER.start()
+
+    @contextlib.contextmanager
+    def _serving(self):
+        with self._use_lock:  # waits while the reaper is unloading this engine
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._use_lock:
+                self._active -= 1
+                self._last_used = time.monotonic()
+
+    def _scale_to_zero_if_idle(self, now: float) -> bool:
+        if self._pinned or self._idle_timeout is None or self._llm is None:
+            return False
+        with self._use_lock:
+            if self._active or now - self._last_used < self._idle_timeout:
+                return False
+            log.info("scaling %s to zero after %.0f s idle", self.model.name, now - self._last_used)
+            self.close()
+            self.scaled_to_zero_count += 1
+            return True
 
     def start(self) -> None:
         """Start the engine if it is not running (blocks ~30 s on CPU the first time)."""
@@ -115,6 +172,7 @@ class LocalEngine:
                 return
             args = self.config.engine_args(str(self.model.path), self.model.runner)
             log.info("starting vLLM engine for %s (%s)", self.model.name, self.model.path)
+            self._starting = True
             try:
                 self._llm = _LOOP.run(_create_async_llm(args))
             except Exception as exc:  # vLLM raises many types; the user needs one clear story
@@ -124,8 +182,11 @@ class LocalEngine:
                     f"be changed with SQLINFER_ENGINE_* variables (e.g. "
                     f"SQLINFER_ENGINE_GPU_MEMORY_UTILIZATION=0.3)"
                 ) from exc
+            finally:
+                self._starting = False
             self._tokenizer = self._llm.get_tokenizer()
             self._max_model_len = int(self._llm.vllm_config.model_config.max_model_len)
+            self._last_used = time.monotonic()
             _register_atexit()
 
     def close(self) -> None:
@@ -158,6 +219,10 @@ class LocalEngine:
     ) -> list[GenerationResult]:
         """Answer every conversation (the model's chat template applied), in input order."""
         self._require("llm/v1/chat", "chat")
+        with self._serving():
+            return self._chat(conversations, options, on_result)
+
+    def _chat(self, conversations, options, on_result) -> list[GenerationResult]:
         tokenizer = self.tokenizer
         prompts: list[Any] = []
         for messages in conversations:
@@ -178,14 +243,16 @@ class LocalEngine:
     ) -> list[GenerationResult]:
         """Continue every raw prompt (no chat template), in input order."""
         self._require(("llm/v1/chat", "llm/v1/completions"), "completions")
-        return self._generate(list(prompts), options, on_result)
+        with self._serving():
+            return self._generate(list(prompts), options, on_result)
 
     def embed(self, texts: Sequence[str], on_result: ResultCallback | None = None) -> list[EmbeddingResult]:
         """Embed every text (truncated to the model's length), in input order."""
         self._require("llm/v1/embeddings", "embeddings")
-        tokenizer, limit = self.tokenizer, self.max_model_len
-        token_ids = tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"] if texts else []
-        return _LOOP.run(self._embed_all(token_ids, on_result))
+        with self._serving():
+            tokenizer, limit = self.tokenizer, self.max_model_len
+            token_ids = tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"] if texts else []
+            return _LOOP.run(self._embed_all(token_ids, on_result))
 
     def _require(self, tasks: str | tuple[str, ...], what: str) -> None:
         allowed = (tasks,) if isinstance(tasks, str) else tasks
@@ -350,6 +417,41 @@ def get_engine(model: str, config: EngineConfig | None = None) -> LocalEngine:
         if engine is None:
             engine = _ENGINES[key] = LocalEngine(info, config)
         return engine
+
+
+def engine_states() -> dict[str, str]:
+    """The state of every engine of this process, by model directory."""
+    with _ENGINES_LOCK:
+        return {path: engine.state for (path, _), engine in _ENGINES.items()}
+
+
+class _Reaper:
+    """One daemon thread that unloads engines idle past their scale-to-zero time."""
+
+    def __init__(self, period: float = 0.5):
+        self.period = period
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="sqlinfer-scale-to-zero", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.period)
+            with _ENGINES_LOCK:
+                engines = list(_ENGINES.values())
+            for engine in engines:
+                try:
+                    engine._scale_to_zero_if_idle(time.monotonic())
+                except Exception:  # one engine failing to stop must not end the reaper
+                    log.exception("scale to zero failed for %s", engine.model.name)
+
+
+_REAPER = _Reaper()
 
 
 def shutdown_all() -> None:

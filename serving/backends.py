@@ -18,7 +18,7 @@ from abc import ABC
 from typing import Any, Callable, Sequence
 
 from engine.errors import InvalidParameterValue
-from engine.types import EmbeddingResult, GenerationResult, SamplingOptions, Task, Choice
+from engine.types import Choice, EmbeddingResult, GenerationResult, PredictionResult, SamplingOptions, Task
 
 ResultCallback = Callable[[int, Any], None]
 Conversation = Sequence[dict[str, str]]
@@ -41,6 +41,12 @@ class Backend(ABC):
 
     def embed(self, texts: Sequence[str], on_result: ResultCallback | None = None) -> list[EmbeddingResult]:
         raise self._unsupported("embeddings")
+
+    def predict(
+        self, rows: Sequence[Any], params: dict[str, Any] | None = None, on_result: ResultCallback | None = None
+    ) -> list[PredictionResult]:
+        """Custom models: one prediction per input row (a dict of columns or one instance)."""
+        raise self._unsupported("custom-model predictions (dataframe_records, instances...)")
 
     def embedding_dimension(self) -> int | None:
         """Vector length for embedding backends, known without running a model; else None."""
@@ -81,12 +87,17 @@ class DelegatingBackend(Backend):
 
 
 class LocalEngineBackend(Backend):
-    """A bundled model or a local Hugging Face directory, served by the in-process vLLM engine."""
+    """A bundled model or a local Hugging Face directory, served by the in-process vLLM engine.
 
-    def __init__(self, model: str, task: Task, engine_config: Any = None):
+    ``idle_timeout``: the served entity's ``scale_to_zero_enabled`` — the engine is unloaded after
+    that many idle seconds and starts again on the next request. None keeps it loaded.
+    """
+
+    def __init__(self, model: str, task: Task, engine_config: Any = None, idle_timeout: float | None = None):
         self.model = model
         self.task = task
         self._engine_config = engine_config
+        self._idle_timeout = idle_timeout
         self._engine: Any = None
 
     @property
@@ -94,7 +105,9 @@ class LocalEngineBackend(Backend):
         if self._engine is None:
             from engine.vllm_engine import get_engine
 
-            self._engine = get_engine(self.model, self._engine_config)
+            engine = get_engine(self.model, self._engine_config)
+            engine.scale_to_zero_after(self._idle_timeout)
+            self._engine = engine
         return self._engine
 
     def chat(self, conversations, options, on_result=None):

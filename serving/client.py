@@ -8,9 +8,9 @@ executors share one engine.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
-from engine.types import EmbeddingResult, GenerationResult, SamplingOptions, Task
+from engine.types import EmbeddingResult, GenerationResult, PredictionResult, SamplingOptions, Task
 from serving.backends import Conversation, ResultCallback
 from serving.registry import EndpointRegistry, default_registry
 
@@ -37,6 +37,11 @@ class ServingClient(Protocol):
     def embed(
         self, endpoint: str, texts: Sequence[str], on_result: ResultCallback | None = None
     ) -> list[EmbeddingResult]: ...
+
+    def predict(
+        self, endpoint: str, rows: Sequence[Any], params: dict[str, Any] | None = None,
+        on_result: ResultCallback | None = None,
+    ) -> list[PredictionResult]: ...
 
 
 class InProcessClient:
@@ -65,3 +70,6 @@ class InProcessClient:
 
     def embed(self, endpoint, texts, on_result=None):
         return self.registry.backend(endpoint).embed(texts, on_result)
+
+    def predict(self, endpoint, rows, params=None, on_result=None):
+        return self.registry.backend(endpoint).predict(rows, params, on_result)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -38,6 +39,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from engine.model_store import BUNDLED_MODELS, detect_task, sqlinfer_home
+from engine.types import CUSTOM_TASK
 from serving.auth import EMBEDDED, Auth, Principal
 from serving.db import Database
 from serving.errors import (
@@ -67,6 +69,12 @@ SEALED = "__sealed__"
 # Tokens per second one "chunk" of provisioned throughput buys for a local model. Measured on the
 # project's 2-core CPU machine: SmolLM2-135M generates ~110 tok/s with batching (design.md).
 LOCAL_THROUGHPUT_CHUNK = 100
+
+
+ENGINE_STATE_MESSAGES = {
+    "SCALED_TO_ZERO": "Scaled to zero: the engine was unloaded while idle and starts again on the next request",
+    "STARTING": "Starting: the engine is loading the model",
+}
 
 
 def _now_ms() -> int:
@@ -108,7 +116,7 @@ class EndpointService:
     # -- reads -------------------------------------------------------------------------------
 
     def list(self, principal: Principal = EMBEDDED) -> list[dict[str, Any]]:
-        views = [self._system_view(name) for name in sorted(BUNDLED_MODELS)]
+        views = [self._system_view_now(name) for name in sorted(BUNDLED_MODELS)]
         rows = self.db.read().execute("SELECT * FROM endpoints ORDER BY name").fetchall()
         for row in rows:
             if self.auth.level(principal, row["id"]) is not None:
@@ -121,7 +129,7 @@ class EndpointService:
 
     def get(self, name: str, principal: Principal = EMBEDDED) -> dict[str, Any]:
         if self._is_system(name):
-            return self._system_view(name[len(SYSTEM_PREFIX):])
+            return self._system_view_now(name[len(SYSTEM_PREFIX):])
         row = self._row(name)
         self.auth.require(principal, row["id"], name, "CAN_VIEW")
         return self._view(row, principal)
@@ -422,6 +430,11 @@ class EndpointService:
         for entity in config["served_entities"]:
             try:
                 task = self._check_deployable(entity)
+                if task and config.get("_task") and task != config["_task"]:
+                    raise InvalidParameterValue(
+                        f"served entity {entity['name']!r} serves {task} but the endpoint serves {config['_task']}; "
+                        f"all served entities of an endpoint must serve one task"
+                    )
                 if task and not config.get("_task"):
                     config["_task"] = task
                 entity["state"] = {"deployment": "DEPLOYMENT_READY", "deployment_state_message": ""}
@@ -464,9 +477,11 @@ class EndpointService:
             if not isinstance(config, dict) or "model_type" not in config and "architectures" not in config:
                 raise InvalidParameterValue(f"{str(path / 'config.json')!r} is not a model config")
             return detect_task(path)
-        from serving.mlflow_models import check_model_version
+        from serving.mlflow_models import prepare_model_version
 
-        return check_model_version(name, entity.get("entity_version"), self.home)
+        prepared = prepare_model_version(name, entity.get("entity_version"), self.home)
+        entity["_local_path"] = prepared["path"]  # the copied model: an engine directory or a pyfunc model
+        return prepared["task"]
 
     def _resume_interrupted_deployments(self) -> None:
         rows = self.db.read().execute(
@@ -489,14 +504,15 @@ class EndpointService:
         if row["config_json"]:
             config = json.loads(row["config_json"])
             view["config"] = _public(config) | {"config_version": serving_version}
-            if config.get("_task"):
+            self._show_engine_states(config, view["config"])
+            if config.get("_task") and config["_task"] != CUSTOM_TASK:  # Databricks shows no task for custom models
                 view["task"] = config["_task"]
         if row["pending_config_json"]:
             pending = json.loads(row["pending_config_json"])
             view["pending_config"] = _public(pending) | {
                 "config_version": row["config_version"], "start_time": row["last_updated_timestamp"]}
             view.setdefault("task", pending.get("_task"))
-        if view.get("task") is None:
+        if view.get("task") in (None, CUSTOM_TASK):
             view.pop("task", None)
         view["tags"] = self._tags(row["id"])
         if row["rate_limits_json"]:
@@ -508,6 +524,26 @@ class EndpointService:
         view["id"] = row["id"]
         view["permission_level"] = self.auth.level(principal, row["id"]) or "CAN_VIEW"
         view["route_optimized"] = bool(row["route_optimized"])
+        return view
+
+    def _show_engine_states(self, config: dict[str, Any], shown: dict[str, Any]) -> None:
+        """Local entities whose engine this process has scaled to zero (or is starting) say so."""
+        engine_module = sys.modules.get("engine.vllm_engine")  # no engine was ever loaded otherwise
+        states = engine_module.engine_states() if engine_module else {}
+        if not states:
+            return
+        for stored, entity in zip(config["served_entities"], shown["served_entities"]):
+            if "external_model" in stored or config.get("_task") == CUSTOM_TASK:
+                continue
+            path = stored.get("_local_path") or self._local_model_path(stored["entity_name"])
+            state = states.get(str(path)) if path else None
+            if state in ENGINE_STATE_MESSAGES:
+                entity["state"] = dict(entity.get("state") or {}, deployment_state_message=ENGINE_STATE_MESSAGES[state])
+
+    def _system_view_now(self, model_name: str) -> dict[str, Any]:
+        view = self._system_view(model_name)
+        stored = {"served_entities": [{"entity_name": model_name}], "_task": view["task"]}
+        self._show_engine_states(stored, view["config"])
         return view
 
     @staticmethod

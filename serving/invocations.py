@@ -10,11 +10,12 @@ SQL functions, and the answer is an OpenAI ``chat.completion`` / ``text_completi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Any
 
-from engine.types import SamplingOptions
+from engine.types import CUSTOM_TASK, SamplingOptions
 from serving.client import ServingClient
 from serving.errors import InvalidParameterValue, RequestLimitExceeded, UpstreamFailure
 
@@ -30,6 +31,8 @@ def invoke(client: ServingClient, endpoint: str, body: dict[str, Any], expected_
         task = expected_task  # a chat model also continues raw prompts (as vLLM's OpenAI server does)
     if expected_task is not None and task != expected_task:
         raise InvalidParameterValue(f"endpoint {endpoint!r} serves {task}; this route is for {expected_task}")
+    if task == CUSTOM_TASK:
+        return _predictions(client, endpoint, body)
     input_field = INPUT_FIELD[task]
     allowed = {input_field, *BOOKKEEPING_FIELDS} | (
         {"encoding_format"} if task == "llm/v1/embeddings" else {*SAMPLING_FIELDS, "logprobs", "top_logprobs", "response_format"})
@@ -49,6 +52,25 @@ def invoke(client: ServingClient, endpoint: str, body: dict[str, Any], expected_
     if task == "llm/v1/chat":
         return _chat(client, endpoint, _messages(body["messages"]), options)
     return _completions(client, endpoint, body["prompt"], options)
+
+
+def _predictions(client, endpoint, body) -> tuple[dict[str, Any], str | None]:
+    from serving.custom_models import INPUT_FORMATS, rows_of
+
+    unknown = sorted(set(body) - {*INPUT_FORMATS, "params", *BOOKKEEPING_FIELDS})
+    if unknown:
+        raise InvalidParameterValue(
+            f"unknown field(s) {', '.join(map(repr, unknown))} for the custom model endpoint {endpoint!r}; "
+            f"send one of {', '.join(INPUT_FORMATS)} (and optionally params)"
+        )
+    rows, params = rows_of(body)
+    if not rows:
+        return {"predictions": []}, None
+    results = client.predict(endpoint, rows, params)
+    for index, result in enumerate(results):
+        if result.error:
+            _raise_row_error(dataclasses.replace(result, error=f"row {index}: {result.error}"))
+    return {"predictions": [r.value for r in results]}, results[0].served_entity
 
 
 def _options(body: dict[str, Any]) -> SamplingOptions:

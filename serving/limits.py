@@ -136,3 +136,6 @@ class RateLimitedBackend(DelegatingBackend):
 
     def embed(self, texts, on_result=None):
         return self._admitted(texts, lambda part, cb: self.inner.embed(part, cb), on_result)
+
+    def predict(self, rows, params=None, on_result=None):
+        return self._admitted(rows, lambda part, cb: self.inner.predict(part, params, cb), on_result)

@@ -139,9 +139,10 @@ def add_system_endpoints(registry: EndpointRegistry, recorder=None) -> None:
     from engine.model_store import BUNDLED_MODELS
 
     def factory(model) -> Backend:
-        from serving.routing import TaggedBackend
+        from serving.routing import TaggedBackend, scale_to_zero_seconds
 
-        backend: Backend = TaggedBackend(model.name, LocalEngineBackend(model.name, model.task))
+        idle = scale_to_zero_seconds({"scale_to_zero_enabled": True})  # as their endpoint view says
+        backend: Backend = TaggedBackend(model.name, LocalEngineBackend(model.name, model.task, idle_timeout=idle))
         if recorder is not None:
             from serving.usage import UsageRecordingBackend
 

@@ -22,7 +22,7 @@ import random
 from typing import Any, Callable, Sequence
 
 from engine.errors import InvalidParameterValue
-from engine.types import EmbeddingResult, GenerationResult, Task
+from engine.types import CUSTOM_TASK, EmbeddingResult, GenerationResult, PredictionResult, Task
 from serving.backends import Backend, DelegatingBackend, LocalEngineBackend, ResultCallback
 from serving.endpoints import SEALED, SYSTEM_PREFIX, EndpointService
 from serving.errors import ResourceDoesNotExist, SqlinferError
@@ -69,6 +69,9 @@ class TrafficSplitBackend(Backend):
     def embed(self, texts, on_result=None):
         return self._fan_out(lambda b, part, cb: b.embed(part, cb), texts, on_result)
 
+    def predict(self, rows, params=None, on_result=None):
+        return self._fan_out(lambda b, part, cb: b.predict(part, params, cb), rows, on_result)
+
     def embedding_dimension(self) -> int | None:
         return self.routes[0][2].embedding_dimension() if self.routes else None
 
@@ -89,13 +92,26 @@ def entity_backend(service: EndpointService, entity: dict[str, Any], task: Task)
     """The backend for one stored served entity."""
     if "external_model" in entity:
         return external_backend(service, entity["external_model"], task)
-    path = service.local_model_path(entity["entity_name"])
+    if task == CUSTOM_TASK:
+        from serving.custom_models import PyfuncBackend
+
+        return PyfuncBackend(entity["_local_path"])
+    path = entity.get("_local_path") or service.local_model_path(entity["entity_name"])
     if path is None:
         raise InvalidParameterValue(
-            f"served entity {entity['name']!r} is the MLflow model {entity['entity_name']!r}, which this build "
-            f"cannot serve yet; register its Hugging Face directory with `sqlinfer models register`"
+            f"served entity {entity['name']!r} ({entity['entity_name']!r}) has no local model directory; "
+            f"update the endpoint config so it is deployed again"
         )
-    return LocalEngineBackend(str(path), task)
+    return LocalEngineBackend(str(path), task, idle_timeout=scale_to_zero_seconds(entity))
+
+
+def scale_to_zero_seconds(entity: dict[str, Any]) -> float | None:
+    """Idle seconds before a ``scale_to_zero_enabled`` entity's engine is unloaded
+    (``SQLINFER_SCALE_TO_ZERO_IDLE_SECONDS``, default 1800: Databricks scales to zero after 30
+    minutes without requests); None when scale to zero is off."""
+    if not entity.get("scale_to_zero_enabled"):
+        return None
+    return float(os.environ.get("SQLINFER_SCALE_TO_ZERO_IDLE_SECONDS", "1800"))
 
 
 def external_backend(service: EndpointService, external: dict[str, Any], task: Task) -> Backend:
@@ -167,7 +183,7 @@ class FallbackBackend(Backend):
             try:
                 return call(backend, part)
             except SqlinferError as exc:  # the entity failed as a whole (e.g. its engine cannot start)
-                failed = GenerationResult if self.task != "llm/v1/embeddings" else EmbeddingResult
+                failed = {"llm/v1/embeddings": EmbeddingResult, CUSTOM_TASK: PredictionResult}.get(self.task, GenerationResult)
                 return [failed(error=exc.message, error_status=exc.http_status, served_entity=name) for _ in part]
 
         first = self.primary.entity if isinstance(self.primary, TaggedBackend) else None
@@ -204,6 +220,9 @@ class FallbackBackend(Backend):
     def embed(self, texts, on_result=None):
         return self._with_fallback(texts, lambda b, part: b.embed(part), on_result)
 
+    def predict(self, rows, params=None, on_result=None):
+        return self._with_fallback(rows, lambda b, part: b.predict(part, params), on_result)
+
     def embedding_dimension(self) -> int | None:
         return self.primary.embedding_dimension()
 
@@ -238,6 +257,9 @@ class TaggedBackend(DelegatingBackend):
     def embed(self, texts, on_result=None):
         return self._tag(self.inner.embed(texts, on_result))
 
+    def predict(self, rows, params=None, on_result=None):
+        return self._tag(self.inner.predict(rows, params, on_result))
+
 
 class RegistryResolver:
     """Finds registered (non-system) endpoints for an in-memory EndpointRegistry."""
@@ -259,9 +281,7 @@ class RegistryResolver:
         except ResourceDoesNotExist:
             return None
         if not config.get("_task"):
-            raise InvalidParameterValue(
-                f"endpoint {name!r} serves a custom MLflow model, which this build cannot query yet"
-            )
+            raise InvalidParameterValue(f"endpoint {name!r} has no task yet; wait until its config is deployed")
 
         def build() -> Backend:
             backend = endpoint_backend(self.service, config, fallback)

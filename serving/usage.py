@@ -126,3 +126,7 @@ class UsageRecordingBackend(DelegatingBackend):
     def embed(self, texts, on_result=None):
         return self._recorded(texts, lambda: self.inner.embed(texts, on_result),
                               lambda r: {"embedding": r.vector, "error": r.error})
+
+    def predict(self, rows, params=None, on_result=None):
+        return self._recorded(rows, lambda: self.inner.predict(rows, params, on_result),
+                              lambda r: {"prediction": r.value, "error": r.error})

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from engine.types import TASKS
+from engine.types import LLM_TASKS
 from serving.errors import InvalidParameterValue, MalformedRequest
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
@@ -151,8 +151,8 @@ class ExternalModel(Strict):
             raise ValueError(
                 f"provider {self.provider!r} is not supported; valid providers: {', '.join(PROVIDER_TASKS)}"
             )
-        if self.task not in TASKS:
-            raise ValueError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
+        if self.task not in LLM_TASKS:
+            raise ValueError(f"task {self.task!r} is not one of {', '.join(LLM_TASKS)}")
         if self.task not in PROVIDER_TASKS[self.provider]:
             raise ValueError(
                 f"provider {self.provider!r} does not serve task {self.task!r}; it serves "
