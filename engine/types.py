@@ -101,3 +101,17 @@ class PredictionResult:
     error_status: int | None = None
     prompt_tokens: int = 0  # custom models use no tokens; kept so usage and limits treat all rows alike
     completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """A piece of one streamed answer: new text, and the usage counted so far.
+
+    The last piece carries ``finish_reason``; its token counts are the request's totals.
+    """
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    served_entity: str | None = None

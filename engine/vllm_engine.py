@@ -21,9 +21,10 @@ import contextlib
 import itertools
 import logging
 import os
+import queue
 import threading
 import time
-from typing import Any, Callable, Coroutine, Sequence, TypeVar
+from typing import Any, Callable, Coroutine, Iterator, Sequence, TypeVar
 
 from engine.config import EngineConfig
 from engine.errors import EngineError, InvalidParameterValue
@@ -33,6 +34,7 @@ from engine.types import (
     EmbeddingResult,
     GenerationResult,
     SamplingOptions,
+    StreamDelta,
     TokenLogprob,
 )
 
@@ -223,17 +225,73 @@ class LocalEngine:
             return self._chat(conversations, options, on_result)
 
     def _chat(self, conversations, options, on_result) -> list[GenerationResult]:
-        tokenizer = self.tokenizer
         prompts: list[Any] = []
         for messages in conversations:
             try:
-                text = tokenizer.apply_chat_template(
-                    list(messages), tokenize=False, add_generation_prompt=True
-                )
-                prompts.append({"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+                prompts.append(self._chat_prompt(messages))
             except Exception as exc:  # a malformed conversation fails its own row only
                 prompts.append(exc)
         return self._generate(prompts, options, on_result)
+
+    def _chat_prompt(self, messages: Sequence[dict[str, str]]) -> dict[str, Any]:
+        tokenizer = self.tokenizer
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+
+    def stream(self, request: Sequence[dict[str, str]] | str, options: SamplingOptions, chat: bool) -> Iterator[StreamDelta]:
+        """One request answered piece by piece as vLLM produces tokens (server-sent events).
+
+        It joins the running batch like any other request; closing the iterator early (the
+        client went away) aborts it inside vLLM.
+        """
+        self._require("llm/v1/chat" if chat else ("llm/v1/chat", "llm/v1/completions"), "chat" if chat else "completions")
+        if options.n != 1:
+            raise InvalidParameterValue(f"n={options.n} cannot be streamed; stream with n=1 or send the request without stream")
+        with self._serving():
+            self.start()
+            try:
+                prompt = self._chat_prompt(request) if chat else request
+            except Exception as exc:
+                raise InvalidParameterValue(f"invalid request: {exc}") from None
+            yield from self._stream(prompt, _to_sampling_params(options, stream=True))
+
+    def _stream(self, prompt: Any, params: Any) -> Iterator[StreamDelta]:
+        pieces: queue.Queue = queue.Queue()
+        end = object()
+
+        async def pump() -> None:
+            self._enter()
+            try:
+                async for output in self._llm.generate(prompt, params, f"sqlinfer-{next(_REQUEST_IDS)}"):
+                    pieces.put(output)
+            except BaseException as exc:  # cancelled (client gone) or failed: the consumer decides
+                pieces.put(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            finally:
+                self.in_flight -= 1
+                pieces.put(end)
+
+        future = asyncio.run_coroutine_threadsafe(pump(), _LOOP.loop())
+        prompt_tokens = completion_tokens = 0
+        finished = False
+        try:
+            while True:
+                item = pieces.get()
+                if item is end:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise EngineError(f"the engine failed while streaming: {_describe(item)}")
+                piece = item.outputs[0]
+                prompt_tokens = len(item.prompt_token_ids or ()) or prompt_tokens
+                completion_tokens += len(piece.token_ids)
+                yield StreamDelta(text=piece.text, finish_reason=piece.finish_reason,
+                                  prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        finally:
+            if not finished:
+                future.cancel()  # AsyncLLM aborts a request whose generate() task is cancelled
 
     def complete(
         self,
@@ -360,10 +418,11 @@ async def _shutdown_async_llm(llm: Any) -> None:
     llm.shutdown()
 
 
-def _to_sampling_params(options: SamplingOptions) -> Any:
+def _to_sampling_params(options: SamplingOptions, stream: bool = False) -> Any:
     from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
-    kwargs: dict[str, Any] = {"n": options.n, "output_kind": RequestOutputKind.FINAL_ONLY}
+    kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+    kwargs: dict[str, Any] = {"n": options.n, "output_kind": kind}
     for name in ("max_tokens", "temperature", "top_p", "seed", "logprobs"):
         value = getattr(options, name)
         if value is not None:

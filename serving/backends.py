@@ -15,10 +15,10 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from engine.errors import InvalidParameterValue
-from engine.types import Choice, EmbeddingResult, GenerationResult, PredictionResult, SamplingOptions, Task
+from engine.types import Choice, EmbeddingResult, GenerationResult, PredictionResult, SamplingOptions, StreamDelta, Task
 
 ResultCallback = Callable[[int, Any], None]
 Conversation = Sequence[dict[str, str]]
@@ -47,6 +47,22 @@ class Backend(ABC):
     ) -> list[PredictionResult]:
         """Custom models: one prediction per input row (a dict of columns or one instance)."""
         raise self._unsupported("custom-model predictions (dataframe_records, instances...)")
+
+    def stream(self, request: Conversation | str, options: SamplingOptions, chat: bool) -> Iterator[StreamDelta]:
+        """One chat (``chat``) or completion request answered piece by piece, for SSE.
+
+        This default answers the whole request first and yields it as one piece, so every
+        backend can stream; the local engine and OpenAI-compatible providers stream token by token.
+        """
+        [result] = self.chat([request], options) if chat else self.complete([request], options)
+        if result.error:
+            from serving.errors import row_error
+
+            raise row_error(f"the model could not answer: {result.error}", result.error_status)
+        choice = result.choices[0] if result.choices else None
+        yield StreamDelta(text=result.text or "", finish_reason=choice.finish_reason if choice else "stop",
+                          prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                          served_entity=result.served_entity)
 
     def embedding_dimension(self) -> int | None:
         """Vector length for embedding backends, known without running a model; else None."""
@@ -120,6 +136,11 @@ class LocalEngineBackend(Backend):
 
     def embed(self, texts, on_result=None):
         return self.engine.embed(texts, on_result)
+
+    def stream(self, request, options, chat):
+        if chat and self.task == "llm/v1/completions":
+            raise self._unsupported("chat")
+        return self.engine.stream(request, options, chat)
 
     def embedding_dimension(self) -> int | None:
         if self.task != "llm/v1/embeddings":

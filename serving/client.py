@@ -8,9 +8,9 @@ executors share one engine.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
-from engine.types import EmbeddingResult, GenerationResult, PredictionResult, SamplingOptions, Task
+from engine.types import EmbeddingResult, GenerationResult, PredictionResult, SamplingOptions, StreamDelta, Task
 from serving.backends import Conversation, ResultCallback
 from serving.registry import EndpointRegistry, default_registry
 
@@ -43,6 +43,10 @@ class ServingClient(Protocol):
         on_result: ResultCallback | None = None,
     ) -> list[PredictionResult]: ...
 
+    def stream(
+        self, endpoint: str, request: Conversation | str, options: SamplingOptions, chat: bool
+    ) -> Iterator[StreamDelta]: ...
+
 
 class InProcessClient:
     """Serves requests from a registry in this process (the default registry if none given)."""
@@ -73,3 +77,6 @@ class InProcessClient:
 
     def predict(self, endpoint, rows, params=None, on_result=None):
         return self.registry.backend(endpoint).predict(rows, params, on_result)
+
+    def stream(self, endpoint, request, options, chat):
+        return self.registry.backend(endpoint).stream(request, options, chat)

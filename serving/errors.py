@@ -47,3 +47,12 @@ class UpstreamFailure(SqlinferError):
     def __init__(self, message: str, http_status: int = 500):
         super().__init__(message)
         self.http_status = http_status
+
+
+def row_error(message: str, status: int | None) -> SqlinferError:
+    """A failed answer as the error its status calls for (429 limit, 5xx upstream, else 400)."""
+    if status == 429:
+        return RequestLimitExceeded(message)
+    if status is not None and status >= 500:
+        return UpstreamFailure(message, status)
+    return InvalidParameterValue(message)

@@ -13,14 +13,14 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 from engine.types import CUSTOM_TASK, SamplingOptions
 from serving.client import ServingClient
-from serving.errors import InvalidParameterValue, RequestLimitExceeded, UpstreamFailure
+from serving.errors import InvalidParameterValue, row_error
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "n", "seed")
-BOOKKEEPING_FIELDS = ("model", "user", "client_request_id", "usage_context", "stream", "extra_params")
+BOOKKEEPING_FIELDS = ("model", "user", "client_request_id", "usage_context", "stream", "stream_options", "extra_params")
 INPUT_FIELD = {"llm/v1/chat": "messages", "llm/v1/completions": "prompt", "llm/v1/embeddings": "input"}
 
 
@@ -42,16 +42,57 @@ def invoke(client: ServingClient, endpoint: str, body: dict[str, Any], expected_
             f"unknown field(s) {', '.join(map(repr, unknown))} for a {task} query to {endpoint!r}; "
             f"allowed: {', '.join(sorted(allowed))}"
         )
-    if body.get("stream"):
-        raise InvalidParameterValue("stream=true is not supported yet; send the request without streaming")
     if input_field not in body:
         raise InvalidParameterValue(f"{input_field!r} is required for {task} endpoints such as {endpoint!r}")
+    if body.get("stream") and task == "llm/v1/embeddings":
+        raise InvalidParameterValue("stream=true is for chat and completions; embeddings are answered at once")
     if task == "llm/v1/embeddings":
         return _embeddings(client, endpoint, body["input"], body.get("encoding_format") or "float")
     options = _options(body)
+    if body.get("stream"):
+        return _stream(client, endpoint, task, body, options), None
     if task == "llm/v1/chat":
         return _chat(client, endpoint, _messages(body["messages"]), options)
     return _completions(client, endpoint, body["prompt"], options)
+
+
+@dataclasses.dataclass
+class StreamingAnswer:
+    """``stream=true``: OpenAI chunk objects, each with the entity that answered, to send as SSE."""
+
+    events: Iterator[tuple[dict[str, Any], str | None]]
+
+
+def _stream(client, endpoint, task, body, options) -> StreamingAnswer:
+    chat = task == "llm/v1/chat"
+    if chat:
+        request: Any = _messages(body["messages"])
+    else:
+        request = body["prompt"] if isinstance(body["prompt"], str) else None
+        if request is None:
+            raise InvalidParameterValue("prompt must be one string when stream=true")
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    shell = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
+             "created": int(time.time()), "model": endpoint}
+
+    def events() -> Iterator[tuple[dict[str, Any], str | None]]:
+        first, last = True, None
+        for delta in client.stream(endpoint, request, options, chat):
+            last = delta
+            if not delta.text and not delta.finish_reason and not first:
+                continue
+            if chat:
+                piece = {"content": delta.text} | ({"role": "assistant"} if first else {})
+                choice = {"index": 0, "delta": piece, "finish_reason": delta.finish_reason, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta.text, "finish_reason": delta.finish_reason, "logprobs": None}
+            first = False
+            yield shell | {"choices": [choice]}, delta.served_entity
+        if include_usage and last is not None:
+            yield shell | {"choices": [], "usage": _usage(last.prompt_tokens, last.completion_tokens)}, last.served_entity
+
+    return StreamingAnswer(events())
 
 
 def _predictions(client, endpoint, body) -> tuple[dict[str, Any], str | None]:
@@ -114,13 +155,7 @@ def _raise_row_error(result: Any) -> None:
     """A failed answer as the REST error its status calls for."""
     if not result.error:
         return
-    message = f"the model could not answer: {result.error}"
-    status = getattr(result, "error_status", None)
-    if status == 429:
-        raise RequestLimitExceeded(message)
-    if status is not None and status >= 500:
-        raise UpstreamFailure(message, status)
-    raise InvalidParameterValue(message)
+    raise row_error(f"the model could not answer: {result.error}", getattr(result, "error_status", None))
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:

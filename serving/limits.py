@@ -137,5 +137,24 @@ class RateLimitedBackend(DelegatingBackend):
     def embed(self, texts, on_result=None):
         return self._admitted(texts, lambda part, cb: self.inner.embed(part, cb), on_result)
 
+    def stream(self, request, options, chat):
+        user = current_user.get()
+        while True:
+            admitted, wait = self.limiter.acquire(self.endpoint_id, self.limits, user, 1)
+            if admitted:
+                break
+            if limit_mode.get() == "refuse":
+                raise RequestLimitExceeded(
+                    f"rate limit of endpoint {self.endpoint_name!r} reached for this minute; retry in {wait:.0f} s",
+                    retry_after_seconds=wait)
+            self._sleep(min(wait + 0.01, WINDOW_SECONDS))
+        last = None
+        try:
+            for last in self.inner.stream(request, options, chat):
+                yield last
+        finally:
+            if last is not None:
+                self.limiter.charge_tokens(self.endpoint_id, self.limits, user, last.prompt_tokens + last.completion_tokens)
+
     def predict(self, rows, params=None, on_result=None):
         return self._admitted(rows, lambda part, cb: self.inner.predict(part, params, cb), on_result)

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from engine.types import Choice, EmbeddingResult, GenerationResult, SamplingOptions, Task, TokenLogprob
+from engine.types import Choice, EmbeddingResult, GenerationResult, SamplingOptions, StreamDelta, Task, TokenLogprob
 from serving.backends import Backend, ResultCallback
 
 
@@ -158,6 +158,37 @@ class OpenAICompatibleBackend(ProviderBackend):
             return _generation(self._call(lambda sdk: sdk.completions.create(model=self.model, prompt=prompt, **kwargs)), chat=False)
 
         return self._map(prompts, one, lambda e, status: GenerationResult(error=e, error_status=status), on_result)
+
+    def stream(self, request, options, chat):
+        """Token by token from the provider (``stream=True``); usage from its final chunk."""
+        import openai
+
+        from serving.errors import UpstreamFailure, row_error
+
+        kwargs = _openai_kwargs(options, chat) | {"stream": True, "stream_options": {"include_usage": True}}
+        if chat:
+            opener = lambda sdk: sdk.chat.completions.create(model=self.model, messages=list(request), **kwargs)  # noqa: E731
+        else:
+            opener = lambda sdk: sdk.completions.create(model=self.model, prompt=request, **kwargs)  # noqa: E731
+        try:
+            response = self._call(opener)  # retried like any request until the stream opens
+        except ProviderError as exc:
+            raise row_error(f"the model could not answer: {exc}", exc.status or 503) from None
+        prompt_tokens = completion_tokens = 0
+        finish = None
+        try:
+            with response:
+                for chunk in response:
+                    if chunk.usage:
+                        prompt_tokens, completion_tokens = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
+                    for choice in chunk.choices:
+                        text = (choice.delta.content or "") if chat else (choice.text or "")
+                        finish = choice.finish_reason or finish
+                        if text:
+                            yield StreamDelta(text=text)
+        except (openai.APIError, OSError) as exc:  # the stream broke after it started
+            raise UpstreamFailure(self._scrub(f"the provider's stream broke: {type(exc).__name__}: {exc}"), 502) from None
+        yield StreamDelta(finish_reason=finish or "stop", prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
     def embed(self, texts, on_result=None):
         chunks = [list(texts[i:i + self.embedding_chunk]) for i in range(0, len(texts), self.embedding_chunk)]

@@ -13,14 +13,16 @@ probes before it sends a token).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 import time
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from starlette.concurrency import run_in_threadpool
@@ -245,15 +247,74 @@ def create_app(service: EndpointService | None = None) -> FastAPI:
         request_context.set({"client_request_id": payload.get("client_request_id"), "usage_context": payload.get("usage_context")})
         return invoke(query_client, name, payload, task)
 
-    async def answer(who: Principal, name: str, payload: Any, task: str | None) -> JSONResponse:
+    async def answer(who: Principal, name: str, payload: Any, task: str | None) -> Response:
         if not isinstance(payload, dict):
             raise MalformedRequest("the request body must be a JSON object")
+        if payload.get("stream"):
+            return await stream(who, name, payload, task)
         result, served = await run_in_threadpool(invoke_as, who, name, payload, task)
         served = served or name.removeprefix(SYSTEM_PREFIX)
         return JSONResponse(result, headers={"served-model-name": served})
 
+    async def stream(who: Principal, name: str, payload: dict[str, Any], task: str | None) -> Response:
+        """Server-sent events: OpenAI chunks as the model produces them, then ``data: [DONE]``.
+
+        A thread runs the request (its user, limits and usage context set there) and hands
+        chunks to the event loop. An error before the first chunk is an ordinary HTTP error;
+        after it, an ``{"error": ...}`` event (what the OpenAI SDK raises on). If the client goes
+        away, the request is closed, which aborts it inside the engine.
+        """
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        gone = threading.Event()
+
+        def produce() -> None:
+            try:
+                answer, _ = invoke_as(who, name, payload, task)
+                events = answer.events
+                try:
+                    for event, served in events:
+                        loop.call_soon_threadsafe(pieces.put_nowait, ("event", event, served))
+                        if gone.is_set():
+                            break
+                finally:
+                    events.close()
+                loop.call_soon_threadsafe(pieces.put_nowait, ("done", None, None))
+            except SqlinferError as exc:
+                loop.call_soon_threadsafe(pieces.put_nowait, ("error", exc, None))
+            except Exception as exc:
+                log.error("internal error while streaming from %s: %s", name, type(exc).__name__)
+                failure = SqlinferError("internal error while streaming; see the server log")
+                loop.call_soon_threadsafe(pieces.put_nowait, ("error", failure, None))
+
+        threading.Thread(target=produce, name=f"stream-{name}", daemon=True).start()
+        first = await pieces.get()
+        if first[0] == "error":
+            raise first[1]
+
+        async def sse():
+            kind, value, _ = first
+            try:
+                while True:
+                    if kind == "event":
+                        yield f"data: {json.dumps(value)}\n\n"
+                    elif kind == "done":
+                        yield "data: [DONE]\n\n"
+                        return
+                    else:
+                        error = {"message": value.message, "type": value.error_code.lower(), "code": value.error_code}
+                        yield f"data: {json.dumps({'error': error})}\n\n"
+                        return
+                    kind, value, _ = await pieces.get()
+            finally:
+                gone.set()
+
+        served = first[2] or name.removeprefix(SYSTEM_PREFIX)
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"served-model-name": served, "Cache-Control": "no-cache"})
+
     def openai_route(task: str):
-        async def route(request: Request) -> JSONResponse:
+        async def route(request: Request) -> Response:
             try:
                 payload = await body(request)
                 name = payload.get("model") if isinstance(payload, dict) else None
@@ -270,7 +331,7 @@ def create_app(service: EndpointService | None = None) -> FastAPI:
     app.post("/serving-endpoints/embeddings")(openai_route("llm/v1/embeddings"))
 
     @app.post("/serving-endpoints/{name}/invocations")
-    async def invocations(name: str, request: Request) -> JSONResponse:
+    async def invocations(name: str, request: Request) -> Response:
         who = may_query(request, name)
         return await answer(who, name, await body(request), None)
 

@@ -69,6 +69,11 @@ class TrafficSplitBackend(Backend):
     def embed(self, texts, on_result=None):
         return self._fan_out(lambda b, part, cb: b.embed(part, cb), texts, on_result)
 
+    def stream(self, request, options, chat):
+        [route] = self._rng.choices(self.routes, weights=[w for _, w, _ in self.routes], k=1)
+        for delta in route[2].stream(request, options, chat):
+            yield dataclasses.replace(delta, served_entity=route[0])
+
     def predict(self, rows, params=None, on_result=None):
         return self._fan_out(lambda b, part, cb: b.predict(part, params, cb), rows, on_result)
 
@@ -220,6 +225,28 @@ class FallbackBackend(Backend):
     def embed(self, texts, on_result=None):
         return self._with_fallback(texts, lambda b, part: b.embed(part), on_result)
 
+    def stream(self, request, options, chat):
+        """The first entity that starts answering streams; a 429/5xx before the first piece moves on."""
+        first = self.primary.entity if isinstance(self.primary, TaggedBackend) else None
+        candidates = [(first, self.primary)] + [(n, b) for n, b in self.ordered if n != first]
+        failure: SqlinferError | None = None
+        for name, backend in candidates:
+            pieces = backend.stream(request, options, chat)
+            try:
+                opening = next(pieces, None)
+            except SqlinferError as exc:
+                if exc.http_status != 429 and exc.http_status < 500:
+                    raise
+                failure = exc
+                continue
+            if opening is not None:
+                yield opening if name is None else dataclasses.replace(opening, served_entity=name)
+            for delta in pieces:
+                yield delta if name is None else dataclasses.replace(delta, served_entity=name)
+            return
+        assert failure is not None
+        raise failure
+
     def predict(self, rows, params=None, on_result=None):
         return self._with_fallback(rows, lambda b, part: b.predict(part, params), on_result)
 
@@ -259,6 +286,10 @@ class TaggedBackend(DelegatingBackend):
 
     def predict(self, rows, params=None, on_result=None):
         return self._tag(self.inner.predict(rows, params, on_result))
+
+    def stream(self, request, options, chat):
+        for delta in self.inner.stream(request, options, chat):
+            yield dataclasses.replace(delta, served_entity=self.entity)
 
 
 class RegistryResolver:

@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from engine.types import Choice, GenerationResult
 from serving.backends import Backend, DelegatingBackend
 from serving.db import Database
 from serving.errors import SqlinferError
@@ -126,6 +127,28 @@ class UsageRecordingBackend(DelegatingBackend):
     def embed(self, texts, on_result=None):
         return self._recorded(texts, lambda: self.inner.embed(texts, on_result),
                               lambda r: {"embedding": r.vector, "error": r.error})
+
+    def stream(self, request, options, chat):
+        started, text, last = time.perf_counter(), [], None
+        describe = lambda r: {"choices": [c.text for c in r.choices], "error": r.error}  # noqa: E731
+        try:
+            for delta in self.inner.stream(request, options, chat):
+                text.append(delta.text)
+                last = delta
+                yield delta
+        except SqlinferError as exc:
+            self._write([request], [_Refused(error=exc.message, status=exc.http_status)],
+                        (time.perf_counter() - started) * 1000, describe)
+            raise
+        except GeneratorExit:  # the client went away mid-stream (499, as nginx logs it)
+            self._write([request], [_Refused(error="the client closed the stream", status=499)],
+                        (time.perf_counter() - started) * 1000, describe)
+            raise
+        answered = GenerationResult(
+            choices=(Choice(text="".join(text), finish_reason=last.finish_reason if last else None),),
+            prompt_tokens=last.prompt_tokens if last else 0, completion_tokens=last.completion_tokens if last else 0,
+            served_entity=last.served_entity if last else None)
+        self._write([request], [answered], (time.perf_counter() - started) * 1000, describe)
 
     def predict(self, rows, params=None, on_result=None):
         return self._recorded(rows, lambda: self.inner.predict(rows, params, on_result),

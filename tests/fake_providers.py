@@ -1,7 +1,7 @@
 """A real HTTP server on 127.0.0.1 speaking the OpenAI (and Anthropic Messages) wire protocol, with scripted faults.
 
 It stands in for providers outside this machine. Chat answers echo the last user message;
-completions echo the prompt; embeddings are 3 numbers per text. ``faults`` is a queue consumed
+completions echo the prompt (``stream=true`` chat answers come as SSE, a word per chunk); embeddings are 3 numbers per text. ``faults`` is a queue consumed
 one per request: ``("status", 429, {"Retry-After": "1"})``, ``("status", 500)``,
 ``("status", 400)``, ``("slow", seconds)``, ``("drop",)`` (close without answering).
 """
@@ -42,7 +42,25 @@ class ScriptedOpenAIServer:
                     # A careless provider echoes the key it was sent: the backend must scrub it.
                     message = f"scripted failure {fault[1]} for key {self.headers.get('Authorization', '').removeprefix('Bearer ')}"
                     return self._send(fault[1], {"error": {"message": message, "type": "scripted"}}, headers)
+                if body.get("stream") and self.path.endswith("/chat/completions"):
+                    return self._send_stream(owner.answer(self.path, body))
                 self._send(200, owner.answer(self.path, body))
+
+            def _send_stream(self, answer):
+                """OpenAI's SSE: one chunk per word, a finish chunk, a usage chunk, [DONE]."""
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                shell = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": answer["model"]}
+                words = answer["choices"][0]["message"]["content"].split(" ")
+                chunks = [shell | {"choices": [{"index": 0, "delta": {"content": (" " if i else "") + w}, "finish_reason": None}]}
+                          for i, w in enumerate(words)]
+                chunks.append(shell | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                chunks.append(shell | {"choices": [], "usage": answer["usage"]})
+                for chunk in chunks:
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.close_connection = True
 
             def _send(self, status, payload, headers=None):
                 data = json.dumps(payload).encode()

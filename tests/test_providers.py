@@ -110,3 +110,36 @@ def test_an_anthropic_endpoint_answers_through_the_messages_api(upstream, server
     assert path == "/v1/messages" and KEY in key  # sent the way the official SDK sends it
     assert body["system"] == "Be brief." and body["max_tokens"] == 5
     assert len(upstream.calls) == 2
+
+
+def test_streams_retry_until_they_open_and_rate_limits_refuse_extra_streams(upstream, server, admin, monkeypatch):
+    from openai import OpenAI, RateLimitError
+
+    monkeypatch.setenv("SQLINFER_PROVIDER_BASE_DELAY", "0.05")
+    admin.post("/api/2.0/serving-endpoints", json={"name": "streamy", "config": {"served_entities": [{"external_model": {
+        "name": "model-x", "provider": "custom", "task": "llm/v1/chat",
+        "custom_provider_config": {"custom_provider_url": upstream.url}}}]},
+        "rate_limits": [{"calls": 2, "key": "endpoint", "renewal_period": "minute"}]}).raise_for_status()
+    server.service.wait_for_deployments()
+    _, token = server.service.auth.create_token("streamer", is_admin=True)
+    sdk = OpenAI(base_url=f"{server.url}/serving-endpoints", api_key=token, max_retries=0)
+
+    from tests.test_rate_limits import start_of_a_window
+
+    start_of_a_window()
+    upstream.faults.append(("status", 429, {"Retry-After": "0.2"}))
+    started = time.monotonic()
+    chunks = list(sdk.chat.completions.create(model="streamy", messages=[{"role": "user", "content": "one two three four"}],
+                                              stream=True, stream_options={"include_usage": True}))
+    assert time.monotonic() - started >= 0.2  # the provider's Retry-After was honoured before the stream opened
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert pieces == ["one", " two", " three", " four"]
+    assert chunks[-1].usage.completion_tokens == 2 and chunks[-1].usage.prompt_tokens == 3
+
+    list(sdk.chat.completions.create(model="streamy", messages=[{"role": "user", "content": "again"}], stream=True))
+    try:
+        list(sdk.chat.completions.create(model="streamy", messages=[{"role": "user", "content": "third"}], stream=True))
+        raise AssertionError("a third stream in one minute should be refused")
+    except RateLimitError as refused:
+        assert refused.response.headers.get("retry-after") is not None
+        assert "rate limit" in str(refused)

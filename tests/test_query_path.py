@@ -148,3 +148,47 @@ def test_mlflow_predict_queries_endpoints(server, admin, monkeypatch, chat_engin
     assert "Paris" in chat["choices"][0]["message"]["content"]
     vectors = client.predict(endpoint=EMBED_ENDPOINT, inputs={"input": ["one", "two"]})
     assert [len(d["embedding"]) for d in vectors["data"]] == [384, 384]
+
+
+@pytest.mark.engine
+def test_chat_and_completions_stream_as_server_sent_events(server, admin, openai_client, chat_engine):
+    from serving.usage import UsageRecorder
+
+    question = [{"role": "user", "content": "Write one sentence about the sea."}]
+    whole = openai_client.chat.completions.create(model=CHAT_ENDPOINT, messages=question, max_tokens=24, temperature=0)
+    raw = openai_client.chat.completions.with_raw_response.create(
+        model=CHAT_ENDPOINT, messages=question, max_tokens=24, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.headers["served-model-name"] == "smollm2-135m-instruct"
+    chunks = list(raw.parse())
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 5  # token by token, not one block
+    assert "".join(pieces) == whole.choices[0].message.content  # greedy: the same answer
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    completion = list(openai_client.completions.create(model=CHAT_ENDPOINT, prompt="The capital of France is",
+                                                       max_tokens=8, temperature=0, stream=True))
+    assert len(completion) > 3 and "Paris" in "".join(c.choices[0].text for c in completion)
+
+    usage = UsageRecorder(server.service.db).rows(CHAT_ENDPOINT)
+    assert any(r["status_code"] == 200 and r["output_tokens"] == whole.usage.completion_tokens for r in usage)
+
+
+@pytest.mark.engine
+def test_a_stream_that_cannot_start_is_an_ordinary_error_and_curl_sees_sse(server, admin, chat_engine):
+    import httpx
+
+    _, token = server.service.auth.create_token("curl-user", is_admin=True)
+    headers = {"Authorization": f"Bearer {token}"}
+    url = f"{server.url}/serving-endpoints/{CHAT_ENDPOINT}/invocations"
+    refused = httpx.post(url, headers=headers, json={"messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True})
+    assert refused.status_code == 400 and "cannot be streamed" in refused.json()["message"]
+
+    with httpx.stream("POST", url, headers=headers, timeout=60,
+                      json={"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "stream": True}) as events:
+        lines = [line for line in events.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    assert len(lines) > 3

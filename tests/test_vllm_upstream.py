@@ -37,3 +37,22 @@ def test_an_external_endpoint_on_vllm_answers_ai_query_and_the_openai_sdk(provid
     sdk = OpenAI(base_url=f"{server.url}/serving-endpoints", api_key=token, max_retries=0)
     reply = sdk.chat.completions.create(model=name, messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0)
     assert "Paris" in reply.choices[0].message.content and reply.usage.prompt_tokens > 0
+
+
+def test_streaming_through_an_external_provider_comes_token_by_token(vllm_openai_server, server, admin):
+    admin.post("/api/2.0/serving-endpoints", json={"name": "vllm-stream", "config": {"served_entities": [{"external_model": {
+        "name": "smollm2", "provider": "custom", "task": "llm/v1/chat",
+        "custom_provider_config": {"custom_provider_url": f"{vllm_openai_server}/v1"}}}]}}).raise_for_status()
+    server.service.wait_for_deployments()
+    from openai import OpenAI
+
+    _, token = server.service.auth.create_token("sdk-stream", is_admin=True)
+    sdk = OpenAI(base_url=f"{server.url}/serving-endpoints", api_key=token, max_retries=0)
+    question = [{"role": "user", "content": "Name three colours."}]
+    whole = sdk.chat.completions.create(model="vllm-stream", messages=question, max_tokens=16, temperature=0)
+    chunks = list(sdk.chat.completions.create(model="vllm-stream", messages=question, max_tokens=16, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 3  # incremental, not one block
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
