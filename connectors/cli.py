@@ -183,7 +183,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from serving.rest import create_app
 
-    uvicorn.run(create_app(_service()), host=args.host, port=args.port, log_level=args.log_level)
+    if args.workers > 1:  # each worker process builds its own app; limits and usage are shared in SQLite
+        uvicorn.run("serving.rest:create_app", factory=True, workers=args.workers, host=args.host, port=args.port,
+                    log_level=args.log_level)
+    else:
+        uvicorn.run(create_app(_service()), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -237,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="server processes (default 1). Each process loads its own local engines, so use "
+                            "more than one for external and custom-model endpoints")
     serve.set_defaults(handler=_cmd_serve)
     return parser
 

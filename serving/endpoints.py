@@ -111,6 +111,7 @@ class EndpointService:
         # Tests hold deployments here to observe IN_PROGRESS; None deploys at once.
         self.deploy_gate = deploy_gate
         self._deployments: list[threading.Thread] = []
+        self._serving_cache: dict[tuple[str, int], tuple[tuple[int, int, int], Any]] = {}
         self._resume_interrupted_deployments()
 
     # -- reads -------------------------------------------------------------------------------
@@ -139,8 +140,18 @@ class EndpointService:
         whether payloads are logged to the inference table, whether fallback is on).
 
         The config includes internal fields and sealed secrets. The version key changes with any
-        change to the endpoint, so backends are rebuilt when limits or config change.
+        change to the endpoint, so backends are rebuilt when limits or config change. Answers are
+        cached until the database changes (every query asks, several times).
         """
+        token = self.db.change_token()
+        cached = self._serving_cache.get((name, token[2]))
+        if cached is not None and cached[0] == token:
+            return cached[1]
+        answer = self._serving_now(name)
+        self._serving_cache[(name, token[2])] = (token, answer)
+        return answer
+
+    def _serving_now(self, name: str) -> tuple[tuple[int, int], str, dict[str, Any], list[dict[str, Any]], bool, bool]:
         row = self._row(name)
         if row["config_json"] is None:
             raise ResourceConflict(f"endpoint {name!r} is not ready yet (state {row['state_ready']}); try again shortly")

