@@ -16,7 +16,6 @@ Everything runs on this machine's loopback; upstreams and the server are separat
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import statistics

@@ -80,6 +80,11 @@ class ProviderBackend(Backend):
             if self._key is None:
                 import importlib
 
+                # Imported here, under the lock, before any client exists: the openai SDK looks
+                # up a half-imported httpx from other threads and fails (seen under load).
+                import httpx
+
+                _RAW_RESPONSE[0] = httpx.Response
                 self._errors = importlib.import_module(self.sdk_module)
                 self._key = self._api_key() or "unused"  # resolved at the first call, not before
             client = self._local.client = self._make_client(self._key)
@@ -163,7 +168,7 @@ class OpenAICompatibleBackend(ProviderBackend):
         the JSON answer read directly: skipping the SDK's typed response models halves its
         per-request CPU (0.71 vs 1.26 ms measured against a loopback server), which is what
         bounds batch dispatch on a small machine."""
-        return self._call(lambda sdk: sdk.post(path, body=body, cast_to=_httpx_response())).json()
+        return self._call(lambda sdk: sdk.post(path, body=body, cast_to=_RAW_RESPONSE[0])).json()
 
     def chat(self, conversations, options, on_result=None):
         kwargs = _openai_kwargs(options)
@@ -238,10 +243,7 @@ class OpenAICompatibleBackend(ProviderBackend):
 
 
 
-def _httpx_response() -> type:
-    import httpx  # already imported by the SDK; a plain import is a dictionary lookup
-
-    return httpx.Response
+_RAW_RESPONSE: list[Any] = [None]  # httpx.Response, set when the first SDK client is made
 
 
 def _openai_kwargs(options: SamplingOptions, chat: bool = True) -> dict[str, Any]:

@@ -113,7 +113,7 @@ def create_app(service: EndpointService | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__, exc_info=os.environ.get("SQLINFER_DEBUG_TRACEBACKS") == "1")
         return JSONResponse({"error_code": "INTERNAL_ERROR", "message": "internal error; see the server log"}, status_code=500)
 
     def principal(request: Request) -> Principal:
