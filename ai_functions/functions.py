@@ -15,15 +15,19 @@ fails the query with its endpoint, request and reason.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from typing import Any, Sequence
 
 import pyarrow as pa
 
-from ai_functions.errors import RowFailed
+from ai_functions.errors import InvalidModelParameters, RowFailed
 from ai_functions.params import parse_model_parameters
+from ai_functions.spec import OutputSpec, output_spec
 from ai_functions.stats import QueryStats
+from ai_functions.types import SqlType, coerce, parse_text
 from engine.errors import InvalidParameterValue
+from engine.types import CUSTOM_TASK, EmbeddingResult, GenerationResult
 from serving.client import ServingClient
 
 
@@ -33,6 +37,8 @@ def _values(array: Any, length: int) -> list[Any]:
         return [None] * length
     if isinstance(array, (pa.Array, pa.ChunkedArray)):
         return array.to_pylist()
+    if isinstance(array, list):
+        return array
     return [array] * length
 
 
@@ -43,53 +49,71 @@ def _group_rows(*columns: list[Any]) -> dict[tuple[Any, ...], list[int]]:
     return groups
 
 
-def _dedupe(texts: Sequence[str]) -> tuple[list[str], list[int]]:
-    """Distinct texts in first-seen order, and for each input its index among them."""
+def _request_key(request: Any) -> str:
+    return request if isinstance(request, str) else json.dumps(request, sort_keys=True, default=str)
+
+
+def _dedupe(requests: Sequence[Any]) -> tuple[list[Any], list[int]]:
+    """Distinct requests in first-seen order, and for each input its index among them."""
     position: dict[str, int] = {}
-    owners = [position.setdefault(text, len(position)) for text in texts]
-    return list(position), owners
+    distinct: list[Any] = []
+    owners = []
+    for request in requests:
+        key = _request_key(request)
+        if key not in position:
+            position[key] = len(distinct)
+            distinct.append(request)
+        owners.append(position[key])
+    return distinct, owners
 
 
-def _send(client: ServingClient, function: str, endpoint: str, texts: list[str], options: Any,
-          stats: QueryStats | None) -> list[Any]:
-    """Send distinct ``texts`` to ``endpoint`` in one call; return one result per distinct text."""
-    distinct, owners = _dedupe(texts)
+def _send(client: ServingClient, function: str, endpoint: str, requests: list[Any], parameters: str | None,
+          spec: OutputSpec | None, stats: QueryStats | None) -> list[Any]:
+    """Send distinct ``requests`` to ``endpoint`` in one call; return one result per input request."""
+    task = client.task(endpoint)
+    if function == "ai_embed" and task != "llm/v1/embeddings":
+        raise InvalidParameterValue(f"ai_embed needs an embeddings endpoint, but {endpoint!r} serves {task}; use ai_query for it")
+    if task in ("llm/v1/embeddings", CUSTOM_TASK) and parameters not in (None, "", "null"):
+        kind = "an embeddings" if task == "llm/v1/embeddings" else "a custom model"
+        raise InvalidModelParameters(f"modelParameters are not supported by {kind} endpoint such as {endpoint!r}; remove them")
+    options = parse_model_parameters(parameters)  # validated before any call
+    if spec is not None and spec.json_schema is not None and task in ("llm/v1/chat", "llm/v1/completions"):
+        options = options.model_copy(update={"json_schema": spec.json_schema})
+    wants_struct = task == CUSTOM_TASK
+    for request in requests:
+        if wants_struct and not isinstance(request, dict):
+            raise InvalidParameterValue(
+                f"{endpoint!r} is a custom model endpoint: its request must be a STRUCT of named input fields, "
+                f"e.g. named_struct('x1', x1, 'x2', x2), not {type(request).__name__} {str(request)[:40]!r}")
+        if not wants_struct and not isinstance(request, str):
+            raise InvalidParameterValue(
+                f"{endpoint!r} serves {task}: its request must be a STRING; STRUCT requests are for custom model endpoints")
+    distinct, owners = _dedupe(requests)
     weight = [0] * len(distinct)
     for owner in owners:
         weight[owner] += 1
 
     def on_result(index: int, result: Any) -> None:
         if stats is not None:
-            stats.add(
-                rows=weight[index],
-                errors=weight[index] if result.error else 0,
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=getattr(result, "completion_tokens", 0),
-            )
+            stats.add(rows=weight[index], errors=weight[index] if result.error else 0,
+                      prompt_tokens=result.prompt_tokens, completion_tokens=getattr(result, "completion_tokens", 0))
 
     if stats is not None:
         stats.batch_started()
-        stats.add(requests=len(distinct), deduplicated=len(texts) - len(distinct))
-    task = client.task(endpoint)
-    if function == "ai_embed":
-        if task != "llm/v1/embeddings":
-            raise InvalidParameterValue(
-                f"ai_embed needs an embeddings endpoint, but {endpoint!r} serves {task}; use ai_query for it"
-            )
+        stats.add(requests=len(distinct), deduplicated=len(requests) - len(distinct))
+    if task == "llm/v1/embeddings":
         results = client.embed(endpoint, distinct, on_result)
     elif task == "llm/v1/chat":
         results = client.chat(endpoint, [[{"role": "user", "content": t}] for t in distinct], options, on_result)
     elif task == "llm/v1/completions":
         results = client.complete(endpoint, distinct, options, on_result)
     else:
-        raise InvalidParameterValue(
-            f"ai_query cannot send text to {endpoint!r}, an embeddings endpoint; use ai_embed({endpoint!r}, text)"
-        )
+        results = client.predict(endpoint, distinct, None, on_result)
     return [results[owner] for owner in owners]
 
 
 def _run(function: str, client: ServingClient, endpoints: Any, requests: Any, model_parameters: Any,
-         stats: QueryStats | None, fail_on_error: bool) -> list[Any]:
+         stats: QueryStats | None, fail_on_error: bool, spec: OutputSpec | None = None) -> list[Any]:
     """Per-row results (None for NULL rows), in input order."""
     texts = _values(requests, len(requests))
     endpoint_values = _values(endpoints, len(texts))
@@ -101,8 +125,7 @@ def _run(function: str, client: ServingClient, endpoints: Any, requests: Any, mo
         null_rows += len(rows) - len(live)
         if not live:
             continue
-        options = parse_model_parameters(parameters)  # validated before any call
-        results = _send(client, function, endpoint, [texts[row] for row in live], options, stats)
+        results = _send(client, function, endpoint, [texts[row] for row in live], parameters, spec, stats)
         for row, result in zip(live, results):
             answers[row] = result
     if stats is not None and null_rows:
@@ -110,15 +133,71 @@ def _run(function: str, client: ServingClient, endpoints: Any, requests: Any, mo
     if fail_on_error:
         for row, result in enumerate(answers):
             if result is not None and result.error:
-                raise RowFailed(function, endpoint_values[row], texts[row], result.error)
+                raise RowFailed(function, endpoint_values[row], _request_key(texts[row]), result.error)
     return answers
 
 
+def _typed(result: Any, sql_type: SqlType) -> tuple[Any, str | None]:
+    """(value, errorMessage) of one answer, read as ``sql_type``."""
+    if result.error:
+        return None, result.error
+    try:
+        if isinstance(result, GenerationResult):
+            return parse_text(result.text or "", sql_type), None
+        if isinstance(result, EmbeddingResult):
+            return coerce(result.vector, sql_type), None
+        return coerce(result.value, sql_type), None
+    except ValueError as exc:
+        raw = getattr(result, "text", None)
+        shown = f"; the answer was {raw[:200]!r}" if isinstance(raw, str) else ""
+        return None, f"the answer does not fit returnType {sql_type.ddl()}: {exc}{shown}"
+
+
+def ai_query_values(client: ServingClient, endpoints: Any, requests: Any, model_parameters: Any = None,
+                    spec: OutputSpec | None = None, stats: QueryStats | None = None) -> list[tuple[Any, str | None] | None]:
+    """``ai_query`` for one batch, as (typed value, errorMessage) per row, None for NULL rows.
+
+    ``requests`` holds strings (chat/completions) or dicts (custom models: the STRUCT's fields).
+    With ``spec.fail_on_error`` the first failing row — a model error or an answer that does not
+    fit the result type — raises :class:`RowFailed`.
+    """
+    spec = spec or output_spec()
+    answers = _run("ai_query", client, endpoints, requests, model_parameters, stats, False, spec)
+    outcomes = [None if a is None else _typed(a, spec.result) for a in answers]
+    if spec.fail_on_error:
+        endpoint_values = _values(endpoints, len(outcomes))
+        request_values = _values(requests, len(outcomes))
+        for row, outcome in enumerate(outcomes):
+            if outcome is not None and outcome[1] is not None:
+                raise RowFailed("ai_query", endpoint_values[row], _request_key(request_values[row]), outcome[1])
+    elif stats is not None:
+        late = sum(1 for a, o in zip(answers, outcomes) if a is not None and not a.error and o[1] is not None)
+        if late:
+            stats.add(errors=late)
+    return outcomes
+
+
 def ai_query_batch(client: ServingClient, endpoints: Any, requests: Any, model_parameters: Any = None,
-                   stats: QueryStats | None = None, fail_on_error: bool = True) -> pa.Array:
-    """``ai_query(endpoint, request[, modelParameters])`` for one batch -> a STRING array."""
-    answers = _run("ai_query", client, endpoints, requests, model_parameters, stats, fail_on_error)
-    return pa.array([None if a is None or a.error else a.text for a in answers], pa.string())
+                   stats: QueryStats | None = None, fail_on_error: bool = True, spec: OutputSpec | None = None) -> Any:
+    """``ai_query`` for one batch as an Arrow array of the spec's type (STRING by default)."""
+    import pyarrow as pa
+
+    spec = spec or output_spec(fail_on_error=fail_on_error)
+    outcomes = ai_query_values(client, endpoints, requests, model_parameters, spec, stats)
+    if spec.fail_on_error:
+        return pa.array([None if o is None else o[0] for o in outcomes], spec.arrow())
+    return pa.array([None if o is None else {"result": o[0], "errorMessage": o[1]} for o in outcomes], spec.arrow())
+
+
+def ai_query_json(client: ServingClient, endpoints: Any, requests: Any, model_parameters: Any = None,
+                  spec: OutputSpec | None = None, stats: QueryStats | None = None) -> list[str | None]:
+    """``ai_query`` for one batch as JSON text per row (DuckDB reads it back with json_transform)."""
+    spec = spec or output_spec()
+    outcomes = ai_query_values(client, endpoints, requests, model_parameters, spec, stats)
+    dumps = json.dumps
+    if spec.fail_on_error:
+        return [None if o is None or o[0] is None else dumps(o[0]) for o in outcomes]
+    return [None if o is None else dumps({"result": o[0], "errorMessage": o[1]}) for o in outcomes]
 
 
 def ai_embed_batch(client: ServingClient, endpoints: Any, texts: Any, dimension: int | None = None,

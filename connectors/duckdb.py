@@ -19,19 +19,22 @@ functions are registered (384 for the bundled all-MiniLM-L6-v2). If those endpoi
 
 from __future__ import annotations
 
+import json
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
 
-from ai_functions.functions import ai_embed_batch, ai_query_batch
+from ai_functions.functions import _values, ai_embed_batch, ai_query_json
+from ai_functions.spec import output_spec
 from ai_functions.stats import QueryStats
 from engine.errors import SqlinferError
 from serving.client import InProcessClient, ServingClient
 
 _QUERY_UDF = "__sqlinfer_ai_query"
 _EMBED_UDF = "__sqlinfer_ai_embed"
+_STRUCTURE_UDF = "__sqlinfer_ai_result_type"
 
 
 @dataclass
@@ -64,15 +67,34 @@ def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None
     dimension = _embedding_dimension(client) if embedding_dimension == "auto" else embedding_dimension
     ai = AIFunctions(client=client, embedding_dimension=dimension)  # type: ignore[arg-type]
 
-    def query_udf(endpoint: Any, request: Any, model_parameters: Any) -> Any:
-        return ai_query_batch(ai.client, endpoint, request, model_parameters, ai.stats)
+    def query_udf(endpoint: Any, request: Any, return_type: Any, fail_on_error: Any, model_parameters: Any,
+                  response_format: Any) -> Any:
+        import pyarrow as pa
+
+        requests = [None if r is None else json.loads(r) for r in request.to_pylist()]
+        answers: list[Any] = [None] * len(requests)
+        settings = list(zip(*(_values(c, len(requests)) for c in (return_type, response_format, fail_on_error))))
+        for key in dict.fromkeys(settings):  # usually one: the arguments are constants
+            rows = [i for i, s in enumerate(settings) if s == key] if len(set(settings)) > 1 else range(len(requests))
+            spec = output_spec(*key)
+            pick = (lambda column: column.take(pa.array(rows))) if len(rows) < len(requests) else (lambda column: column)
+            values = ai_query_json(ai.client, pick(endpoint), [requests[i] for i in rows], pick(model_parameters), spec, ai.stats)
+            for i, value in zip(rows, values):
+                answers[i] = value
+        return pa.array(answers, pa.string())
+
+    def structure_udf(return_type: Any, response_format: Any, fail_on_error: Any) -> Any:
+        import pyarrow as pa
+
+        return pa.array([output_spec(*key).duckdb_structure() for key in zip(
+            return_type.to_pylist(), response_format.to_pylist(), fail_on_error.to_pylist())], pa.string())
 
     def embed_udf(endpoint: Any, text: Any) -> Any:
         return ai_embed_batch(ai.client, endpoint, text, ai.embedding_dimension, ai.stats)
 
-    varchar = duckdb.sqltype("VARCHAR")
+    varchar, boolean = duckdb.sqltype("VARCHAR"), duckdb.sqltype("BOOLEAN")
     vector = duckdb.sqltype(f"FLOAT[{dimension}]" if dimension else "FLOAT[]")
-    for name in (_QUERY_UDF, _EMBED_UDF):
+    for name in (_QUERY_UDF, _EMBED_UDF, _STRUCTURE_UDF):
         try:
             con.remove_function(name)
         except Exception:  # not registered yet: nothing to replace
@@ -81,11 +103,21 @@ def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None
     # default); NULL requests are handled per row in ai_functions. side_effects: never fold or
     # reuse results across calls (a model is not a pure function unless asked to be).
     udf_options = {"type": "arrow", "side_effects": True, "null_handling": "special"}
-    con.create_function(_QUERY_UDF, query_udf, [varchar, varchar, varchar], varchar, **udf_options)
+    con.create_function(_QUERY_UDF, query_udf, [varchar, varchar, varchar, boolean, varchar, varchar], varchar, **udf_options)
     con.create_function(_EMBED_UDF, embed_udf, [varchar, varchar], vector, **udf_options)
+    # The result type, computed from constant arguments while DuckDB binds the query: this UDF
+    # is pure, so DuckDB folds it and json_transform gets a constant structure (a bad returnType
+    # fails here, before any row is sent). The `if(request IS NULL, ...)` around the call keeps
+    # NULL rows away from the UDF and lets CREATE MACRO accept the body (DuckDB checks the
+    # structure at creation only when the first argument's type is already known).
+    con.create_function(_STRUCTURE_UDF, structure_udf, [varchar, varchar, boolean], varchar,
+                        type="arrow", side_effects=False, null_handling="special")
     con.execute(
-        f"CREATE OR REPLACE TEMP MACRO ai_query(endpoint, request, modelParameters := NULL) AS "
-        f"{_QUERY_UDF}(endpoint, request, to_json(modelParameters)::VARCHAR)"
+        f"CREATE OR REPLACE TEMP MACRO ai_query(endpoint, request, returnType := NULL, failOnError := true, "
+        f"modelParameters := NULL, responseFormat := NULL) AS json_transform(if(request IS NULL, NULL, "
+        f"{_QUERY_UDF}(endpoint, to_json(request)::VARCHAR, returnType::VARCHAR, failOnError::BOOLEAN, "
+        f"to_json(modelParameters)::VARCHAR, responseFormat::VARCHAR)), "
+        f"{_STRUCTURE_UDF}(returnType::VARCHAR, responseFormat::VARCHAR, failOnError::BOOLEAN))"
     )
     con.execute(f"CREATE OR REPLACE TEMP MACRO ai_embed(endpoint, text) AS {_EMBED_UDF}(endpoint, text)")
     return ai

@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 
 from engine.errors import InvalidParameterValue, ResourceAlreadyExists, ResourceDoesNotExist, SqlinferError
 from engine.types import TASKS, Task
-from serving.backends import Backend, LocalEngineBackend
+from serving.backends import Backend, EchoBackend, LocalEngineBackend
 
 SYSTEM_PREFIX = "system-"
 BackendFactory = Callable[[], Backend]
@@ -134,6 +134,10 @@ class EndpointRegistry:
         )
 
 
+ECHO_ENDPOINT = SYSTEM_PREFIX + "echo"
+ECHO_EMBEDDINGS_ENDPOINT = SYSTEM_PREFIX + "echo-embeddings"
+
+
 def add_system_endpoints(registry: EndpointRegistry, recorder=None) -> None:
     """Register one endpoint per bundled model, named ``system-<model>`` (usage recorded if given)."""
     from engine.model_store import BUNDLED_MODELS
@@ -150,6 +154,11 @@ def add_system_endpoints(registry: EndpointRegistry, recorder=None) -> None:
             backend = UsageRecordingBackend(backend, recorder, name, name)
         return backend
 
+    # The built-in test backend (EchoBackend): instant answers, for trying the SQL machinery and
+    # benchmarking its overhead without a model. Chat echoes the request; embeddings are 8 numbers.
+    registry.register(ECHO_ENDPOINT, "llm/v1/chat", EchoBackend(), description="echoes the request (test backend)")
+    registry.register(ECHO_EMBEDDINGS_ENDPOINT, "llm/v1/embeddings", EchoBackend("llm/v1/embeddings"),
+                      description="8-number hash vectors (test backend)")
     for model in BUNDLED_MODELS.values():
         registry.register(
             SYSTEM_PREFIX + model.name,

@@ -29,14 +29,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from starlette.concurrency import run_in_threadpool
 
+from engine.types import SamplingOptions
 from serving.auth import Principal
+from serving.batch_wire import KINDS, encode_result
 from serving.client import InProcessClient
 from serving.endpoints import SYSTEM_PREFIX, EndpointService
 from serving.invocations import invoke
 from serving.limits import current_user, limit_mode
 from serving.usage import UsageRecorder, request_context
 from serving.registry import registry_for
-from serving.errors import MalformedRequest, SqlinferError
+from serving.errors import InvalidParameterValue, MalformedRequest, SqlinferError
 from serving.wire import CreateScope, DeleteScope, DeleteSecret, PutSecret, parse
 
 log = logging.getLogger("sqlinfer.rest")
@@ -369,6 +371,51 @@ def create_app(service: EndpointService | None = None) -> FastAPI:
     async def invocations(name: str, request: Request) -> Response:
         who = may_query(request, name)
         return await answer(who, name, await body(request), None)
+
+    # -- batches from remote SQL engines (Spark executors): serving.batch_wire ---------------
+
+    @app.get(f"{API}/sqlinfer/endpoints")
+    def sql_endpoints(request: Request) -> dict[str, Any]:
+        who = principal(request)
+        visible = {view["name"] for view in service.list(who)}
+        return {"endpoints": [{"name": n, "task": t} for n, t in query_client.endpoints() if n in visible]}
+
+    @app.get(f"{API}/sqlinfer/endpoints/{{name}}")
+    def sql_endpoint(name: str, request: Request) -> dict[str, Any]:
+        may_query(request, name)
+        task = query_client.task(name)
+        dimension = query_client.embedding_dimension(name) if task == "llm/v1/embeddings" else None
+        return {"name": name, "task": task, "embedding_dimension": dimension}
+
+    def run_batch(who: Principal, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        current_user.set(who.user_name)
+        limit_mode.set("wait")  # a SQL job slows down under a rate limit instead of failing
+        request_context.set({})  # recorded as source "sql"
+        name, kind, requests = payload["endpoint"], payload["kind"], payload["requests"]
+        if kind == "embed":
+            results = query_client.embed(name, requests)
+        elif kind == "predict":
+            results = query_client.predict(name, requests, payload.get("params"))
+        else:
+            try:
+                options = SamplingOptions(**(payload.get("options") or {}))
+            except ValueError as exc:
+                from serving.wire import describe_validation_error
+
+                raise InvalidParameterValue(f"options: {describe_validation_error(exc)}") from None
+            call = query_client.chat if kind == "chat" else query_client.complete
+            results = call(name, requests, options)
+        return [encode_result(r) for r in results]
+
+    @app.post(f"{API}/sqlinfer/batch")
+    async def batch(request: Request) -> JSONResponse:
+        payload = await body(request)
+        if not isinstance(payload, dict) or not isinstance(payload.get("endpoint"), str) \
+                or payload.get("kind") not in KINDS or not isinstance(payload.get("requests"), list):
+            raise MalformedRequest(f"a batch is {{\"endpoint\": name, \"kind\": one of {', '.join(KINDS)}, "
+                                   f"\"requests\": [...], \"options\": {{...}}}}")
+        who = may_query(request, payload["endpoint"])
+        return JSONResponse({"results": await run_in_threadpool(run_batch, who, payload)})
 
     usage = UsageRecorder(service.db)
 

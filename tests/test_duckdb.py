@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import duckdb
 import pytest
 
@@ -79,9 +81,11 @@ def test_a_failed_row_fails_the_query_with_its_endpoint_and_request(echo_con):
         echo_con.execute("SELECT ai_query('echo', r) FROM (VALUES ('ok'), ('please FAIL now')) t(r)").fetchall()
 
 
-def test_functions_refuse_the_wrong_kind_of_endpoint(echo_con):
-    with pytest.raises(duckdb.Error, match=r"use ai_embed\('echo-vectors', text\)"):
-        echo_con.execute("SELECT ai_query('echo-vectors', 'x')").fetchall()
+def test_ai_query_on_an_embeddings_endpoint_returns_the_vector_and_ai_embed_refuses_chat(echo_con):
+    [(vector, text)] = echo_con.execute("SELECT ai_query('echo-vectors', 'x', returnType => 'ARRAY<FLOAT>'), "
+                                        "ai_query('echo-vectors', 'x')").fetchall()
+    [(embedded,)] = echo_con.execute("SELECT ai_embed('echo-vectors', 'x')").fetchall()
+    assert vector == pytest.approx(list(embedded)) and json.loads(text) == pytest.approx(vector)
     with pytest.raises(duckdb.Error, match=r"ai_embed needs an embeddings endpoint, but 'echo' serves llm/v1/chat"):
         echo_con.execute("SELECT ai_embed('echo', 'x')").fetchall()
 

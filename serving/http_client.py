@@ -1,0 +1,103 @@
+"""A :class:`~serving.client.ServingClient` that talks to ``sqlinfer serve`` over HTTP.
+
+Spark executors use it: each task sends its whole batch in one ``POST /api/2.0/sqlinfer/batch``
+(see :mod:`serving.batch_wire`), so every executor shares the server's engine, rate limits and
+usage log, and nothing heavy (an engine, an SDK client) is ever pickled — an executor builds
+this client from a URL and a token. The token must have CAN_QUERY on the endpoints used.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Sequence
+
+from engine.types import SamplingOptions, Task
+from serving.backends import ResultCallback
+from serving.batch_wire import decode_result
+from serving.errors import SqlinferError, row_error
+
+
+class HttpServingClient:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 900.0):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self._info: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    # -- metadata ----------------------------------------------------------------------------
+
+    def _endpoint(self, endpoint: str) -> dict[str, Any]:
+        with self._lock:
+            known = self._info.get(endpoint)
+        if known is None:
+            known = self._get(f"/api/2.0/sqlinfer/endpoints/{endpoint}")
+            with self._lock:
+                self._info[endpoint] = known
+        return known
+
+    def endpoints(self) -> list[tuple[str, Task]]:
+        listed = self._get("/api/2.0/sqlinfer/endpoints")["endpoints"]
+        return [(e["name"], e["task"]) for e in listed]
+
+    def task(self, endpoint: str) -> Task:
+        return self._endpoint(endpoint)["task"]
+
+    def embedding_dimension(self, endpoint: str) -> int | None:
+        return self._endpoint(endpoint).get("embedding_dimension")
+
+    def warm_up(self, endpoint: str) -> None:
+        self._endpoint(endpoint)
+
+    # -- batches -----------------------------------------------------------------------------
+
+    def chat(self, endpoint, conversations, options, on_result=None):
+        return self._batch(endpoint, "chat", [list(c) for c in conversations], options, on_result)
+
+    def complete(self, endpoint, prompts, options, on_result=None):
+        return self._batch(endpoint, "complete", list(prompts), options, on_result)
+
+    def embed(self, endpoint, texts, on_result=None):
+        return self._batch(endpoint, "embed", list(texts), None, on_result)
+
+    def predict(self, endpoint, rows, params=None, on_result=None):
+        return self._batch(endpoint, "predict", list(rows), None, on_result, params)
+
+    def stream(self, endpoint, request, options, chat):
+        raise SqlinferError("streaming goes through the OpenAI-compatible routes, not the batch client")
+
+    def _batch(self, endpoint: str, kind: str, requests: Sequence[Any], options: SamplingOptions | None,
+               on_result: ResultCallback | None, params: dict[str, Any] | None = None) -> list[Any]:
+        body: dict[str, Any] = {"endpoint": endpoint, "kind": kind, "requests": requests}
+        if options is not None:
+            body["options"] = options.model_dump(exclude_none=True, mode="json")
+        if params:
+            body["params"] = params
+        results = [decode_result(kind, r) for r in self._post("/api/2.0/sqlinfer/batch", body)["results"]]
+        if on_result is not None:
+            for index, result in enumerate(results):
+                on_result(index, result)
+        return results
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    def _get(self, path: str) -> dict[str, Any]:
+        return self._answer(self._http.get(path))
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._answer(self._http.post(path, json=body))
+
+    def _answer(self, response: Any) -> dict[str, Any]:
+        if response.status_code == 200:
+            return response.json()
+        try:
+            error = response.json()
+            message = f"{error.get('error_code')}: {error.get('message')}"
+        except ValueError:
+            message = response.text[:500]
+        raise row_error(f"sqlinfer serve at {self.url} answered HTTP {response.status_code}: {message}", response.status_code)
+
+    def close(self) -> None:
+        self._http.close()
