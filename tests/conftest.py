@@ -143,3 +143,23 @@ def upstream():
     server = ScriptedOpenAIServer()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_registry(tmp_path_factory):
+    """A real local MLflow registry (SQLite) holding main.default.iris version 1 (scikit-learn)."""
+    import mlflow
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    # artifacts under the test's temporary directory, never ./mlruns in the repository
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("iris", artifact_location=(root / "artifacts").as_uri()))
+    features, labels = load_iris(return_X_y=True, as_frame=True)
+    with mlflow.start_run():
+        mlflow.sklearn.log_model(LogisticRegression(max_iter=200).fit(features, labels), name="model",
+                                 registered_model_name="main.default.iris", input_example=features.head(2))
+    return uri

@@ -1,0 +1,203 @@
+"""ai_query / ai_embed in Spark local[2], with executors going to a `sqlinfer serve` subprocess.
+
+The same server also answers a DuckDB connection through the same HTTP client, so the tests can
+check that both connectors give the same typed answers and the same errors.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.registry_helpers import SQLINFER
+from tests.rest_server import free_port, wait_healthy
+
+pytestmark = pytest.mark.spark
+
+
+@pytest.fixture(scope="module")
+def sqlinfer_server(tmp_path_factory, mlflow_registry):
+    """`sqlinfer serve` hosting the local engine, an iris custom model and the echo endpoints."""
+    from serving.endpoints import EndpointService
+
+    home = tmp_path_factory.mktemp("spark-home")
+    env = os.environ | {"SQLINFER_HOME": str(home), "SQLINFER_MLFLOW_REGISTRY_URI": mlflow_registry}
+    service = EndpointService(home)
+    _, token = service.auth.create_token("spark-job", is_admin=True)
+    os.environ["SQLINFER_MLFLOW_REGISTRY_URI"] = mlflow_registry
+    try:
+        service.create({"name": "iris", "config": {"served_entities": [{"entity_name": "main.default.iris", "entity_version": "1"}]}})
+        service.wait_for_deployments()
+    finally:
+        del os.environ["SQLINFER_MLFLOW_REGISTRY_URI"]
+    port = free_port()
+    process = subprocess.Popen([SQLINFER, "serve", "--port", str(port), "--log-level", "warning"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(f"{url}/health")
+        yield url, token
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def spark(sqlinfer_server):
+    os.environ["PYSPARK_PYTHON"] = sys.executable  # workers must import pandas/pyarrow from this venv
+    from pyspark.sql import SparkSession
+
+    from connectors import spark as sqlinfer_spark
+
+    session = (SparkSession.builder.master("local[2]").appName("sqlinfer-tests")
+               .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2").getOrCreate())
+    session.sparkContext.setLogLevel("ERROR")
+    url, token = sqlinfer_server
+    sqlinfer_spark.register(session, url=url, token=token)
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="module")
+def duck(sqlinfer_server):
+    from connectors.duckdb import connect
+    from serving.http_client import HttpServingClient
+
+    url, token = sqlinfer_server
+    con = connect(client=HttpServingClient(url, token))
+    yield con
+    con.close()
+
+
+def post_count(url: str) -> int:
+    metrics = httpx.get(f"{url}/metrics").text
+    return sum(int(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith('sqlinfer_http_requests_total{method="POST"'))
+
+
+QUERIES = [  # the same SQL in DuckDB and in Spark (via connectors.spark.sql for typed results)
+    "SELECT q, ai_query('system-echo', q) AS r FROM VALUES ('hello there'), (NULL), ('') AS t(q) ORDER BY q NULLS LAST",
+    "SELECT q, ai_query('system-echo', q, returnType => 'DOUBLE') AS r FROM VALUES ('0.25'), ('2') AS t(q) ORDER BY q NULLS LAST",
+    "SELECT q, ai_query('system-echo', q, 'ARRAY<INT>') AS r FROM VALUES ('[1, 2, 3]') AS t(q)",
+    "SELECT q, ai_query('system-echo', q, returnType => 'STRUCT<label: STRING, score: DOUBLE>') AS r "
+    "FROM VALUES ('{\"label\": \"good\", \"score\": 0.9}') AS t(q)",
+    "SELECT q, ai_query('system-echo', q, returnType => 'BOOLEAN', failOnError => false) AS r "
+    "FROM VALUES ('true'), ('maybe'), (NULL) AS t(q) ORDER BY q NULLS LAST",
+    "SELECT q, ai_query('system-echo', q, failOnError => false, modelParameters => named_struct('max_tokens', 2)) AS r "
+    "FROM VALUES ('one two three') AS t(q)",
+]
+
+
+def normalize(value):
+    """Spark Rows and DuckDB tuples/dicts as plain Python values."""
+    if hasattr(value, "asDict"):
+        return {k: normalize(v) for k, v in value.asDict().items()}
+    if isinstance(value, dict):
+        return {k: normalize(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [normalize(v) for v in value]
+    return value
+
+
+def test_the_same_queries_give_the_same_typed_answers_in_duckdb_and_spark(spark, duck):
+    from connectors import spark as sqlinfer_spark
+
+    for query in QUERIES:
+        duck_query = query.replace("named_struct('max_tokens', 2)", "{'max_tokens': 2}")
+        expected = [normalize(row) for row in duck.execute(duck_query).fetchall()]
+        got = [normalize(list(row)) for row in sqlinfer_spark.sql(spark, query).collect()]
+        assert got == expected, query
+    typed = sqlinfer_spark.sql(spark, QUERIES[4]).schema["r"].dataType.simpleString()
+    assert typed == "struct<result:boolean,errorMessage:string>"
+    answers = {r["q"]: r["r"] for r in sqlinfer_spark.sql(spark, QUERIES[4]).collect()}
+    assert answers["true"]["result"] is True and answers["true"]["errorMessage"] is None
+    assert answers["maybe"]["result"] is None and "expected BOOLEAN, got 'maybe'" in answers["maybe"]["errorMessage"]
+    assert answers[None] is None
+
+
+def test_failures_fail_the_query_the_same_way_in_both(spark, duck):
+    from connectors import spark as sqlinfer_spark
+
+    query = "SELECT ai_query('system-echo', q, returnType => 'INT') FROM VALUES ('1'), ('seven') AS t(q)"
+    with pytest.raises(Exception, match=r"ai_query failed on endpoint 'system-echo' for request 'seven'.*expected INT"):
+        duck.execute(query).fetchall()
+    with pytest.raises(Exception, match=r"ai_query failed on endpoint 'system-echo' for request 'seven'.*expected INT"):
+        sqlinfer_spark.sql(spark, query).collect()
+    bad_parameters = "SELECT ai_query('system-echo', 'x', modelParameters => named_struct('temperature', 9.0))"
+    with pytest.raises(Exception, match=r"AI_FUNCTION_INVALID_MODEL_PARAMETERS.*temperature"):
+        spark.sql(bad_parameters).collect()
+    with pytest.raises(Exception, match=r"returnType 'STRUCT<a: DECIMAL>'.*DECIMAL is not supported"):
+        sqlinfer_spark.sql(spark, "SELECT ai_query('system-echo', 'x', returnType => 'STRUCT<a: DECIMAL>')")
+
+
+def test_plain_spark_sql_takes_named_arguments_and_returns_json_for_typed_forms(spark):
+    rows = spark.sql("SELECT ai_query('system-echo', q, failOnError => false) AS r FROM VALUES ('hi'), (NULL) AS t(q)").collect()
+    assert rows[0]["r"] == '{"result": "hi", "errorMessage": null}' and rows[1]["r"] is None
+    [row] = spark.sql("SELECT ai_query(endpoint => 'system-echo', request => '7', returnType => 'INT') AS r").collect()
+    assert row["r"] == "7"
+
+
+def test_a_partition_goes_to_the_server_in_one_request_and_order_is_kept(spark, sqlinfer_server):
+    from connectors import spark as sqlinfer_spark
+
+    url, _ = sqlinfer_server
+    frame = spark.range(5000, numPartitions=2).selectExpr("CAST(id AS STRING) AS q")
+    before = post_count(url)
+    rows = frame.select("q", sqlinfer_spark.ai_query("system-echo", "q", returnType="BIGINT").alias("n")).collect()
+    after = post_count(url)
+    assert len(rows) == 5000 and all(int(r["q"]) == r["n"] for r in rows)
+    assert after - before <= 2  # one batch request per partition, never one per row
+
+    vectors = spark.range(3).selectExpr("CAST(id AS STRING) AS t").select(sqlinfer_spark.ai_embed("system-echo-embeddings", "t").alias("v"))
+    assert [len(r["v"]) for r in vectors.collect()] == [8, 8, 8]
+    [embedded] = spark.sql("SELECT ai_embed('system-echo-embeddings', 'a') AS v").collect()
+    assert len(embedded["v"]) == 8
+
+
+def test_the_dataframe_api_is_typed(spark):
+    from pyspark.sql import functions as F
+
+    from connectors import spark as sqlinfer_spark
+
+    frame = spark.createDataFrame([("{\"label\": \"ok\", \"score\": 1}",), ("oops",)], ["q"])
+    result = frame.select(sqlinfer_spark.ai_query("system-echo", F.col("q"), returnType="STRUCT<label: STRING, score: DOUBLE>",
+                                                  failOnError=False).alias("r"))
+    assert result.schema["r"].dataType.simpleString() == "struct<result:struct<label:string,score:double>,errorMessage:string>"
+    first, second = [r["r"] for r in result.collect()]
+    assert first["result"]["label"] == "ok" and first["result"]["score"] == 1.0 and first["errorMessage"] is None
+    assert second["result"] is None and "expected JSON" in second["errorMessage"]
+    with pytest.raises(Exception, match="returnType 'FLOATY'"):
+        sqlinfer_spark.ai_query("system-echo", "q", returnType="FLOATY")
+
+
+def test_custom_models_take_struct_requests(spark, duck):
+    from connectors import spark as sqlinfer_spark
+
+    struct = ("named_struct('sepal length (cm)', 5.1, 'sepal width (cm)', 3.5, 'petal length (cm)', 1.4, "
+              "'petal width (cm)', 0.2)")
+    [row] = sqlinfer_spark.sql(spark, f"SELECT ai_query('iris', {struct}, returnType => 'BIGINT') AS label").collect()
+    duck_struct = "{'sepal length (cm)': 5.1, 'sepal width (cm)': 3.5, 'petal length (cm)': 1.4, 'petal width (cm)': 0.2}"
+    [(duck_label,)] = duck.execute(f"SELECT ai_query('iris', {duck_struct}, returnType => 'BIGINT')").fetchall()
+    assert row["label"] == duck_label == 0  # setosa
+    with pytest.raises(Exception, match="must be a STRUCT of named input fields"):
+        spark.sql("SELECT ai_query('iris', 'not a struct')").collect()
+
+
+@pytest.mark.engine
+def test_databricks_examples_run_unchanged_on_the_local_engine(spark):
+    from connectors import spark as sqlinfer_spark
+
+    spark.createDataFrame([("Paris is the capital and largest city of France. It is known for the Eiffel Tower.",)],
+                          ["text"]).createOrReplaceTempView("articles")
+    [summary] = spark.sql(
+        "SELECT text, ai_query('system-smollm2-135m-instruct', 'Summarize the given text in one short sentence: ' || text, "
+        "modelParameters => named_struct('max_tokens', 24, 'temperature', 0.0)) AS summary FROM articles").collect()
+    assert summary["summary"] and "Paris" in summary["summary"]
+    [extracted] = sqlinfer_spark.sql(spark, (
+        "SELECT ai_query('system-smollm2-135m-instruct', 'Extract the city and country from: ' || text, "
+        "responseFormat => 'STRUCT<city: STRING, country: STRING>', modelParameters => named_struct('max_tokens', 40)) AS r "
+        "FROM articles")).collect()
+    assert set(extracted["r"].asDict()) == {"city", "country"} and isinstance(extracted["r"]["city"], str)
