@@ -95,8 +95,10 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
 
     def on_result(index: int, result: Any) -> None:
         if stats is not None:
+            completion = getattr(result, "completion_tokens", 0)
             stats.add(rows=weight[index], errors=weight[index] if result.error else 0,
-                      prompt_tokens=result.prompt_tokens, completion_tokens=getattr(result, "completion_tokens", 0))
+                      prompt_tokens=result.prompt_tokens, completion_tokens=completion)
+            stats.add_tokens(endpoint, result.prompt_tokens, completion)
 
     if stats is not None:
         stats.batch_started()

@@ -107,14 +107,15 @@ def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None
     con.create_function(_EMBED_UDF, embed_udf, [varchar, varchar], vector, **udf_options)
     # The result type, computed from constant arguments while DuckDB binds the query: this UDF
     # is pure, so DuckDB folds it and json_transform gets a constant structure (a bad returnType
-    # fails here, before any row is sent). The `if(request IS NULL, ...)` around the call keeps
-    # NULL rows away from the UDF and lets CREATE MACRO accept the body (DuckDB checks the
-    # structure at creation only when the first argument's type is already known).
+    # fails here, before any row is sent). The never-true `if(...)` around the call is what lets
+    # CREATE MACRO accept the body: DuckDB checks json_transform's structure at creation only
+    # when its first argument's type is already known, and a macro parameter's is not. NULL
+    # requests still reach the UDF, which counts them (they are never sent to a model).
     con.create_function(_STRUCTURE_UDF, structure_udf, [varchar, varchar, boolean], varchar,
                         type="arrow", side_effects=False, null_handling="special")
     con.execute(
         f"CREATE OR REPLACE TEMP MACRO ai_query(endpoint, request, returnType := NULL, failOnError := true, "
-        f"modelParameters := NULL, responseFormat := NULL) AS json_transform(if(request IS NULL, NULL, "
+        f"modelParameters := NULL, responseFormat := NULL) AS json_transform(if(request IS NULL AND request IS NOT NULL, NULL, "
         f"{_QUERY_UDF}(endpoint, to_json(request)::VARCHAR, returnType::VARCHAR, failOnError::BOOLEAN, "
         f"to_json(modelParameters)::VARCHAR, responseFormat::VARCHAR)), "
         f"{_STRUCTURE_UDF}(returnType::VARCHAR, responseFormat::VARCHAR, failOnError::BOOLEAN))"
