@@ -93,12 +93,11 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
     for owner in owners:
         weight[owner] += 1
 
+    tally = stats.tally(endpoint) if stats is not None else None
+
     def on_result(index: int, result: Any) -> None:
-        if stats is not None:
-            completion = getattr(result, "completion_tokens", 0)
-            stats.add(rows=weight[index], errors=weight[index] if result.error else 0,
-                      prompt_tokens=result.prompt_tokens, completion_tokens=completion)
-            stats.add_tokens(endpoint, result.prompt_tokens, completion)
+        if tally is not None:
+            tally.add(weight[index], result)
 
     if stats is not None:
         stats.batch_started()
@@ -111,6 +110,8 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
         results = client.complete(endpoint, distinct, options, on_result)
     else:
         results = client.predict(endpoint, distinct, None, on_result)
+    if tally is not None:
+        tally.flush()
     return [results[owner] for owner in owners]
 
 

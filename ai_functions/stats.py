@@ -71,11 +71,24 @@ class QueryStats:
         """Price one endpoint's tokens so summaries report cost."""
         self.prices[endpoint] = (float(input_per_million), float(output_per_million))
 
-    def add_tokens(self, endpoint: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def tally(self, endpoint: str) -> "Tally":
+        """A per-batch counter for answers as they arrive (see :class:`Tally`)."""
+        return Tally(self, endpoint)
+
+    def _merge(self, endpoint: str, rows: int, errors: int, prompt_tokens: int, completion_tokens: int) -> None:
         with self._lock:
-            pair = self._totals.tokens_by_endpoint.setdefault(endpoint, [0, 0])
+            totals = self._totals
+            totals.rows += rows
+            totals.errors += errors
+            totals.prompt_tokens += prompt_tokens
+            totals.completion_tokens += completion_tokens
+            pair = totals.tokens_by_endpoint.setdefault(endpoint, [0, 0])
             pair[0] += prompt_tokens
             pair[1] += completion_tokens
+            self._last_done = time.perf_counter()
+            if self._bar is not None and rows:
+                self._bar.update(rows)
+                self._bar.set_postfix(tokens=totals.completion_tokens, refresh=False)
 
     def reset(self) -> None:
         with self._lock:
@@ -122,3 +135,42 @@ class QueryStats:
             with self._lock:
                 self._bar = None
             bar.close()
+
+
+class Tally:
+    """Counts one batch's answers without taking the stats lock per answer.
+
+    Answers arrive one by one (from the engine's loop thread, provider threads); taking a lock
+    and updating the bar for each cost ~4 us per row, more than the rest of ai_query on an
+    instant endpoint. A tally merges into the query's stats every 0.1 s and at the end, so the
+    progress bar still moves while a long batch runs.
+    """
+
+    __slots__ = ("stats", "endpoint", "rows", "errors", "prompt", "completion", "_last", "_lock")
+
+    def __init__(self, stats: QueryStats, endpoint: str):
+        self.stats, self.endpoint = stats, endpoint
+        self.rows = self.errors = self.prompt = self.completion = 0
+        self._last = time.perf_counter()
+        self._lock = threading.Lock()  # provider threads report concurrently; never contended long
+
+    def add(self, rows: int, result: Any) -> None:
+        with self._lock:
+            self.rows += rows
+            if result.error:
+                self.errors += rows
+            self.prompt += result.prompt_tokens
+            self.completion += getattr(result, "completion_tokens", 0)
+            now = time.perf_counter()
+            due = now - self._last > 0.1
+            if due:
+                self._last = now
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            rows, errors, prompt, completion = self.rows, self.errors, self.prompt, self.completion
+            self.rows = self.errors = self.prompt = self.completion = 0
+        if rows or prompt or completion:
+            self.stats._merge(self.endpoint, rows, errors, prompt, completion)

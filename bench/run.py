@@ -18,6 +18,7 @@ BENCHMARKS = [
     ("local engine, chat", ["bench_local_engine.py", "--which", "chat", "--rows", "256"]),
     ("local engine, embeddings", ["bench_local_engine.py", "--which", "embed", "--rows", "512"]),
     ("gateway overhead and external dispatch", ["bench_gateway.py"]),
+    ("SQL function overhead (DuckDB, Spark)", ["bench_sql_functions.py"]),
 ]
 
 
