@@ -13,8 +13,9 @@ UDF gives the optional arguments names, so both ``modelParameters => {...}`` and
 ``modelParameters := {...}`` work; model parameters travel to Python as JSON (``to_json``).
 
 ``ai_embed`` returns ``FLOAT[n]``: ``n`` is read from the embedding endpoints known when the
-functions are registered (384 for the bundled all-MiniLM-L6-v2). If those endpoints disagree on
-``n`` it returns the variable-length ``FLOAT[]`` instead.
+functions are registered (384 for the bundled all-MiniLM-L6-v2; the 8-number test endpoint
+``system-echo-embeddings`` does not count). If those endpoints disagree on ``n`` it returns the
+variable-length ``FLOAT[]`` instead.
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ class AIFunctions:
 
 
 def _embedding_dimension(client: ServingClient) -> int | None:
+    from serving.registry import ECHO_EMBEDDINGS_ENDPOINT
+
     dimensions = set()
     for name, task in client.endpoints():
-        if task != "llm/v1/embeddings":
+        if task != "llm/v1/embeddings" or name == ECHO_EMBEDDINGS_ENDPOINT:  # the test backend does not vote
             continue
         try:
             dimension = client.embedding_dimension(name)
