@@ -23,11 +23,13 @@ import pyarrow as pa
 
 from ai_functions.errors import InvalidModelParameters, RowFailed
 from ai_functions.params import parse_model_parameters
+from ai_functions.result_store import IN_FLIGHT, ResultStore, request_key
 from ai_functions.spec import OutputSpec, output_spec
 from ai_functions.stats import QueryStats
 from ai_functions.types import SqlType, coerce, parse_text
 from engine.errors import InvalidParameterValue
 from engine.types import CUSTOM_TASK, EmbeddingResult, GenerationResult
+from serving.batch_wire import decode_result, encode_result
 from serving.client import ServingClient
 
 
@@ -67,9 +69,13 @@ def _dedupe(requests: Sequence[Any]) -> tuple[list[Any], list[int]]:
     return distinct, owners
 
 
+KIND_OF_TASK = {"llm/v1/chat": "chat", "llm/v1/completions": "complete", "llm/v1/embeddings": "embed", CUSTOM_TASK: "predict"}
+
+
 def _send(client: ServingClient, function: str, endpoint: str, requests: list[Any], parameters: str | None,
-          spec: OutputSpec | None, stats: QueryStats | None) -> list[Any]:
-    """Send distinct ``requests`` to ``endpoint`` in one call; return one result per input request."""
+          spec: OutputSpec | None, stats: QueryStats | None, store: ResultStore | None) -> list[Any]:
+    """Answer ``requests`` (one result each, in order): stored answers first, then one call with
+    the distinct rest; every answer is stored the moment it arrives."""
     task = client.task(endpoint)
     if function == "ai_embed" and task != "llm/v1/embeddings":
         raise InvalidParameterValue(f"ai_embed needs an embeddings endpoint, but {endpoint!r} serves {task}; use ai_query for it")
@@ -92,31 +98,90 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
     weight = [0] * len(distinct)
     for owner in owners:
         weight[owner] += 1
-
-    tally = stats.tally(endpoint) if stats is not None else None
-
-    def on_result(index: int, result: Any) -> None:
-        if tally is not None:
-            tally.add(weight[index], result)
-
     if stats is not None:
         stats.batch_started()
-        stats.add(requests=len(distinct), deduplicated=len(requests) - len(distinct))
-    if task == "llm/v1/embeddings":
-        results = client.embed(endpoint, distinct, on_result)
-    elif task == "llm/v1/chat":
-        results = client.chat(endpoint, [[{"role": "user", "content": t}] for t in distinct], options, on_result)
-    elif task == "llm/v1/completions":
-        results = client.complete(endpoint, distinct, options, on_result)
+        stats.add(deduplicated=len(requests) - len(distinct))
+    tally = stats.tally(endpoint) if stats is not None else None
+    kind = KIND_OF_TASK[task]
+    version = client.config_version(endpoint)
+    keyed = version is not None
+    keys = [request_key(endpoint, version, options.model_dump(mode="json", exclude_none=True) if kind in ("chat", "complete") else None,
+                        spec.schema_text if spec is not None and kind in ("chat", "complete") else None, r)
+            for r in distinct] if keyed else []
+    deterministic = keyed and store is not None and (kind in ("embed", "predict") or options.temperature == 0 or options.seed is not None)
+    results: list[Any] = [None] * len(distinct)
+    if deterministic:
+        stored = store.get_many(keys)
+        for i, key in enumerate(keys):
+            if key in stored:
+                results[i] = decode_result(*stored[key])
+        hits = [i for i, r in enumerate(results) if r is not None]
+        if hits and stats is not None:
+            stats.add(cache_hits=sum(weight[i] for i in hits))
+            for i in hits:
+                tally.add(weight[i], results[i])
+    pending = [i for i, r in enumerate(results) if r is None]
+    if keyed:  # query-wide dedupe: what another chunk of this process is sending now, we wait for
+        mine, theirs = IN_FLIGHT.claim([keys[i] for i in pending])
+        to_send = [pending[j] for j in mine]
+        waiting = {pending[j]: slot for j, slot in theirs.items()}
     else:
-        results = client.predict(endpoint, distinct, None, on_result)
+        to_send, waiting = pending, {}
+    if stats is not None:
+        stats.add(requests=len(to_send))
+    reported: set[int] = set()
+
+    def on_result(index: int, result: Any) -> None:
+        position = to_send[index]
+        reported.add(position)
+        if tally is not None:
+            tally.add(weight[position], result)
+        if deterministic and not result.error:
+            store.put(keys[position], endpoint, kind, encode_result(result))  # committed before anything else
+        if keyed:
+            IN_FLIGHT.finish(keys[position], result)
+
+    try:
+        if to_send:
+            batch = [distinct[i] for i in to_send]
+            if kind == "embed":
+                answers = client.embed(endpoint, batch, on_result)
+            elif kind == "chat":
+                answers = client.chat(endpoint, [[{"role": "user", "content": t}] for t in batch], options, on_result)
+            elif kind == "complete":
+                answers = client.complete(endpoint, batch, options, on_result)
+            else:
+                answers = client.predict(endpoint, batch, None, on_result)
+            for index, (position, answer) in enumerate(zip(to_send, answers)):
+                results[position] = answer
+                if position not in reported:  # a backend that did not report it: store it now
+                    on_result(index, answer)
+    finally:
+        if keyed:
+            for position in to_send:
+                if results[position] is None:
+                    IN_FLIGHT.finish(keys[position], None)  # never leave a waiter hanging
+    retry = []
+    for position, slot in waiting.items():
+        answer = IN_FLIGHT.wait(slot)
+        if answer is None:  # the chunk that was sending it failed as a whole: send it ourselves
+            retry.append(position)
+        else:
+            results[position] = answer
+            if tally is not None:
+                tally.add(weight[position], answer)
+    if retry:
+        again = _send(client, function, endpoint, [distinct[i] for i in retry], parameters, spec, stats, None)
+        for position, answer in zip(retry, again):
+            results[position] = answer
     if tally is not None:
         tally.flush()
     return [results[owner] for owner in owners]
 
 
 def _run(function: str, client: ServingClient, endpoints: Any, requests: Any, model_parameters: Any,
-         stats: QueryStats | None, fail_on_error: bool, spec: OutputSpec | None = None) -> list[Any]:
+         stats: QueryStats | None, fail_on_error: bool, spec: OutputSpec | None = None,
+         store: ResultStore | None = None) -> list[Any]:
     """Per-row results (None for NULL rows), in input order."""
     texts = _values(requests, len(requests))
     endpoint_values = _values(endpoints, len(texts))
@@ -128,7 +193,7 @@ def _run(function: str, client: ServingClient, endpoints: Any, requests: Any, mo
         null_rows += len(rows) - len(live)
         if not live:
             continue
-        results = _send(client, function, endpoint, [texts[row] for row in live], parameters, spec, stats)
+        results = _send(client, function, endpoint, [texts[row] for row in live], parameters, spec, stats, store)
         for row, result in zip(live, results):
             answers[row] = result
     if stats is not None and null_rows:
@@ -157,7 +222,8 @@ def _typed(result: Any, sql_type: SqlType) -> tuple[Any, str | None]:
 
 
 def ai_query_values(client: ServingClient, endpoints: Any, requests: Any, model_parameters: Any = None,
-                    spec: OutputSpec | None = None, stats: QueryStats | None = None) -> list[tuple[Any, str | None] | None]:
+                    spec: OutputSpec | None = None, stats: QueryStats | None = None,
+                    store: ResultStore | None = None) -> list[tuple[Any, str | None] | None]:
     """``ai_query`` for one batch, as (typed value, errorMessage) per row, None for NULL rows.
 
     ``requests`` holds strings (chat/completions) or dicts (custom models: the STRUCT's fields).
@@ -165,7 +231,7 @@ def ai_query_values(client: ServingClient, endpoints: Any, requests: Any, model_
     fit the result type — raises :class:`RowFailed`.
     """
     spec = spec or output_spec()
-    answers = _run("ai_query", client, endpoints, requests, model_parameters, stats, False, spec)
+    answers = _run("ai_query", client, endpoints, requests, model_parameters, stats, False, spec, store)
     outcomes = [None if a is None else _typed(a, spec.result) for a in answers]
     if spec.fail_on_error:
         endpoint_values = _values(endpoints, len(outcomes))
@@ -181,22 +247,24 @@ def ai_query_values(client: ServingClient, endpoints: Any, requests: Any, model_
 
 
 def ai_query_batch(client: ServingClient, endpoints: Any, requests: Any, model_parameters: Any = None,
-                   stats: QueryStats | None = None, fail_on_error: bool = True, spec: OutputSpec | None = None) -> Any:
+                   stats: QueryStats | None = None, fail_on_error: bool = True, spec: OutputSpec | None = None,
+                   store: ResultStore | None = None) -> Any:
     """``ai_query`` for one batch as an Arrow array of the spec's type (STRING by default)."""
     import pyarrow as pa
 
     spec = spec or output_spec(fail_on_error=fail_on_error)
-    outcomes = ai_query_values(client, endpoints, requests, model_parameters, spec, stats)
+    outcomes = ai_query_values(client, endpoints, requests, model_parameters, spec, stats, store)
     if spec.fail_on_error:
         return pa.array([None if o is None else o[0] for o in outcomes], spec.arrow())
     return pa.array([None if o is None else {"result": o[0], "errorMessage": o[1]} for o in outcomes], spec.arrow())
 
 
 def ai_query_json(client: ServingClient, endpoints: Any, requests: Any, model_parameters: Any = None,
-                  spec: OutputSpec | None = None, stats: QueryStats | None = None) -> list[str | None]:
+                  spec: OutputSpec | None = None, stats: QueryStats | None = None,
+                  store: ResultStore | None = None) -> list[str | None]:
     """``ai_query`` for one batch as JSON text per row (DuckDB reads it back with json_transform)."""
     spec = spec or output_spec()
-    outcomes = ai_query_values(client, endpoints, requests, model_parameters, spec, stats)
+    outcomes = ai_query_values(client, endpoints, requests, model_parameters, spec, stats, store)
     dumps = json.dumps
     if spec.fail_on_error:
         return [None if o is None or o[0] is None else dumps(o[0]) for o in outcomes]
@@ -204,9 +272,10 @@ def ai_query_json(client: ServingClient, endpoints: Any, requests: Any, model_pa
 
 
 def ai_embed_batch(client: ServingClient, endpoints: Any, texts: Any, dimension: int | None = None,
-                   stats: QueryStats | None = None, fail_on_error: bool = True) -> pa.Array:
+                   stats: QueryStats | None = None, fail_on_error: bool = True,
+                   store: ResultStore | None = None) -> pa.Array:
     """``ai_embed(endpoint, text)`` for one batch -> FLOAT[dimension] (or FLOAT[] if not fixed)."""
-    answers = _run("ai_embed", client, endpoints, texts, None, stats, fail_on_error)
+    answers = _run("ai_embed", client, endpoints, texts, None, stats, fail_on_error, None, store)
     vectors = [None if a is None or a.error else a.vector for a in answers]
     if dimension is None:
         return pa.array(vectors, pa.list_(pa.float32()))

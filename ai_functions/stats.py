@@ -23,6 +23,7 @@ class StatsSnapshot:
     null_rows: int = 0
     requests: int = 0  # distinct requests sent to an endpoint (after dedupe)
     deduplicated: int = 0  # rows answered by an identical request of the same batch
+    cache_hits: int = 0  # rows answered from the result store (nothing sent, nothing paid)
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -37,7 +38,8 @@ class StatsSnapshot:
     def summary(self) -> str:
         cost = f", cost {self.cost:.6f}" if self.cost is not None else ""
         return (
-            f"{self.rows} rows ({self.null_rows} NULL, {self.deduplicated} answered by an identical request, "
+            f"{self.rows} rows ({self.null_rows} NULL, {self.cache_hits} from the result store, "
+            f"{self.deduplicated} answered by an identical request, "
             f"{self.errors} errors), {self.requests} requests, {self.prompt_tokens} prompt + "
             f"{self.completion_tokens} generated tokens{cost}, {self.rows_per_second:.1f} rows/s, "
             f"{self.wall_seconds:.1f} s wall"

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import httpx
 
+# Benchmarks measure the engine and the functions, not the result store: every round computes.
+os.environ.setdefault("SQLINFER_RESULT_STORE", "off")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 

@@ -37,6 +37,8 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     con = connect(args.database)
     try:
         ai = functions(con)
+        if not args.store:
+            ai.store = None
         if "sqlinfer_usage" in args.query.lower():
             _register_usage_view(con)
         try:
@@ -191,6 +193,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from ai_functions.result_store import default_store
+
+    store = default_store()
+    if store is None:
+        print("the result store is off (SQLINFER_RESULT_STORE=off)")
+        return 0
+    if args.action == "clear":
+        removed = store.clear(args.endpoint)
+        print(f"removed {removed} stored answers" + (f" of {args.endpoint!r}" if args.endpoint else "") + f" from {store.path}")
+    else:
+        print(f"{store.count(args.endpoint)} stored answers" + (f" of {args.endpoint!r}" if args.endpoint else "") + f" in {store.path}")
+    return 0
+
+
 def _print_columns(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -207,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--max-rows", type=int, default=40, help="rows to print (default 40)")
     sql.add_argument("--max-width", type=int, default=160, help="table width in characters")
     sql.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    sql.add_argument("--no-store", dest="store", action="store_false",
+                     help="neither read nor keep answers in the result store for this query")
     sql.set_defaults(handler=_cmd_sql)
 
     models = commands.add_parser("models", help="list, prepare or register models")
@@ -236,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     secrets.add_argument("key", nargs="?")
     secrets.add_argument("--value", help="put: the value (default: read from stdin, so it stays out of shell history)")
     secrets.set_defaults(handler=_cmd_secrets)
+
+    cache = commands.add_parser("cache", help="the durable result store ($SQLINFER_HOME/results.db)")
+    cache.add_argument("action", choices=["info", "clear"], nargs="?", default="info")
+    cache.add_argument("--endpoint", help="only this endpoint's answers")
+    cache.set_defaults(handler=_cmd_cache)
 
     serve = commands.add_parser("serve", help="run the REST API")
     serve.add_argument("--host", default="127.0.0.1")

@@ -28,6 +28,7 @@ from typing import Any
 import duckdb
 
 from ai_functions.functions import _values, ai_embed_batch, ai_query_json
+from ai_functions.result_store import ResultStore, default_store
 from ai_functions.spec import output_spec
 from ai_functions.stats import QueryStats
 from engine.errors import SqlinferError
@@ -45,6 +46,8 @@ class AIFunctions:
     client: ServingClient
     embedding_dimension: int | None
     stats: QueryStats = field(default_factory=QueryStats)
+    # Finished answers, kept durably ($SQLINFER_HOME/results.db); None turns the store off.
+    store: ResultStore | None = field(default_factory=default_store)
 
 
 def _embedding_dimension(client: ServingClient) -> int | None:
@@ -81,7 +84,8 @@ def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None
             rows = [i for i, s in enumerate(settings) if s == key] if len(set(settings)) > 1 else range(len(requests))
             spec = output_spec(*key)
             pick = (lambda column: column.take(pa.array(rows))) if len(rows) < len(requests) else (lambda column: column)
-            values = ai_query_json(ai.client, pick(endpoint), [requests[i] for i in rows], pick(model_parameters), spec, ai.stats)
+            values = ai_query_json(ai.client, pick(endpoint), [requests[i] for i in rows], pick(model_parameters), spec,
+                                   ai.stats, ai.store)
             for i, value in zip(rows, values):
                 answers[i] = value
         return pa.array(answers, pa.string())
@@ -93,7 +97,7 @@ def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None
             return_type.to_pylist(), response_format.to_pylist(), fail_on_error.to_pylist())], pa.string())
 
     def embed_udf(endpoint: Any, text: Any) -> Any:
-        return ai_embed_batch(ai.client, endpoint, text, ai.embedding_dimension, ai.stats)
+        return ai_embed_batch(ai.client, endpoint, text, ai.embedding_dimension, ai.stats, store=ai.store)
 
     varchar, boolean = duckdb.sqltype("VARCHAR"), duckdb.sqltype("BOOLEAN")
     vector = duckdb.sqltype(f"FLOAT[{dimension}]" if dimension else "FLOAT[]")

@@ -34,6 +34,7 @@ from decimal import Decimal
 from typing import Any, Iterator
 
 from ai_functions.functions import ai_embed_batch, ai_query_batch, ai_query_json
+from ai_functions.result_store import default_store
 from ai_functions.spec import OutputSpec, output_spec
 from engine.errors import InvalidParameterValue
 
@@ -119,12 +120,12 @@ def register(spark: Any, url: str | None = None, token: str | None = None) -> Cl
         import pyarrow as pa
 
         spec = output_spec(_scalar(returnType), _scalar(responseFormat), _scalar(failOnError))
-        answers = ai_query_json(_client(config), endpoint, _requests(request), _json_texts(modelParameters), spec)
+        answers = ai_query_json(_client(config), endpoint, _requests(request), _json_texts(modelParameters), spec, store=default_store())
         return pa.array(answers, pa.string())
 
     @arrow_udf("array<float>")
     def ai_embed(endpoint, text):
-        return ai_embed_batch(_client(config), endpoint, text)
+        return ai_embed_batch(_client(config), endpoint, text, store=default_store())
 
     spark.udf.register("ai_query", ai_query)
     spark.udf.register("ai_embed", ai_embed)
@@ -238,7 +239,7 @@ def _typed_function(spark: Any, spec: OutputSpec, config: ClientConfig) -> str:
 
     @arrow_udf(spec.spark_ddl())
     def typed(endpoint, request, modelParameters):  # noqa: N803
-        return ai_query_batch(_client(config), endpoint, _requests(request), _json_texts(modelParameters), spec=spec)
+        return ai_query_batch(_client(config), endpoint, _requests(request), _json_texts(modelParameters), spec=spec, store=default_store())
 
     spark.udf.register(name, typed)
     return name
@@ -271,7 +272,7 @@ def ai_query(endpoint: str, request: Any, returnType: str | None = None, failOnE
         requests = [v for array in arrays for v in _requests(array)]
         if not requests:
             return
-        answers = ai_query_batch(_client(config), endpoint, requests, parameters, spec=spec)
+        answers = ai_query_batch(_client(config), endpoint, requests, parameters, spec=spec, store=default_store())
         offset = 0
         for array in arrays:
             yield answers.slice(offset, len(array)) if isinstance(answers, pa.Array) else answers
@@ -291,7 +292,7 @@ def ai_embed(endpoint: str, text: Any, url: str | None = None, token: str | None
         texts = [v for array in arrays for v in array.to_pylist()]
         if not texts:
             return
-        vectors = ai_embed_batch(_client(config), endpoint, texts)
+        vectors = ai_embed_batch(_client(config), endpoint, texts, store=default_store())
         offset = 0
         for array in arrays:
             yield vectors.slice(offset, len(array))

@@ -24,6 +24,10 @@ class ServingClient(Protocol):
 
     def warm_up(self, endpoint: str) -> None: ...
 
+    def config_version(self, endpoint: str) -> str | None:
+        """What stored answers of ``endpoint`` are keyed by; None if they must not be stored."""
+        ...
+
     def chat(
         self, endpoint: str, conversations: Sequence[Conversation], options: SamplingOptions,
         on_result: ResultCallback | None = None,
@@ -65,6 +69,9 @@ class InProcessClient:
 
     def warm_up(self, endpoint: str) -> None:
         self.registry.backend(endpoint).warm_up()
+
+    def config_version(self, endpoint: str) -> str | None:
+        return self.registry.endpoint(endpoint).cache_version
 
     def chat(self, endpoint, conversations, options, on_result=None):
         return self.registry.backend(endpoint).chat(conversations, options, on_result)

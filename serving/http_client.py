@@ -9,6 +9,7 @@ this client from a URL and a token. The token must have CAN_QUERY on the endpoin
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Sequence
 
 from engine.types import SamplingOptions, Task
@@ -30,10 +31,12 @@ class HttpServingClient:
     # -- metadata ----------------------------------------------------------------------------
 
     def _endpoint(self, endpoint: str) -> dict[str, Any]:
+        """An endpoint's task, dimension and config version, asked again after 30 s (a config
+        update must reach long-running executors)."""
         with self._lock:
             known = self._info.get(endpoint)
-        if known is None:
-            known = self._get(f"/api/2.0/sqlinfer/endpoints/{endpoint}")
+        if known is None or time.monotonic() - known["_fetched"] > 30:
+            known = self._get(f"/api/2.0/sqlinfer/endpoints/{endpoint}") | {"_fetched": time.monotonic()}
             with self._lock:
                 self._info[endpoint] = known
         return known
@@ -50,6 +53,9 @@ class HttpServingClient:
 
     def warm_up(self, endpoint: str) -> None:
         self._endpoint(endpoint)
+
+    def config_version(self, endpoint: str) -> str | None:
+        return self._endpoint(endpoint).get("cache_version")
 
     # -- batches -----------------------------------------------------------------------------
 

@@ -34,6 +34,9 @@ class Endpoint:
     factory: BackendFactory
     description: str = ""
     backend: Backend | None = None
+    # What the result store keys answers by: changes whenever the model behind the name may have
+    # (config version, endpoint recreated). None: never stored (test doubles registered in code).
+    cache_version: str | None = None
 
 
 class Resolver(Protocol):
@@ -57,7 +60,8 @@ class EndpointRegistry:
         self._resolver = resolver
         self._lock = threading.Lock()
 
-    def register(self, name: str, task: Task, backend: Backend | BackendFactory, description: str = "") -> None:
+    def register(self, name: str, task: Task, backend: Backend | BackendFactory, description: str = "",
+                 cache_version: str | None = None) -> None:
         if task not in TASKS:
             raise InvalidParameterValue(f"task {task!r} is not one of {', '.join(TASKS)}")
         factory = (lambda: backend) if isinstance(backend, Backend) else backend
@@ -66,7 +70,7 @@ class EndpointRegistry:
                 raise ResourceAlreadyExists(
                     f"endpoint {name!r} already exists; choose another name or remove it first"
                 )
-            self._endpoints[name] = Endpoint(name, task, factory, description)
+            self._endpoints[name] = Endpoint(name, task, factory, description, cache_version=cache_version)
 
     def unregister(self, name: str) -> None:
         with self._lock:
@@ -84,14 +88,14 @@ class EndpointRegistry:
         found = self._resolver.lookup(name) if self._resolver is not None else None
         if found is None:
             raise self._not_found(name)
-        version, task, factory = found
+        version, task, factory, cache_version = found if len(found) == 4 else (*found, None)
         with self._lock:
             cached = self._resolved.get(name)
             if cached is not None and cached[0] == version:
                 return cached[1]
             if cached is not None and cached[1].backend is not None:
                 cached[1].backend.release()
-            endpoint = Endpoint(name, task, factory)
+            endpoint = Endpoint(name, task, factory, cache_version=cache_version)
             self._resolved[name] = (version, endpoint)
             return endpoint
 
@@ -164,11 +168,12 @@ def add_system_endpoints(registry: EndpointRegistry, recorder=None) -> None:
             SYSTEM_PREFIX + model.name,
             model.task,
             lambda model=model: factory(model),
+            cache_version=f"bundled:{model.name}",
             description=f"bundled {model.name} ({model.license}) on the local engine",
         )
 
 
-_DEFAULT: EndpointRegistry | None = None
+_DEFAULTS: dict[str, EndpointRegistry] = {}
 _DEFAULT_LOCK = threading.Lock()
 
 
@@ -185,10 +190,13 @@ def registry_for(service) -> EndpointRegistry:
 
 def default_registry() -> EndpointRegistry:
     """The process-wide registry: system endpoints and those in ``$SQLINFER_HOME/registry.db``."""
-    global _DEFAULT
+    from engine.model_store import sqlinfer_home
+
+    home = str(sqlinfer_home())  # one per home: a process that changes SQLINFER_HOME gets that registry
     with _DEFAULT_LOCK:
-        if _DEFAULT is None:
+        registry = _DEFAULTS.get(home)
+        if registry is None:
             from serving.endpoints import EndpointService
 
-            _DEFAULT = registry_for(EndpointService())
-        return _DEFAULT
+            registry = _DEFAULTS[home] = registry_for(EndpointService())
+        return registry

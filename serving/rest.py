@@ -385,7 +385,8 @@ def create_app(service: EndpointService | None = None) -> FastAPI:
         may_query(request, name)
         task = query_client.task(name)
         dimension = query_client.embedding_dimension(name) if task == "llm/v1/embeddings" else None
-        return {"name": name, "task": task, "embedding_dimension": dimension}
+        return {"name": name, "task": task, "embedding_dimension": dimension,
+                "cache_version": query_client.config_version(name)}
 
     def run_batch(who: Principal, payload: dict[str, Any]) -> list[dict[str, Any]]:
         current_user.set(who.user_name)

@@ -321,4 +321,4 @@ class RegistryResolver:
                 backend = RateLimitedBackend(backend, self.limiter, endpoint_id, name, limits)
             return UsageRecordingBackend(backend, self.recorder, endpoint_id, name, log_payloads)
 
-        return version, config["_task"], build
+        return version, config["_task"], build, f"{endpoint_id}:{version[0]}"

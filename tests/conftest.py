@@ -7,6 +7,7 @@ wants one, go through the real registry (``echo_client``), never around it.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -16,6 +17,10 @@ from serving.backends import EchoBackend
 from serving.client import InProcessClient
 from serving.registry import EndpointRegistry
 from tests.registry_helpers import SECRET_VALUE
+
+# Answers are not kept between tests (or in the user's $SQLINFER_HOME): a test that wants the
+# result store turns it on with its own path (tests/test_result_store.py).
+os.environ["SQLINFER_RESULT_STORE"] = "off"
 
 CHAT_MODEL = "smollm2-135m-instruct"
 EMBED_MODEL = "all-minilm-l6-v2"

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class ScriptedOpenAIServer:
     def __init__(self):
         self.faults: deque = deque()
+        self.latency = 0.0  # seconds every answer takes (a slow provider)
         self.calls: list[tuple[str, dict, str | None]] = []  # (path, body, Authorization)
         self.lock = threading.Lock()
         owner = self
@@ -31,6 +32,8 @@ class ScriptedOpenAIServer:
                 with owner.lock:
                     owner.calls.append((self.path, body, self.headers.get("Authorization") or self.headers.get("x-api-key")))
                     fault = owner.faults.popleft() if owner.faults else None
+                if owner.latency:
+                    time.sleep(owner.latency)
                 if fault and fault[0] == "drop":
                     self.close_connection = True
                     self.connection.shutdown(2)
