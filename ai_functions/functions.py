@@ -15,7 +15,9 @@ fails the query with its endpoint, request and reason.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from collections import defaultdict
 from typing import Any, Sequence
 
@@ -72,8 +74,65 @@ def _dedupe(requests: Sequence[Any]) -> tuple[list[Any], list[int]]:
 KIND_OF_TASK = {"llm/v1/chat": "chat", "llm/v1/completions": "complete", "llm/v1/embeddings": "embed", CUSTOM_TASK: "predict"}
 
 
+@dataclasses.dataclass
+class Provenance:
+    """Where one row's answer came from (the extended form of ai_query shows it)."""
+
+    cache_hit: bool = False
+    attempts: int = 0  # model calls this row took: 0 from the store, 1 normally, more after repairs
+    raw: str | None = None  # the model's first text, kept when it did not fit the type
+
+
+REPAIR_PROMPT = ("Your previous answer could not be used: {error}. Answer again with only JSON that is a valid "
+                 "{ddl}, and nothing else.")
+
+
+def repair_attempts() -> int:
+    """``SQLINFER_REPAIR_ATTEMPTS``: how often an answer that does not fit its type is asked again (2)."""
+    return int(os.environ.get("SQLINFER_REPAIR_ATTEMPTS", "2"))
+
+
+def _repair(client: ServingClient, endpoint: str, kind: str, requests: list[Any], results: list[Any],
+            positions: list[int], options: Any, spec: OutputSpec, provenance: list[Provenance],
+            attempts: int) -> list[int]:
+    """Ask again, with the validation error, for answers that do not fit ``spec``; returns the
+    positions whose answers changed. After ``attempts`` tries the last answer stands (and fails)."""
+    changed: list[int] = []
+    for _ in range(attempts):
+        broken = []
+        for position in positions:
+            result = results[position]
+            if isinstance(result, GenerationResult) and not result.error:
+                _, problem = _typed(result, spec.result)
+                if problem is not None:
+                    broken.append((position, problem))
+        if not broken:
+            break
+        for position, _ in broken:
+            if provenance[position].raw is None:
+                provenance[position].raw = results[position].text
+        if kind == "chat":
+            conversations = [[{"role": "user", "content": requests[p]}, {"role": "assistant", "content": results[p].text or ""},
+                              {"role": "user", "content": REPAIR_PROMPT.format(error=problem, ddl=spec.result.ddl())}]
+                             for p, problem in broken]
+            answers = client.chat(endpoint, conversations, options)
+        else:
+            prompts = [f"{requests[p]}\n\n{REPAIR_PROMPT.format(error=problem, ddl=spec.result.ddl())}\n" for p, problem in broken]
+            answers = client.complete(endpoint, prompts, options)
+        for (position, _), answer in zip(broken, answers):
+            provenance[position].attempts += 1
+            if not answer.error:
+                previous = results[position]
+                results[position] = dataclasses.replace(
+                    answer, prompt_tokens=previous.prompt_tokens + answer.prompt_tokens,
+                    completion_tokens=previous.completion_tokens + answer.completion_tokens)
+                changed.append(position)
+    return changed
+
+
 def _send(client: ServingClient, function: str, endpoint: str, requests: list[Any], parameters: str | None,
-          spec: OutputSpec | None, stats: QueryStats | None, store: ResultStore | None) -> list[Any]:
+          spec: OutputSpec | None, stats: QueryStats | None, store: ResultStore | None,
+          provenance_out: list[Provenance] | None = None) -> list[Any]:
     """Answer ``requests`` (one result each, in order): stored answers first, then one call with
     the distinct rest; every answer is stored the moment it arrives."""
     task = client.task(endpoint)
@@ -110,11 +169,14 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
             for r in distinct] if keyed else []
     deterministic = keyed and store is not None and (kind in ("embed", "predict") or options.temperature == 0 or options.seed is not None)
     results: list[Any] = [None] * len(distinct)
+    provenance = [Provenance() for _ in distinct]
+    checked = spec is not None and spec.result.kind != "STRING" and kind in ("chat", "complete")
     if deterministic:
         stored = store.get_many(keys)
         for i, key in enumerate(keys):
             if key in stored:
                 results[i] = decode_result(*stored[key])
+                provenance[i].cache_hit = True
         hits = [i for i, r in enumerate(results) if r is not None]
         if hits and stats is not None:
             stats.add(cache_hits=sum(weight[i] for i in hits))
@@ -136,9 +198,10 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
         reported.add(position)
         if tally is not None:
             tally.add(weight[position], result)
+        provenance[position].attempts = 1
         if deterministic and not result.error:
             store.put(keys[position], endpoint, kind, encode_result(result))  # committed before anything else
-        if keyed:
+        if keyed and not checked:  # checked answers are handed over once repaired
             IN_FLIGHT.finish(keys[position], result)
 
     try:
@@ -156,6 +219,18 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
                 results[position] = answer
                 if position not in reported:  # a backend that did not report it: store it now
                     on_result(index, answer)
+        if checked:
+            mine_or_stored = to_send + [i for i in range(len(distinct)) if provenance[i].cache_hit]
+            repaired = _repair(client, endpoint, kind, distinct, results, mine_or_stored, options, spec, provenance,
+                               repair_attempts())
+            for position in dict.fromkeys(repaired):
+                if stats is not None:
+                    stats.add(repaired=weight[position])
+                if deterministic:
+                    store.put(keys[position], endpoint, kind, encode_result(results[position]))
+            if keyed:
+                for position in to_send:
+                    IN_FLIGHT.finish(keys[position], results[position])
     finally:
         if keyed:
             for position in to_send:
@@ -168,6 +243,7 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
             retry.append(position)
         else:
             results[position] = answer
+            provenance[position].attempts = 0  # answered by another chunk's request
             if tally is not None:
                 tally.add(weight[position], answer)
     if retry:
@@ -176,12 +252,14 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
             results[position] = answer
     if tally is not None:
         tally.flush()
+    if provenance_out is not None:
+        provenance_out.extend(provenance[owner] for owner in owners)
     return [results[owner] for owner in owners]
 
 
 def _run(function: str, client: ServingClient, endpoints: Any, requests: Any, model_parameters: Any,
          stats: QueryStats | None, fail_on_error: bool, spec: OutputSpec | None = None,
-         store: ResultStore | None = None) -> list[Any]:
+         store: ResultStore | None = None, provenance: list[Provenance | None] | None = None) -> list[Any]:
     """Per-row results (None for NULL rows), in input order."""
     texts = _values(requests, len(requests))
     endpoint_values = _values(endpoints, len(texts))
@@ -193,9 +271,12 @@ def _run(function: str, client: ServingClient, endpoints: Any, requests: Any, mo
         null_rows += len(rows) - len(live)
         if not live:
             continue
-        results = _send(client, function, endpoint, [texts[row] for row in live], parameters, spec, stats, store)
-        for row, result in zip(live, results):
+        found: list[Provenance] = []
+        results = _send(client, function, endpoint, [texts[row] for row in live], parameters, spec, stats, store, found)
+        for row, result, origin in zip(live, results, found):
             answers[row] = result
+            if provenance is not None:
+                provenance[row] = origin
     if stats is not None and null_rows:
         stats.add(rows=null_rows, null_rows=null_rows)
     if fail_on_error:
@@ -223,7 +304,9 @@ def _typed(result: Any, sql_type: SqlType) -> tuple[Any, str | None]:
 
 def ai_query_values(client: ServingClient, endpoints: Any, requests: Any, model_parameters: Any = None,
                     spec: OutputSpec | None = None, stats: QueryStats | None = None,
-                    store: ResultStore | None = None) -> list[tuple[Any, str | None] | None]:
+                    store: ResultStore | None = None,
+                    provenance_out: list[Provenance | None] | None = None,
+                    answers_out: list[Any] | None = None) -> list[tuple[Any, str | None] | None]:
     """``ai_query`` for one batch, as (typed value, errorMessage) per row, None for NULL rows.
 
     ``requests`` holds strings (chat/completions) or dicts (custom models: the STRUCT's fields).
@@ -231,8 +314,17 @@ def ai_query_values(client: ServingClient, endpoints: Any, requests: Any, model_
     fit the result type — raises :class:`RowFailed`.
     """
     spec = spec or output_spec()
-    answers = _run("ai_query", client, endpoints, requests, model_parameters, stats, False, spec, store)
+    provenance: list[Provenance | None] = [None] * len(requests)
+    answers = _run("ai_query", client, endpoints, requests, model_parameters, stats, False, spec, store, provenance)
     outcomes = [None if a is None else _typed(a, spec.result) for a in answers]
+    for row, (outcome, origin) in enumerate(zip(outcomes, provenance)):
+        if outcome is not None and outcome[1] is not None and origin is not None and origin.raw is not None:
+            outcomes[row] = (None, f"the answer does not fit returnType {spec.result.ddl()} after {origin.attempts - 1} "
+                                   f"repair attempt(s); the first answer was {origin.raw[:200]!r}; last problem: {outcome[1][:300]}")
+    if provenance_out is not None:
+        provenance_out.extend(provenance)
+    if answers_out is not None:
+        answers_out.extend(answers)
     if spec.fail_on_error:
         endpoint_values = _values(endpoints, len(outcomes))
         request_values = _values(requests, len(outcomes))
@@ -253,10 +345,31 @@ def ai_query_batch(client: ServingClient, endpoints: Any, requests: Any, model_p
     import pyarrow as pa
 
     spec = spec or output_spec(fail_on_error=fail_on_error)
+    if spec.detailed:
+        return pa.array(_detailed(client, endpoints, requests, model_parameters, spec, stats, store), spec.arrow())
     outcomes = ai_query_values(client, endpoints, requests, model_parameters, spec, stats, store)
     if spec.fail_on_error:
         return pa.array([None if o is None else o[0] for o in outcomes], spec.arrow())
     return pa.array([None if o is None else {"result": o[0], "errorMessage": o[1]} for o in outcomes], spec.arrow())
+
+
+def _detailed(client, endpoints, requests, model_parameters, spec, stats, store) -> list[dict[str, Any] | None]:
+    """The extended form: each row's result and errorMessage with its provenance."""
+    provenance: list[Provenance | None] = []
+    answers: list[Any] = []
+    outcomes = ai_query_values(client, endpoints, requests, model_parameters, spec, stats, store, provenance, answers)
+    rows: list[dict[str, Any] | None] = []
+    for outcome, origin, answer in zip(outcomes, provenance, answers):
+        if outcome is None:
+            rows.append(None)
+            continue
+        text = getattr(answer, "text", None)
+        rows.append({"result": outcome[0], "errorMessage": outcome[1],
+                     "raw_text": origin.raw if origin and origin.raw is not None else text,
+                     "attempts": origin.attempts if origin else 1, "served_entity": answer.served_entity,
+                     "cache_hit": bool(origin and origin.cache_hit), "input_tokens": answer.prompt_tokens,
+                     "output_tokens": getattr(answer, "completion_tokens", 0)})
+    return rows
 
 
 def ai_query_json(client: ServingClient, endpoints: Any, requests: Any, model_parameters: Any = None,
@@ -264,6 +377,8 @@ def ai_query_json(client: ServingClient, endpoints: Any, requests: Any, model_pa
                   store: ResultStore | None = None) -> list[str | None]:
     """``ai_query`` for one batch as JSON text per row (DuckDB reads it back with json_transform)."""
     spec = spec or output_spec()
+    if spec.detailed:
+        return [None if row is None else json.dumps(row) for row in _detailed(client, endpoints, requests, model_parameters, spec, stats, store)]
     outcomes = ai_query_values(client, endpoints, requests, model_parameters, spec, stats, store)
     dumps = json.dumps
     if spec.fail_on_error:

@@ -15,12 +15,13 @@ query up front with the argument named. The decisions (documented in the README)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from ai_functions.types import STRING, SqlType, from_json_schema, parse_type
+from ai_functions.types import DUCKDB_NAMES, STRING, SqlType, from_json_schema, parse_type
 from engine.errors import InvalidParameterValue
 
 
@@ -29,6 +30,7 @@ class OutputSpec:
     result: SqlType
     json_schema: dict[str, Any] | None  # structured output requested from the model, if any
     fail_on_error: bool
+    detailed: bool = False  # the extended form: result, errorMessage and where the answer came from
 
     @property
     def schema_text(self) -> str | None:
@@ -37,21 +39,35 @@ class OutputSpec:
     def duckdb_structure(self) -> str:
         """The ``json_transform`` structure of the whole column (result, or result + errorMessage)."""
         inner = self.result.duckdb_structure()
+        if self.detailed:
+            return json.dumps({"result": inner, "errorMessage": "VARCHAR"} | {n: DUCKDB_NAMES[k] for n, k in PROVENANCE})
         return json.dumps(inner if self.fail_on_error else {"result": inner, "errorMessage": "VARCHAR"})
 
     def arrow(self) -> Any:
         import pyarrow as pa
 
         inner = self.result.arrow()
+        if self.detailed:
+            return pa.struct([("result", inner), ("errorMessage", pa.string())] + [(n, SqlType(k).arrow()) for n, k in PROVENANCE])
         return inner if self.fail_on_error else pa.struct([("result", inner), ("errorMessage", pa.string())])
 
     def spark_ddl(self) -> str:
         inner = self.result.ddl()
+        if self.detailed:
+            return f"STRUCT<result: {inner}, errorMessage: STRING, " + ", ".join(f"{n}: {k}" for n, k in PROVENANCE) + ">"
         return inner if self.fail_on_error else f"STRUCT<result: {inner}, errorMessage: STRING>"
 
 
+# The extended form's provenance fields, after result and errorMessage.
+PROVENANCE = (("raw_text", "STRING"), ("attempts", "INT"), ("served_entity", "STRING"), ("cache_hit", "BOOLEAN"),
+              ("input_tokens", "BIGINT"), ("output_tokens", "BIGINT"))
+
+
 @lru_cache(maxsize=256)
-def output_spec(return_type: str | None = None, response_format: str | None = None, fail_on_error: bool | None = True) -> OutputSpec:
+def output_spec(return_type: str | None = None, response_format: str | None = None, fail_on_error: bool | None = True,
+                detailed: bool = False) -> OutputSpec:
+    if detailed:
+        return dataclasses.replace(output_spec(return_type, response_format, False), detailed=True)
     fail = True if fail_on_error is None else bool(fail_on_error)
     if response_format not in (None, ""):
         if return_type not in (None, ""):

@@ -24,6 +24,7 @@ class StatsSnapshot:
     requests: int = 0  # distinct requests sent to an endpoint (after dedupe)
     deduplicated: int = 0  # rows answered by an identical request of the same batch
     cache_hits: int = 0  # rows answered from the result store (nothing sent, nothing paid)
+    repaired: int = 0  # rows whose answer did not fit the type and was fixed by asking again
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -37,6 +37,7 @@ from serving.client import InProcessClient, ServingClient
 _QUERY_UDF = "__sqlinfer_ai_query"
 _EMBED_UDF = "__sqlinfer_ai_embed"
 _STRUCTURE_UDF = "__sqlinfer_ai_result_type"
+_DETAILED_UDF = "__sqlinfer_ai_query_detailed"
 
 
 @dataclass
@@ -75,6 +76,10 @@ def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None
 
     def query_udf(endpoint: Any, request: Any, return_type: Any, fail_on_error: Any, model_parameters: Any,
                   response_format: Any) -> Any:
+        return answer(endpoint, request, return_type, fail_on_error, model_parameters, response_format, False)
+
+    def answer(endpoint: Any, request: Any, return_type: Any, fail_on_error: Any, model_parameters: Any,
+               response_format: Any, detailed: bool) -> Any:
         import pyarrow as pa
 
         requests = [None if r is None else json.loads(r) for r in request.to_pylist()]
@@ -82,7 +87,7 @@ def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None
         settings = list(zip(*(_values(c, len(requests)) for c in (return_type, response_format, fail_on_error))))
         for key in dict.fromkeys(settings):  # usually one: the arguments are constants
             rows = [i for i, s in enumerate(settings) if s == key] if len(set(settings)) > 1 else range(len(requests))
-            spec = output_spec(*key)
+            spec = output_spec(*key, detailed=detailed)
             pick = (lambda column: column.take(pa.array(rows))) if len(rows) < len(requests) else (lambda column: column)
             values = ai_query_json(ai.client, pick(endpoint), [requests[i] for i in rows], pick(model_parameters), spec,
                                    ai.stats, ai.store)
@@ -90,18 +95,21 @@ def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None
                 answers[i] = value
         return pa.array(answers, pa.string())
 
-    def structure_udf(return_type: Any, response_format: Any, fail_on_error: Any) -> Any:
+    def detailed_udf(endpoint: Any, request: Any, return_type: Any, model_parameters: Any, response_format: Any) -> Any:
+        return answer(endpoint, request, return_type, None, model_parameters, response_format, True)
+
+    def structure_udf(return_type: Any, response_format: Any, fail_on_error: Any, detailed: Any) -> Any:
         import pyarrow as pa
 
-        return pa.array([output_spec(*key).duckdb_structure() for key in zip(
-            return_type.to_pylist(), response_format.to_pylist(), fail_on_error.to_pylist())], pa.string())
+        return pa.array([output_spec(t, r, f, detailed=bool(d)).duckdb_structure() for t, r, f, d in zip(
+            return_type.to_pylist(), response_format.to_pylist(), fail_on_error.to_pylist(), detailed.to_pylist())], pa.string())
 
     def embed_udf(endpoint: Any, text: Any) -> Any:
         return ai_embed_batch(ai.client, endpoint, text, ai.embedding_dimension, ai.stats, store=ai.store)
 
     varchar, boolean = duckdb.sqltype("VARCHAR"), duckdb.sqltype("BOOLEAN")
     vector = duckdb.sqltype(f"FLOAT[{dimension}]" if dimension else "FLOAT[]")
-    for name in (_QUERY_UDF, _EMBED_UDF, _STRUCTURE_UDF):
+    for name in (_QUERY_UDF, _DETAILED_UDF, _EMBED_UDF, _STRUCTURE_UDF):
         try:
             con.remove_function(name)
         except Exception:  # not registered yet: nothing to replace
@@ -111,6 +119,7 @@ def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None
     # reuse results across calls (a model is not a pure function unless asked to be).
     udf_options = {"type": "arrow", "side_effects": True, "null_handling": "special"}
     con.create_function(_QUERY_UDF, query_udf, [varchar, varchar, varchar, boolean, varchar, varchar], varchar, **udf_options)
+    con.create_function(_DETAILED_UDF, detailed_udf, [varchar, varchar, varchar, varchar, varchar], varchar, **udf_options)
     con.create_function(_EMBED_UDF, embed_udf, [varchar, varchar], vector, **udf_options)
     # The result type, computed from constant arguments while DuckDB binds the query: this UDF
     # is pure, so DuckDB folds it and json_transform gets a constant structure (a bad returnType
@@ -118,14 +127,22 @@ def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None
     # CREATE MACRO accept the body: DuckDB checks json_transform's structure at creation only
     # when its first argument's type is already known, and a macro parameter's is not. NULL
     # requests still reach the UDF, which counts them (they are never sent to a model).
-    con.create_function(_STRUCTURE_UDF, structure_udf, [varchar, varchar, boolean], varchar,
+    con.create_function(_STRUCTURE_UDF, structure_udf, [varchar, varchar, boolean, boolean], varchar,
                         type="arrow", side_effects=False, null_handling="special")
     con.execute(
         f"CREATE OR REPLACE TEMP MACRO ai_query(endpoint, request, returnType := NULL, failOnError := true, "
         f"modelParameters := NULL, responseFormat := NULL) AS json_transform(if(request IS NULL AND request IS NOT NULL, NULL, "
         f"{_QUERY_UDF}(endpoint, to_json(request)::VARCHAR, returnType::VARCHAR, failOnError::BOOLEAN, "
         f"to_json(modelParameters)::VARCHAR, responseFormat::VARCHAR)), "
-        f"{_STRUCTURE_UDF}(returnType::VARCHAR, responseFormat::VARCHAR, failOnError::BOOLEAN))"
+        f"{_STRUCTURE_UDF}(returnType::VARCHAR, responseFormat::VARCHAR, failOnError::BOOLEAN, false))"
+    )
+    # The extended form (sqlinfer's own): never fails a row; adds where each answer came from.
+    con.execute(
+        f"CREATE OR REPLACE TEMP MACRO ai_query_detailed(endpoint, request, returnType := NULL, modelParameters := NULL, "
+        f"responseFormat := NULL) AS json_transform(if(request IS NULL AND request IS NOT NULL, NULL, "
+        f"{_DETAILED_UDF}(endpoint, to_json(request)::VARCHAR, returnType::VARCHAR, "
+        f"to_json(modelParameters)::VARCHAR, responseFormat::VARCHAR)), "
+        f"{_STRUCTURE_UDF}(returnType::VARCHAR, responseFormat::VARCHAR, false, true))"
     )
     con.execute(f"CREATE OR REPLACE TEMP MACRO ai_embed(endpoint, text) AS {_EMBED_UDF}(endpoint, text)")
     return ai

@@ -74,7 +74,7 @@ def test_fail_on_error_false_keeps_the_schema_even_when_every_row_fails(con, tmp
 def test_fail_on_error_true_names_the_first_failing_row(con):
     with pytest.raises(duckdb.Error, match=r"ai_query failed on endpoint 'echo' for request 'row FAIL'"):
         con.execute("SELECT ai_query('echo', q) FROM (VALUES ('fine'), ('row FAIL'), ('FAIL again')) t(q)").fetchall()
-    with pytest.raises(duckdb.Error, match=r"for request 'twelve'.*expected INT, got 'twelve'"):
+    with pytest.raises(duckdb.Error, match=r"for request 'twelve'.*after 2 repair attempt\(s\); the first answer was 'twelve'"):
         con.execute("SELECT ai_query('echo', q, returnType => 'INT') FROM (VALUES ('12'), ('twelve')) t(q)").fetchall()
 
 
@@ -177,3 +177,41 @@ def test_a_query_reports_its_summary_with_cost_when_prices_are_set(con, monkeypa
     monkeypatch.setenv("SQLINFER_PRICES", "a=cheap")
     with pytest.raises(ValueError, match="must look like endpoint=INPUT/OUTPUT"):
         prices_from_env()
+
+
+class FixableBackend(EchoBackend):
+    """Answers with a wrong field name first; asked again with the validation error, gets it right."""
+
+    def chat(self, conversations, options, on_result=None):
+        self.calls.append(len(conversations))
+        answers = []
+        for messages in conversations:
+            repaired = len(messages) > 1
+            text = messages[0]["content"] if repaired else messages[0]["content"].replace('"n"', '"count"')
+            answers.append(self._answer(text, options.model_copy(update={"max_tokens": None})))
+        return answers
+
+
+def test_answers_that_do_not_fit_are_repaired_and_the_detailed_form_says_so():
+    registry = EndpointRegistry()
+    backend = FixableBackend()
+    registry.register("fixable", "llm/v1/chat", backend)
+    con = connect(client=InProcessClient(registry))
+    try:
+        [(value,)] = con.execute("SELECT ai_query('fixable', '{\"n\": 3}', returnType => 'STRUCT<n INT>')").fetchall()
+        [(detail,)] = con.execute("SELECT ai_query_detailed('fixable', '{\"n\": 4}', returnType => 'STRUCT<n INT>')").fetchall()
+        [(kind,)] = con.execute("SELECT typeof(ai_query_detailed('fixable', 'x'))").fetchall()
+    finally:
+        con.close()
+    assert value == {"n": 3}
+    assert detail["result"] == {"n": 4} and detail["errorMessage"] is None
+    assert detail["attempts"] == 2 and detail["raw_text"] == '{"count": 4}' and detail["cache_hit"] is False
+    assert detail["input_tokens"] > 0 and detail["output_tokens"] > 0
+    assert kind.startswith("STRUCT(result VARCHAR, errorMessage VARCHAR, raw_text VARCHAR, attempts INTEGER")
+
+
+def test_repairs_stop_after_the_configured_attempts_and_keep_the_raw_text(con, monkeypatch):
+    monkeypatch.setenv("SQLINFER_REPAIR_ATTEMPTS", "1")
+    [(row,)] = con.execute("SELECT ai_query_detailed('echo', 'no number here', returnType => 'INT')").fetchall()
+    assert row["result"] is None and row["attempts"] == 2 and row["raw_text"] == "no number here"
+    assert "after 1 repair attempt(s); the first answer was 'no number here'" in row["errorMessage"]
