@@ -43,9 +43,15 @@ def _cmd_sql(args: argparse.Namespace) -> int:
             _register_usage_view(con)
         try:
             with ai.stats.progress(description="ai rows") if args.progress else nullcontext():
-                relation = con.sql(args.query)
-                # A DuckDB 2.0 relation runs again on every call: materialize it exactly once.
-                result = relation.to_arrow_table() if relation is not None else None
+                if args.max_cost is not None or args.max_tokens is not None:
+                    from ai_functions.explain import Budget
+                    from connectors.duckdb import execute_within
+
+                    result = execute_within(con, args.query, Budget(args.max_cost, args.max_tokens), ai)
+                else:
+                    relation = con.sql(args.query)
+                    # A DuckDB 2.0 relation runs again on every call: materialize it exactly once.
+                    result = relation.to_arrow_table() if relation is not None else None
         except duckdb.Error as exc:
             raise SqlinferError(_strip_udf_prefix(str(exc))) from None
         if result is not None:
@@ -193,6 +199,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from ai_functions.explain import totals
+    from connectors.duckdb import connect, explain, functions
+
+    con = connect(args.database)
+    try:
+        try:
+            estimates = explain(con, args.query, functions(con))
+        except duckdb.Error as exc:
+            raise SqlinferError(_strip_udf_prefix(str(exc))) from None
+        for estimate in estimates:
+            print(estimate.line())
+        tokens, cost = totals(estimates)
+        print(f"total: {tokens} tokens at most, cost {'%.6f' % cost if cost is not None else 'unknown (no price set)'}; "
+              f"no model was called")
+    finally:
+        con.close()
+    return 0
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
     from ai_functions.result_store import default_store
 
@@ -226,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     sql.add_argument("--no-store", dest="store", action="store_false",
                      help="neither read nor keep answers in the result store for this query")
+    sql.add_argument("--max-cost", type=float, help="refuse (before any call) or stop a query that would cost more")
+    sql.add_argument("--max-tokens", type=int, help="refuse (before any call) or stop a query that would use more tokens")
+
+    explain = commands.add_parser("explain", help="what a query's AI calls would send and cost, without calling a model")
+    explain.add_argument("query")
+    explain.add_argument("--database", default=":memory:", help="DuckDB database file (default: in memory)")
+    explain.set_defaults(handler=_cmd_explain)
     sql.set_defaults(handler=_cmd_sql)
 
     models = commands.add_parser("models", help="list, prepare or register models")

@@ -28,6 +28,7 @@ from typing import Any
 import duckdb
 
 from ai_functions.functions import _values, ai_embed_batch, ai_query_json
+from ai_functions.explain import Budget, Estimate, Planner, estimate, totals
 from ai_functions.result_store import ResultStore, default_store
 from ai_functions.spec import output_spec
 from ai_functions.stats import QueryStats
@@ -49,6 +50,14 @@ class AIFunctions:
     stats: QueryStats = field(default_factory=QueryStats)
     # Finished answers, kept durably ($SQLINFER_HOME/results.db); None turns the store off.
     store: ResultStore | None = field(default_factory=default_store)
+    planner: Planner | None = None  # set while `explain` runs a query: record, call no model
+    budget: Budget | None = None  # enforced before every batch while set
+
+    def check_budget(self) -> None:
+        if self.budget is not None:
+            spent = self.stats.snapshot()
+            cost = spent.cost if spent.cost is not None or spent.tokens_by_endpoint else 0.0  # nothing spent yet
+            self.budget.check(spent.prompt_tokens + spent.completion_tokens, cost, "while running")
 
 
 def _embedding_dimension(client: ServingClient) -> int | None:
@@ -84,6 +93,12 @@ def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None
 
         requests = [None if r is None else json.loads(r) for r in request.to_pylist()]
         answers: list[Any] = [None] * len(requests)
+        if ai.planner is not None:
+            for key in dict.fromkeys(zip(*(_values(c, len(requests)) for c in (return_type, response_format, fail_on_error)))):
+                spec = output_spec(*key, detailed=detailed)
+            ai.planner.record("ai_query", _values(endpoint, len(requests)), requests, _values(model_parameters, len(requests)), spec)
+            return pa.array(answers, pa.string())
+        ai.check_budget()
         settings = list(zip(*(_values(c, len(requests)) for c in (return_type, response_format, fail_on_error))))
         for key in dict.fromkeys(settings):  # usually one: the arguments are constants
             rows = [i for i, s in enumerate(settings) if s == key] if len(set(settings)) > 1 else range(len(requests))
@@ -105,8 +120,16 @@ def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None
             return_type.to_pylist(), response_format.to_pylist(), fail_on_error.to_pylist(), detailed.to_pylist())], pa.string())
 
     def embed_udf(endpoint: Any, text: Any) -> Any:
+        if ai.planner is not None:
+            texts = text.to_pylist()
+            ai.planner.record("ai_embed", _values(endpoint, len(texts)), texts, [None] * len(texts), None)
+            return pa.array([None] * len(texts), vector_type)
+        ai.check_budget()
         return ai_embed_batch(ai.client, endpoint, text, ai.embedding_dimension, ai.stats, store=ai.store)
 
+    import pyarrow as pa
+
+    vector_type = pa.list_(pa.float32(), dimension) if dimension else pa.list_(pa.float32())
     varchar, boolean = duckdb.sqltype("VARCHAR"), duckdb.sqltype("BOOLEAN")
     vector = duckdb.sqltype(f"FLOAT[{dimension}]" if dimension else "FLOAT[]")
     for name in (_QUERY_UDF, _DETAILED_UDF, _EMBED_UDF, _STRUCTURE_UDF):
@@ -168,3 +191,35 @@ def functions(con: duckdb.DuckDBPyConnection) -> AIFunctions:
 
 # Connections accept no attributes, but weak references: the handle lives as long as the connection.
 _HANDLES: "weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, AIFunctions]" = weakref.WeakKeyDictionary()
+
+
+def explain(con: duckdb.DuckDBPyConnection, query: str, ai: AIFunctions | None = None) -> list[Estimate]:
+    """What ``query``'s AI function calls would send and cost, without calling any model.
+
+    The query runs once with the functions in planning mode (they record and return NULL).
+    """
+    ai = ai or functions(con)
+    ai.planner = Planner()
+    try:
+        relation = con.sql(query)
+        if relation is not None:
+            relation.to_arrow_table()
+        planner = ai.planner
+    finally:
+        ai.planner = None
+    return estimate(ai.client, planner, ai.store, ai.stats.prices)
+
+
+def execute_within(con: duckdb.DuckDBPyConnection, query: str, budget: Budget, ai: AIFunctions | None = None) -> Any:
+    """Run ``query`` (an Arrow table back) only if its estimate fits ``budget``, and stop it if
+    spending passes the budget while it runs."""
+    ai = ai or functions(con)
+    tokens, cost = totals(explain(con, query, ai))
+    budget.check(tokens, cost, "before running (estimate)")
+    ai.stats.reset()
+    ai.budget = budget
+    try:
+        relation = con.sql(query)
+        return relation.to_arrow_table() if relation is not None else None
+    finally:
+        ai.budget = None

@@ -68,6 +68,11 @@ class Backend(ABC):
         """Vector length for embedding backends, known without running a model; else None."""
         return None
 
+    def count_tokens(self, requests: Sequence[Any], kind: str) -> list[int] | None:
+        """Input tokens per request with the model's own tokenizer, without running it; None if
+        this backend cannot tell (external providers: their tokenizers are not here)."""
+        return None
+
     def warm_up(self) -> None:
         """Get ready to answer (start an engine, open connections) before the first request."""
 
@@ -91,6 +96,9 @@ class DelegatingBackend(Backend):
 
     def embedding_dimension(self) -> int | None:
         return self.inner.embedding_dimension()
+
+    def count_tokens(self, requests, kind):
+        return self.inner.count_tokens(requests, kind)
 
     def warm_up(self) -> None:
         self.inner.warm_up()
@@ -148,6 +156,12 @@ class LocalEngineBackend(Backend):
         from engine.model_store import embedding_dimension, resolve_model
 
         return embedding_dimension(resolve_model(self.model).path)
+
+    def count_tokens(self, requests, kind):
+        from engine.model_store import resolve_model
+        from engine.tokens import count_tokens
+
+        return count_tokens(str(resolve_model(self.model).path), requests, kind)
 
     def warm_up(self) -> None:
         self.engine.start()

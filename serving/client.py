@@ -73,6 +73,18 @@ class InProcessClient:
     def config_version(self, endpoint: str) -> str | None:
         return self.registry.endpoint(endpoint).cache_version
 
+    def count_tokens(self, endpoint: str, requests: Sequence[Any], kind: str) -> list[int] | None:
+        return self.registry.backend(endpoint).count_tokens(requests, kind)
+
+    def throughput(self, endpoint: str) -> float | None:
+        """Requests per second the endpoint answered lately, from the usage log; None if unknown."""
+        return self.registry.throughput(endpoint)
+
+    def rate_limits(self, endpoint: str) -> list[dict[str, Any]]:
+        """The endpoint's rate limits (calls/tokens per minute), [] for none."""
+        lookup = getattr(self.registry, "rate_limits", None)
+        return lookup(endpoint) if lookup else []
+
     def chat(self, endpoint, conversations, options, on_result=None):
         return self.registry.backend(endpoint).chat(conversations, options, on_result)
 

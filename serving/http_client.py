@@ -57,6 +57,15 @@ class HttpServingClient:
     def config_version(self, endpoint: str) -> str | None:
         return self._endpoint(endpoint).get("cache_version")
 
+    def count_tokens(self, endpoint: str, requests: Sequence[Any], kind: str) -> list[int] | None:
+        return None  # the tokenizer is on the server; explain estimates from text length instead
+
+    def throughput(self, endpoint: str) -> float | None:
+        return None
+
+    def rate_limits(self, endpoint: str) -> list[dict[str, Any]]:
+        return []
+
     # -- batches -----------------------------------------------------------------------------
 
     def chat(self, endpoint, conversations, options, on_result=None):

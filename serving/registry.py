@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from engine.errors import InvalidParameterValue, ResourceAlreadyExists, ResourceDoesNotExist, SqlinferError
 from engine.types import TASKS, Task
@@ -105,6 +105,16 @@ class EndpointRegistry:
             if endpoint.backend is None:
                 endpoint.backend = endpoint.factory()
             return endpoint.backend
+
+    def throughput(self, name: str) -> float | None:
+        return getattr(self._resolver, "throughput", lambda n: None)(name)
+
+    def rate_limits(self, name: str) -> list[dict[str, Any]]:
+        """Rate limits of a registered endpoint (in-memory ones have none)."""
+        with self._lock:
+            if name in self._endpoints:
+                return []
+        return getattr(self._resolver, "rate_limits", lambda n: [])(name)
 
     def names(self) -> list[str]:
         with self._lock:

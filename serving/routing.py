@@ -80,6 +80,9 @@ class TrafficSplitBackend(Backend):
     def embedding_dimension(self) -> int | None:
         return self.routes[0][2].embedding_dimension() if self.routes else None
 
+    def count_tokens(self, requests, kind):
+        return self.routes[0][2].count_tokens(requests, kind) if self.routes else None
+
     def warm_up(self) -> None:
         for _, _, backend in self.routes:
             backend.warm_up()
@@ -253,6 +256,9 @@ class FallbackBackend(Backend):
     def embedding_dimension(self) -> int | None:
         return self.primary.embedding_dimension()
 
+    def count_tokens(self, requests, kind):
+        return self.primary.count_tokens(requests, kind)
+
     def warm_up(self) -> None:
         self.primary.warm_up()
 
@@ -302,6 +308,21 @@ class RegistryResolver:
 
     def names(self) -> list[str]:
         return self.service.names()
+
+    def rate_limits(self, name: str) -> list[dict[str, Any]]:
+        if name.startswith(SYSTEM_PREFIX):
+            return []
+        return self.service.serving(name)[3]
+
+    def throughput(self, name: str) -> float | None:
+        """Requests per second the endpoint answered lately (its last 200 successful batches in
+        the usage log; rows of one SQL batch share the batch's latency), or None if unknown."""
+        self.recorder.flush()
+        row = self.service.db.read().execute(
+            "SELECT sum(n) AS rows, sum(latency_ms) AS ms FROM (SELECT count(*) AS n, latency_ms FROM usage "
+            "WHERE endpoint_name = ? AND status_code = 200 GROUP BY timestamp_ms, latency_ms "
+            "ORDER BY timestamp_ms DESC LIMIT 200)", (name,)).fetchone()
+        return row["rows"] / (row["ms"] / 1000) if row["rows"] and row["ms"] else None
 
     def lookup(self, name: str) -> tuple[int, Task, Callable[[], Backend]] | None:
         """(config version, task, backend factory) of ``name``, or None if it is not registered."""

@@ -1,0 +1,183 @@
+"""EXPLAIN for AI functions, and budgets: what a query will cost before any model is called.
+
+A connector runs the query once in *planning* mode: the SQL functions record what they would
+send (:class:`Planner`) and return NULLs, so the query's own scans, joins and filters run but no
+model does. :func:`estimate` then reports, per ``ai_query``/``ai_embed`` call (endpoint and
+arguments): rows, distinct requests, how many the result store already holds, input tokens
+(counted with the model's own tokenizer where the model is local; ~4 characters per token for
+external providers, flagged as approximate), output tokens (at most ``max_tokens`` per request
+sent), cost (prices per million tokens: ``SQLINFER_PRICES`` or ``stats.set_price``), and time
+(the endpoint's rate limits and its throughput measured from the usage log).
+
+Known limit: a query whose later AI calls depend on earlier AI answers (``WHERE ai_query(...) =
+'x'``) is planned with NULL answers, so the dependent calls may be under-counted.
+
+Budgets (:class:`Budget`, ``max_cost`` / ``max_tokens`` per query) are checked against the
+estimate before any call, and again before every batch while the query runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from ai_functions.params import parse_model_parameters
+from ai_functions.result_store import ResultStore, request_key
+from ai_functions.spec import OutputSpec
+from engine.errors import SqlinferError
+from engine.types import CUSTOM_TASK
+
+KINDS = {"llm/v1/chat": "chat", "llm/v1/completions": "complete", "llm/v1/embeddings": "embed", CUSTOM_TASK: "predict"}
+CHARS_PER_TOKEN = 4
+
+
+class BudgetExceeded(SqlinferError):
+    error_code = "BUDGET_EXCEEDED"
+    error_class = "AI_FUNCTION_BUDGET_EXCEEDED"
+    http_status = 400
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_cost: float | None = None
+    max_tokens: int | None = None
+
+    def check(self, tokens: int, cost: float | None, when: str) -> None:
+        if self.max_tokens is not None and tokens > self.max_tokens:
+            raise BudgetExceeded(f"[AI_FUNCTION_BUDGET_EXCEEDED] {when}: {tokens} tokens exceed max_tokens = {self.max_tokens}; "
+                                 f"raise the budget, filter the rows, or lower modelParameters.max_tokens")
+        if self.max_cost is not None:
+            if cost is None:
+                raise BudgetExceeded(f"[AI_FUNCTION_BUDGET_EXCEEDED] {when}: max_cost = {self.max_cost} is set but an endpoint "
+                                     f"has no price; set it with SQLINFER_PRICES=endpoint=INPUT/OUTPUT (per million tokens)")
+            if cost > self.max_cost:
+                raise BudgetExceeded(f"[AI_FUNCTION_BUDGET_EXCEEDED] {when}: estimated cost {cost:.6f} exceeds max_cost = "
+                                     f"{self.max_cost}; raise the budget, filter the rows, or lower modelParameters.max_tokens")
+
+
+@dataclass
+class PlannedCall:
+    function: str
+    endpoint: str
+    parameters: str | None
+    spec: OutputSpec | None
+    rows: int = 0
+    null_rows: int = 0
+    requests: list[Any] = field(default_factory=list)
+
+
+class Planner:
+    """Records what the AI functions of a query would send (thread-safe: DuckDB runs chunks in parallel)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[tuple[Any, ...], PlannedCall] = {}
+        self._lock = threading.Lock()
+
+    def record(self, function: str, endpoints: list[Any], requests: list[Any], parameters: list[Any],
+               spec: OutputSpec | None) -> None:
+        with self._lock:
+            for endpoint, request, parameter in zip(endpoints, requests, parameters):
+                if endpoint is None:
+                    continue
+                key = (function, endpoint, parameter, spec)
+                call = self.calls.get(key)
+                if call is None:
+                    call = self.calls[key] = PlannedCall(function, endpoint, parameter, spec)
+                call.rows += 1
+                if request is None:
+                    call.null_rows += 1
+                else:
+                    call.requests.append(request)
+
+
+@dataclass
+class Estimate:
+    function: str
+    endpoint: str
+    rows: int
+    distinct_requests: int
+    cache_hits: int
+    to_send: int
+    input_tokens: int
+    output_tokens: int
+    tokens_exact: bool  # counted with the model's tokenizer (False: ~4 characters per token)
+    cost: float | None
+    seconds: float | None
+    limited_by: str
+
+    def line(self) -> str:
+        cost = f"{self.cost:.6f}" if self.cost is not None else "no price"
+        seconds = f"~{self.seconds:.1f} s" if self.seconds is not None else "unknown (no measured throughput yet)"
+        approx = "" if self.tokens_exact else " (approx.)"
+        return (f"{self.function}({self.endpoint!r}): {self.rows} rows, {self.distinct_requests} distinct requests, "
+                f"{self.cache_hits} in the result store, {self.to_send} to send; input tokens {self.input_tokens}{approx}, "
+                f"output tokens <= {self.output_tokens}; cost {cost}; time {seconds} ({self.limited_by})")
+
+
+def _distinct(requests: list[Any]) -> list[Any]:
+    from ai_functions.functions import _request_key
+
+    seen: dict[str, Any] = {}
+    for request in requests:
+        seen.setdefault(_request_key(request), request)
+    return list(seen.values())
+
+
+def estimate(client: Any, planner: Planner, store: ResultStore | None, prices: dict[str, tuple[float, float]]) -> list[Estimate]:
+    estimates = []
+    for call in planner.calls.values():
+        task = client.task(call.endpoint)
+        kind = KINDS[task]
+        options = parse_model_parameters(call.parameters)
+        if call.spec is not None and call.spec.json_schema is not None and kind in ("chat", "complete"):
+            options = options.model_copy(update={"json_schema": call.spec.json_schema})
+        distinct = _distinct(call.requests)
+        hits = 0
+        version = client.config_version(call.endpoint)
+        deterministic = kind in ("embed", "predict") or options.temperature == 0 or options.seed is not None
+        remaining = distinct
+        if store is not None and version is not None and deterministic and distinct:
+            keys = [request_key(call.endpoint, version,
+                                options.model_dump(mode="json", exclude_none=True) if kind in ("chat", "complete") else None,
+                                call.spec.schema_text if call.spec is not None and kind in ("chat", "complete") else None, r)
+                    for r in distinct]
+            found = store.get_many(keys)
+            hits = sum(1 for k in keys if k in found)
+            remaining = [r for r, k in zip(distinct, keys) if k not in found]
+        counted = client.count_tokens(call.endpoint, remaining, kind) if remaining and kind != "predict" else []
+        exact = counted is not None
+        if counted is None:
+            counted = [max(1, len(str(r)) // CHARS_PER_TOKEN) for r in remaining]
+        input_tokens = sum(counted) if kind != "predict" else 0
+        output_tokens = len(remaining) * (options.max_tokens or 0) if kind in ("chat", "complete") else 0
+        price = prices.get(call.endpoint)
+        cost = (input_tokens * price[0] + output_tokens * price[1]) / 1e6 if price else (0.0 if not remaining else None)
+        seconds, limited_by = _duration(client, call.endpoint, len(remaining), input_tokens + output_tokens)
+        estimates.append(Estimate(call.function, call.endpoint, call.rows, len(distinct), hits, len(remaining),
+                                  input_tokens, output_tokens, exact, cost, seconds, limited_by))
+    return estimates
+
+
+def _duration(client: Any, endpoint: str, requests: int, tokens: int) -> tuple[float | None, str]:
+    if requests == 0:
+        return 0.0, "nothing to send"
+    bounds = []
+    throughput = client.throughput(endpoint)
+    if throughput:
+        bounds.append((requests / throughput, f"measured {throughput:.1f} requests/s"))
+    for limit in client.rate_limits(endpoint):
+        if limit.get("calls"):
+            bounds.append((requests / limit["calls"] * 60, f"rate limit {limit['calls']} calls/minute"))
+        if limit.get("tokens"):
+            bounds.append((tokens / limit["tokens"] * 60, f"rate limit {limit['tokens']} tokens/minute"))
+    if not bounds:
+        return None, "no throughput measured and no rate limit"
+    return max(bounds)
+
+
+def totals(estimates: list[Estimate]) -> tuple[int, float | None]:
+    """(tokens, cost) of a whole query; cost None if any call that sends something has no price."""
+    tokens = sum(e.input_tokens + e.output_tokens for e in estimates)
+    costs = [e.cost for e in estimates]
+    return tokens, (None if any(c is None for c in costs) else sum(costs))

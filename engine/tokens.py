@@ -1,0 +1,39 @@
+"""Counting tokens with a model's own tokenizer, without starting its engine.
+
+``sqlinfer explain`` needs input token counts before anything runs: the chat template applied
+exactly as the engine applies it (``LocalEngine.chat``), raw prompts encoded as the engine
+encodes them, texts truncated to the model's length as ``LocalEngine.embed`` does. Only the
+tokenizer files are loaded (transformers, ~1 s), once per model directory per process.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+from typing import Any, Sequence
+
+_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=16)
+def _tokenizer(model_dir: str) -> Any:
+    from transformers import AutoTokenizer
+
+    with _LOCK:
+        return AutoTokenizer.from_pretrained(model_dir)
+
+
+def count_tokens(model_dir: str, requests: Sequence[Any], kind: str) -> list[int]:
+    """Input tokens of each request: ``kind`` is chat (text = the user message), complete or embed."""
+    tokenizer = _tokenizer(model_dir)
+    counts = []
+    for request in requests:
+        if kind == "chat":
+            text = tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False, add_generation_prompt=True)
+            counts.append(len(tokenizer.encode(text, add_special_tokens=False)))
+        elif kind == "embed":
+            limit = getattr(tokenizer, "model_max_length", None) or 512
+            counts.append(len(tokenizer(request, truncation=True, max_length=min(limit, 100_000))["input_ids"]))
+        else:
+            counts.append(len(tokenizer.encode(request)))
+    return counts
