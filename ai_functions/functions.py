@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from ai_functions.errors import InvalidModelParameters, RowFailed
+from ai_functions.ordering import prefix_order, prompts_for, render
 from ai_functions.params import parse_model_parameters
 from ai_functions.result_store import IN_FLIGHT, ResultStore, request_key
 from ai_functions.spec import OutputSpec, output_spec
@@ -97,6 +98,7 @@ def _repair(client: ServingClient, endpoint: str, kind: str, requests: list[Any]
             attempts: int) -> list[int]:
     """Ask again, with the validation error, for answers that do not fit ``spec``; returns the
     positions whose answers changed. After ``attempts`` tries the last answer stands (and fails)."""
+    requests = [render(r, list(r)) if isinstance(r, dict) else r for r in requests]
     changed: list[int] = []
     for _ in range(attempts):
         broken = []
@@ -150,9 +152,8 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
             raise InvalidParameterValue(
                 f"{endpoint!r} is a custom model endpoint: its request must be a STRUCT of named input fields, "
                 f"e.g. named_struct('x1', x1, 'x2', x2), not {type(request).__name__} {str(request)[:40]!r}")
-        if not wants_struct and not isinstance(request, str):
-            raise InvalidParameterValue(
-                f"{endpoint!r} serves {task}: its request must be a STRING; STRUCT requests are for custom model endpoints")
+        if task == "llm/v1/embeddings" and not isinstance(request, str):
+            raise InvalidParameterValue(f"{endpoint!r} serves embeddings: its request must be a STRING")
     distinct, owners = _dedupe(requests)
     weight = [0] * len(distinct)
     for owner in owners:
@@ -204,9 +205,16 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
         if keyed and not checked:  # checked answers are handed over once repaired
             IN_FLIGHT.finish(keys[position], result)
 
+    if kind in ("chat", "complete"):
+        # STRUCT requests become "field: value" prompts, fields ordered for shared prefixes; the
+        # batch goes in prefix order (ai_functions.ordering), answers come back by position.
+        structured = [i for i in to_send if isinstance(distinct[i], dict)]
+        texts = {i: distinct[i] for i in to_send if isinstance(distinct[i], str)}
+        texts.update(zip(structured, prompts_for([distinct[i] for i in structured])))
+        to_send = [to_send[j] for j in prefix_order([texts[i] for i in to_send])]
     try:
         if to_send:
-            batch = [distinct[i] for i in to_send]
+            batch = [texts[i] for i in to_send] if kind in ("chat", "complete") else [distinct[i] for i in to_send]
             if kind == "embed":
                 answers = client.embed(endpoint, batch, on_result)
             elif kind == "chat":

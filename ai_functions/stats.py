@@ -28,6 +28,7 @@ class StatsSnapshot:
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens the local engine reused from its prefix cache
     wall_seconds: float = 0.0
     tokens_by_endpoint: dict[str, list[int]] = field(default_factory=dict)  # endpoint -> [input, output]
     cost: float | None = None  # in the price's currency, when every endpoint used has a price
@@ -78,9 +79,11 @@ class QueryStats:
         """A per-batch counter for answers as they arrive (see :class:`Tally`)."""
         return Tally(self, endpoint)
 
-    def _merge(self, endpoint: str, rows: int, errors: int, prompt_tokens: int, completion_tokens: int) -> None:
+    def _merge(self, endpoint: str, rows: int, errors: int, prompt_tokens: int, completion_tokens: int,
+               cached: int = 0) -> None:
         with self._lock:
             totals = self._totals
+            totals.cached_prompt_tokens += cached
             totals.rows += rows
             totals.errors += errors
             totals.prompt_tokens += prompt_tokens
@@ -149,11 +152,11 @@ class Tally:
     progress bar still moves while a long batch runs.
     """
 
-    __slots__ = ("stats", "endpoint", "rows", "errors", "prompt", "completion", "_last", "_lock")
+    __slots__ = ("stats", "endpoint", "rows", "errors", "prompt", "completion", "cached", "_last", "_lock")
 
     def __init__(self, stats: QueryStats, endpoint: str):
         self.stats, self.endpoint = stats, endpoint
-        self.rows = self.errors = self.prompt = self.completion = 0
+        self.rows = self.errors = self.prompt = self.completion = self.cached = 0
         self._last = time.perf_counter()
         self._lock = threading.Lock()  # provider threads report concurrently; never contended long
 
@@ -164,6 +167,7 @@ class Tally:
                 self.errors += rows
             self.prompt += result.prompt_tokens
             self.completion += getattr(result, "completion_tokens", 0)
+            self.cached += getattr(result, "cached_tokens", 0)
             now = time.perf_counter()
             due = now - self._last > 0.1
             if due:
@@ -173,7 +177,7 @@ class Tally:
 
     def flush(self) -> None:
         with self._lock:
-            rows, errors, prompt, completion = self.rows, self.errors, self.prompt, self.completion
-            self.rows = self.errors = self.prompt = self.completion = 0
+            rows, errors, prompt, completion, cached = self.rows, self.errors, self.prompt, self.completion, self.cached
+            self.rows = self.errors = self.prompt = self.completion = self.cached = 0
         if rows or prompt or completion:
-            self.stats._merge(self.endpoint, rows, errors, prompt, completion)
+            self.stats._merge(self.endpoint, rows, errors, prompt, completion, cached)

@@ -76,6 +76,7 @@ class GenerationResult:
     error: str | None = None
     served_entity: str | None = None  # set by the serving layer: which entity answered
     error_status: int | None = None  # HTTP-like status of a failure (429, 5xx: worth a fallback)
+    cached_tokens: int = 0  # prompt tokens the engine took from its prefix cache instead of computing
 
     @property
     def text(self) -> str | None:

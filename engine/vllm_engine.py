@@ -455,6 +455,7 @@ def _to_generation_result(output: Any) -> GenerationResult:
         choices=tuple(choices),
         prompt_tokens=len(output.prompt_token_ids or ()),
         completion_tokens=completion_tokens,
+        cached_tokens=int(getattr(output, "num_cached_tokens", 0) or 0),
     )
 
 
