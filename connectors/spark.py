@@ -250,14 +250,15 @@ def _typed_function(spark: Any, spec: OutputSpec, config: ClientConfig) -> str:
 
 def ai_query(endpoint: str, request: Any, returnType: str | None = None, failOnError: bool = True,  # noqa: N803
              modelParameters: dict[str, Any] | None = None, responseFormat: str | None = None,  # noqa: N803
-             url: str | None = None, token: str | None = None) -> Any:
+             url: str | None = None, token: str | None = None, detailed: bool = False) -> Any:
     """A Column: ``ai_query`` over ``request`` (a Column or column name), typed by its spec.
 
-    The whole partition goes to the serving layer in one batch per task.
+    The whole partition goes to the serving layer in one batch per task. ``detailed=True`` is the
+    extended form (as DuckDB's ``ai_query_detailed``): result, errorMessage and provenance.
     """
     from pyspark.sql import functions as F
 
-    spec = output_spec(returnType, responseFormat, failOnError)  # a bad type fails here, on the driver
+    spec = output_spec(returnType, responseFormat, failOnError, detailed=detailed)  # a bad type fails here, on the driver
     parameters = json.dumps(modelParameters) if modelParameters else None
     if parameters is not None:
         from ai_functions.params import parse_model_parameters
