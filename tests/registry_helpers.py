@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 import sys
 import time
 from pathlib import Path
@@ -43,3 +44,19 @@ def external_endpoint(name: str, upstream_url: str, **extra) -> dict:
     return {"name": name, "config": {"served_entities": [{"external_model": {
         "name": "model-x", "provider": "custom", "task": "llm/v1/chat",
         "custom_provider_config": {"custom_provider_url": upstream_url}}}]}, **extra}
+
+
+@contextmanager
+def duckdb_on(name: str, backend, task: str = "llm/v1/chat"):
+    """A DuckDB connection whose functions reach ``backend`` registered in memory as ``name``."""
+    from connectors.duckdb import connect
+    from serving.client import InProcessClient
+    from serving.registry import EndpointRegistry
+
+    registry = EndpointRegistry()
+    registry.register(name, task, backend)
+    con = connect(client=InProcessClient(registry))
+    try:
+        yield con
+    finally:
+        con.close()

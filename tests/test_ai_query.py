@@ -12,17 +12,13 @@ from ai_functions.types import parse_type
 from connectors.duckdb import connect
 from engine.errors import InvalidParameterValue
 from serving.backends import EchoBackend
-from serving.client import InProcessClient
-from serving.registry import EndpointRegistry
+from tests.registry_helpers import duckdb_on
 
 
 @pytest.fixture
 def con():
-    registry = EndpointRegistry()
-    registry.register("echo", "llm/v1/chat", EchoBackend(fail_on="FAIL"))
-    connection = connect(client=InProcessClient(registry))
-    yield connection
-    connection.close()
+    with duckdb_on("echo", EchoBackend(fail_on="FAIL")) as connection:
+        yield connection
 
 
 RETURN_TYPES = [  # (returnType, the echoed answer, the typed value, DuckDB's type)
@@ -86,24 +82,16 @@ def test_null_gives_null_and_an_empty_string_is_a_request(con):
 
 def test_more_than_a_chunk_keeps_order_and_dedupes(con):
     registry_backend = EchoBackend()
-    registry = EndpointRegistry()
-    registry.register("counted", "llm/v1/chat", registry_backend)
-    big = connect(client=InProcessClient(registry))
-    try:
+    with duckdb_on("counted", registry_backend) as big:
         rows = big.execute("SELECT i, ai_query('counted', CAST(i % 1000 AS VARCHAR), returnType => 'INT') "
                            "FROM range(5000) t(i) ORDER BY i").fetchall()
-    finally:
-        big.close()
     assert [n for _, n in rows] == [i % 1000 for i in range(5000)]
     assert sum(registry_backend.calls) < 5000  # repeated requests of a chunk were sent once
 
 
 def test_bad_arguments_fail_before_any_call(con):
     backend = EchoBackend()
-    registry = EndpointRegistry()
-    registry.register("watched", "llm/v1/chat", backend)
-    watched = connect(client=InProcessClient(registry))
-    try:
+    with duckdb_on("watched", backend) as watched:
         cases = {
             "returnType => 'STRUCT<a INT'": r"returnType 'STRUCT<a INT': expected '>'",
             "returnType => 'MAP<STRING, INT>'": r"MAP is not supported",
@@ -118,8 +106,6 @@ def test_bad_arguments_fail_before_any_call(con):
             with pytest.raises(duckdb.Error, match=message):
                 watched.execute(f"SELECT ai_query('watched', q, {arguments}) FROM (VALUES ('x')) t(q)").fetchall()
         assert backend.calls == []
-    finally:
-        watched.close()
 
 
 def test_types_render_for_every_engine():
@@ -193,16 +179,10 @@ class FixableBackend(EchoBackend):
 
 
 def test_answers_that_do_not_fit_are_repaired_and_the_detailed_form_says_so():
-    registry = EndpointRegistry()
-    backend = FixableBackend()
-    registry.register("fixable", "llm/v1/chat", backend)
-    con = connect(client=InProcessClient(registry))
-    try:
+    with duckdb_on("fixable", FixableBackend()) as con:
         [(value,)] = con.execute("SELECT ai_query('fixable', '{\"n\": 3}', returnType => 'STRUCT<n INT>')").fetchall()
         [(detail,)] = con.execute("SELECT ai_query_detailed('fixable', '{\"n\": 4}', returnType => 'STRUCT<n INT>')").fetchall()
         [(kind,)] = con.execute("SELECT typeof(ai_query_detailed('fixable', 'x'))").fetchall()
-    finally:
-        con.close()
     assert value == {"n": 3}
     assert detail["result"] == {"n": 4} and detail["errorMessage"] is None
     assert detail["attempts"] == 2 and detail["raw_text"] == '{"count": 4}' and detail["cache_hit"] is False

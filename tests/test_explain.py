@@ -8,22 +8,17 @@ import pytest
 from ai_functions.explain import Budget, BudgetExceeded, totals
 from connectors.duckdb import connect, execute_within, explain, functions
 from serving.backends import EchoBackend
-from serving.client import InProcessClient
-from serving.registry import EndpointRegistry
 from tests.conftest import CHAT_ENDPOINT, EMBED_ENDPOINT
-from tests.registry_helpers import external_endpoint
+from tests.registry_helpers import duckdb_on, external_endpoint
 
 REVIEWS = "read_csv('examples/data/reviews.csv', allow_quoted_nulls=false)"
 
 
 @pytest.fixture
 def echo():
-    registry = EndpointRegistry()
     backend = EchoBackend()
-    registry.register("echo", "llm/v1/chat", backend)
-    con = connect(client=InProcessClient(registry))
-    yield con, backend
-    con.close()
+    with duckdb_on("echo", backend) as con:
+        yield con, backend
 
 
 @pytest.mark.engine

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from ai_functions.ordering import ggr_field_orders, prefix_order, prompts_for
-from connectors.duckdb import connect
 from serving.backends import EchoBackend
-from serving.client import InProcessClient
-from serving.registry import EndpointRegistry
+from tests.registry_helpers import duckdb_on
 
 
 def test_ggr_puts_shared_values_first_per_group():
@@ -35,15 +33,10 @@ class RecordingEcho(EchoBackend):
 
 
 def test_struct_requests_are_sent_in_prefix_order_and_answered_in_input_order():
-    registry = EndpointRegistry()
     backend = RecordingEcho()
-    registry.register("echo", "llm/v1/chat", backend)
-    con = connect(client=InProcessClient(registry))
-    try:
+    with duckdb_on("echo", backend) as con:
         rows = con.execute("SELECT i, ai_query('echo', {'review': 'review ' || i, 'product': 'product ' || (i % 2)}) "
                            "FROM range(6) t(i) ORDER BY i").fetchall()
-    finally:
-        con.close()
     for i, answer in rows:
         assert f"review: review {i}" in answer and answer.startswith(f"product: product {i % 2}")
     assert backend.sent == sorted(backend.sent)  # the batch went in prefix order
