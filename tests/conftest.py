@@ -109,14 +109,14 @@ def vllm_openai_server():
     import httpx
 
     from engine.model_store import resolve_model
-    from tests.rest_server import free_port
+    from tests.rest_server import free_port, start_group, stop_group
 
     port = free_port()
     model = resolve_model(CHAT_MODEL).path
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
                "--port", str(port), "--served-model-name", "smollm2", "--enforce-eager", "--max-model-len", "2048",
                "--kv-cache-memory-bytes", str(1024**3), "--disable-log-stats", "--dtype", "bfloat16"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = start_group(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     try:
@@ -133,11 +133,7 @@ def vllm_openai_server():
             time.sleep(1)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_group(process, timeout=30)  # vLLM's server and its EngineCore
 
 
 @pytest.fixture

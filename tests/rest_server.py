@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -55,3 +58,26 @@ class RunningServer:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=10)
+
+
+def start_group(command: list[str], **kwargs) -> subprocess.Popen:
+    """A server subprocess in its own process group, so that stopping it also stops the vLLM
+    EngineCore and worker processes it started (they would outlive a killed parent)."""
+    return subprocess.Popen(command, start_new_session=True, **kwargs)
+
+
+def stop_group(process: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM to the whole group, then SIGKILL to whatever is left of it."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # children that ignored SIGTERM or lost their parent
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)

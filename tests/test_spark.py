@@ -7,14 +7,13 @@ check that both connectors give the same typed answers and the same errors.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import httpx
 import pytest
 
 from tests.registry_helpers import SQLINFER
-from tests.rest_server import free_port, wait_healthy
+from tests.rest_server import free_port, start_group, stop_group, wait_healthy
 
 pytestmark = pytest.mark.spark
 
@@ -35,14 +34,13 @@ def sqlinfer_server(tmp_path_factory, mlflow_registry):
     finally:
         del os.environ["SQLINFER_MLFLOW_REGISTRY_URI"]
     port = free_port()
-    process = subprocess.Popen([SQLINFER, "serve", "--port", str(port), "--log-level", "warning"], env=env)
+    process = start_group([SQLINFER, "serve", "--port", str(port), "--log-level", "warning"], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(f"{url}/health")
         yield url, token
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        stop_group(process)  # the server and the engine processes it started
 
 
 @pytest.fixture(scope="module")
