@@ -192,10 +192,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from serving.rest import create_app
 
     if args.workers > 1:  # each worker process builds its own app; limits and usage are shared in SQLite
-        uvicorn.run("serving.rest:create_app", factory=True, workers=args.workers, host=args.host, port=args.port,
+        uvicorn.run("serving.rest:serve_app", factory=True, workers=args.workers, host=args.host, port=args.port,
                     log_level=args.log_level)
     else:
-        uvicorn.run(create_app(_service()), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(create_app(_service(), owns_process=True), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -61,6 +62,16 @@ async def _lifespan(app: FastAPI):
 
     anyio.to_thread.current_default_thread_limiter().total_tokens = int(os.environ.get("SQLINFER_SERVE_THREADS", "8"))
     yield
+    # uvicorn ends a SIGTERM'd server by re-raising the signal, so atexit handlers never run:
+    # without this, the vLLM EngineCore and workers outlive the server (seen: 3 GiB each) and the
+    # last usage rows are lost. Shutdown is the last moment the process is ours. (An app embedded
+    # in a larger process, as in the tests, leaves the process's engines alone.)
+    from serving.usage import flush_all
+
+    flush_all()
+    engine_module = sys.modules.get("engine.vllm_engine") if app.state.owns_process else None
+    if engine_module is not None:
+        await run_in_threadpool(engine_module.shutdown_all)
 
 
 class _Wrap:
@@ -73,11 +84,17 @@ class _Wrap:
         await self._app(scope, receive, send)
 
 
-def create_app(service: EndpointService | None = None) -> FastAPI:
+def serve_app() -> FastAPI:
+    """The app of a `sqlinfer serve` process (uvicorn's factory for --workers): it owns the process."""
+    return create_app(owns_process=True)
+
+
+def create_app(service: EndpointService | None = None, owns_process: bool = False) -> FastAPI:
     service = service or EndpointService()
     app = FastAPI(title="sqlinfer", version="0.1.0", lifespan=_lifespan,
                   description="Databricks Model Serving compatible endpoint registry and query API.")
     app.state.service = service
+    app.state.owns_process = owns_process  # stop the process's engines when the server stops
     counters: dict[tuple[str, int], int] = {}
     started = time.time()
 

@@ -99,6 +99,14 @@ _PENDING: dict[str, _PendingRows] = {}
 _PENDING_GUARD = threading.Lock()
 
 
+def flush_all() -> None:
+    """Write every pending usage row of this process (a server calls it as it shuts down)."""
+    with _PENDING_GUARD:
+        pending = list(_PENDING.values())
+    for rows in pending:
+        rows.flush()
+
+
 class UsageRecorder:
     def __init__(self, db: Database):
         self.db = db
