@@ -236,14 +236,10 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
                     stats.add(repaired=weight[position])
                 if deterministic:
                     store.put(keys[position], endpoint, kind, encode_result(results[position]))
-            if keyed:
-                for position in to_send:
-                    IN_FLIGHT.finish(keys[position], results[position])
     finally:
-        if keyed:
+        if keyed:  # hand every answer over (a no-op for those handed over already); None makes a waiter send it itself
             for position in to_send:
-                if results[position] is None:
-                    IN_FLIGHT.finish(keys[position], None)  # never leave a waiter hanging
+                IN_FLIGHT.finish(keys[position], results[position])
     retry = []
     for position, slot in waiting.items():
         answer = IN_FLIGHT.wait(slot)
