@@ -22,13 +22,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from ai_functions.params import parse_model_parameters
-from ai_functions.result_store import ResultStore, request_key
+from ai_functions.functions import KIND_OF_TASK, _dedupe, is_deterministic, request_options, store_keys
+from ai_functions.result_store import ResultStore
 from ai_functions.spec import OutputSpec
 from engine.errors import SqlinferError
-from engine.types import CUSTOM_TASK
 
-KINDS = {"llm/v1/chat": "chat", "llm/v1/completions": "complete", "llm/v1/embeddings": "embed", CUSTOM_TASK: "predict"}
 CHARS_PER_TOKEN = 4
 
 
@@ -115,33 +113,17 @@ class Estimate:
                 f"output tokens <= {self.output_tokens}; cost {cost}; time {seconds} ({self.limited_by})")
 
 
-def _distinct(requests: list[Any]) -> list[Any]:
-    from ai_functions.functions import _request_key
-
-    seen: dict[str, Any] = {}
-    for request in requests:
-        seen.setdefault(_request_key(request), request)
-    return list(seen.values())
-
-
 def estimate(client: Any, planner: Planner, store: ResultStore | None, prices: dict[str, tuple[float, float]]) -> list[Estimate]:
     estimates = []
     for call in planner.calls.values():
-        task = client.task(call.endpoint)
-        kind = KINDS[task]
-        options = parse_model_parameters(call.parameters)
-        if call.spec is not None and call.spec.json_schema is not None and kind in ("chat", "complete"):
-            options = options.model_copy(update={"json_schema": call.spec.json_schema})
-        distinct = _distinct(call.requests)
+        kind = KIND_OF_TASK[client.task(call.endpoint)]
+        options = request_options(call.parameters, call.spec, kind)
+        distinct, _ = _dedupe(call.requests)
         hits = 0
         version = client.config_version(call.endpoint)
-        deterministic = kind in ("embed", "predict") or options.temperature == 0 or options.seed is not None
         remaining = distinct
-        if store is not None and version is not None and deterministic and distinct:
-            keys = [request_key(call.endpoint, version,
-                                options.model_dump(mode="json", exclude_none=True) if kind in ("chat", "complete") else None,
-                                call.spec.schema_text if call.spec is not None and kind in ("chat", "complete") else None, r)
-                    for r in distinct]
+        if store is not None and version is not None and is_deterministic(kind, options) and distinct:
+            keys = store_keys(call.endpoint, version, kind, options, call.spec, distinct)
             found = store.get_many(keys)
             hits = sum(1 for k in keys if k in found)
             remaining = [r for r, k in zip(distinct, keys) if k not in found]

@@ -31,7 +31,7 @@ from ai_functions.spec import OutputSpec, output_spec
 from ai_functions.stats import QueryStats
 from ai_functions.types import SqlType, coerce, parse_text
 from engine.errors import InvalidParameterValue
-from engine.types import CUSTOM_TASK, EmbeddingResult, GenerationResult
+from engine.types import CUSTOM_TASK, EmbeddingResult, GenerationResult, SamplingOptions
 from serving.batch_wire import decode_result, encode_result
 from serving.client import ServingClient
 
@@ -73,6 +73,28 @@ def _dedupe(requests: Sequence[Any]) -> tuple[list[Any], list[int]]:
 
 
 KIND_OF_TASK = {"llm/v1/chat": "chat", "llm/v1/completions": "complete", "llm/v1/embeddings": "embed", CUSTOM_TASK: "predict"}
+
+
+def request_options(parameters: str | None, spec: OutputSpec | None, kind: str) -> SamplingOptions:
+    """The sampling options a call sends: modelParameters (validated) plus structured output."""
+    options = parse_model_parameters(parameters)
+    if spec is not None and spec.json_schema is not None and kind in ("chat", "complete"):
+        options = options.model_copy(update={"json_schema": spec.json_schema})
+    return options
+
+
+def store_keys(endpoint: str, version: str, kind: str, options: SamplingOptions, spec: OutputSpec | None,
+               requests: Sequence[Any]) -> list[str]:
+    """The result-store keys of ``requests`` (one definition: running and explaining must agree)."""
+    generating = kind in ("chat", "complete")
+    sampling = options.model_dump(mode="json", exclude_none=True) if generating else None
+    schema = spec.schema_text if spec is not None and generating else None
+    return [request_key(endpoint, version, sampling, schema, r) for r in requests]
+
+
+def is_deterministic(kind: str, options: SamplingOptions) -> bool:
+    """Whether the same request always gets the same answer, so a stored one may be reused."""
+    return kind in ("embed", "predict") or options.temperature == 0 or options.seed is not None
 
 
 @dataclasses.dataclass
@@ -143,9 +165,7 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
     if task in ("llm/v1/embeddings", CUSTOM_TASK) and parameters not in (None, "", "null"):
         kind = "an embeddings" if task == "llm/v1/embeddings" else "a custom model"
         raise InvalidModelParameters(f"modelParameters are not supported by {kind} endpoint such as {endpoint!r}; remove them")
-    options = parse_model_parameters(parameters)  # validated before any call
-    if spec is not None and spec.json_schema is not None and task in ("llm/v1/chat", "llm/v1/completions"):
-        options = options.model_copy(update={"json_schema": spec.json_schema})
+    options = request_options(parameters, spec, KIND_OF_TASK[task])  # validated before any call
     wants_struct = task == CUSTOM_TASK
     for request in requests:
         if wants_struct and not isinstance(request, dict):
@@ -165,10 +185,8 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
     kind = KIND_OF_TASK[task]
     version = client.config_version(endpoint)
     keyed = version is not None
-    keys = [request_key(endpoint, version, options.model_dump(mode="json", exclude_none=True) if kind in ("chat", "complete") else None,
-                        spec.schema_text if spec is not None and kind in ("chat", "complete") else None, r)
-            for r in distinct] if keyed else []
-    deterministic = keyed and store is not None and (kind in ("embed", "predict") or options.temperature == 0 or options.seed is not None)
+    keys = store_keys(endpoint, version, kind, options, spec, distinct) if keyed else []
+    deterministic = keyed and store is not None and is_deterministic(kind, options)
     results: list[Any] = [None] * len(distinct)
     provenance = [Provenance() for _ in distinct]
     checked = spec is not None and spec.result.kind != "STRING" and kind in ("chat", "complete")

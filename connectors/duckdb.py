@@ -93,17 +93,17 @@ def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None
 
         requests = [None if r is None else json.loads(r) for r in request.to_pylist()]
         answers: list[Any] = [None] * len(requests)
-        if ai.planner is not None:
-            for key in dict.fromkeys(zip(*(_values(c, len(requests)) for c in (return_type, response_format, fail_on_error)))):
-                spec = output_spec(*key, detailed=detailed)
-            ai.planner.record("ai_query", _values(endpoint, len(requests)), requests, _values(model_parameters, len(requests)), spec)
-            return pa.array(answers, pa.string())
-        ai.check_budget()
+        if ai.planner is None:
+            ai.check_budget()
         settings = list(zip(*(_values(c, len(requests)) for c in (return_type, response_format, fail_on_error))))
         for key in dict.fromkeys(settings):  # usually one: the arguments are constants
             rows = [i for i, s in enumerate(settings) if s == key] if len(set(settings)) > 1 else range(len(requests))
             spec = output_spec(*key, detailed=detailed)
             pick = (lambda column: column.take(pa.array(rows))) if len(rows) < len(requests) else (lambda column: column)
+            if ai.planner is not None:  # explain: record what would be sent, per spec, and answer NULL
+                ai.planner.record("ai_query", _values(pick(endpoint), len(rows)), [requests[i] for i in rows],
+                                  _values(pick(model_parameters), len(rows)), spec)
+                continue
             values = ai_query_json(ai.client, pick(endpoint), [requests[i] for i in rows], pick(model_parameters), spec,
                                    ai.stats, ai.store)
             for i, value in zip(rows, values):
