@@ -3,6 +3,8 @@
 It sits at the edge of the project (it may import every package; none imports it)::
 
     sqlinfer sql "SELECT ai_query('system-smollm2-135m-instruct', review) FROM 'reviews.csv'"
+    sqlinfer sql --server http://127.0.0.1:8080 "..."   # AI calls go to a running (warm) sqlinfer serve
+    sqlinfer doctor            # CPU, engine build, and the engine settings chosen for them, with reasons
     sqlinfer models            # bundled and local models
     sqlinfer models prepare    # convert the bundled models now instead of on first use
     sqlinfer endpoints list    # endpoints (system and registered)
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from contextlib import nullcontext
 from typing import Sequence
@@ -34,7 +38,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
 
     from connectors.duckdb import connect, functions
 
-    con = connect(args.database)
+    con = connect(args.database, client=_serving_client(args))
     try:
         ai = functions(con)
         if not args.store:
@@ -54,13 +58,42 @@ def _cmd_sql(args: argparse.Namespace) -> int:
                     result = relation.to_arrow_table() if relation is not None else None
         except duckdb.Error as exc:
             raise SqlinferError(_strip_udf_prefix(str(exc))) from None
-        if result is not None:
+        if result is not None and args.format == "jsonl":
+            for row in result.to_pylist():
+                print(json.dumps(row, default=str, ensure_ascii=False))
+        elif result is not None:
             duckdb.from_arrow(result).show(max_rows=args.max_rows, max_width=args.max_width)
         snapshot = ai.stats.snapshot()
         if snapshot.rows:
             print(f"ai functions: {snapshot.summary()}", file=sys.stderr)
     finally:
         con.close()
+    return 0
+
+
+def _serving_client(args: argparse.Namespace):
+    """The HTTP client to a running ``sqlinfer serve`` when --server (or SQLINFER_SERVER) names one;
+    None: serve in this process (engines start here, ~30-60 s the first time)."""
+    url = args.server or os.environ.get("SQLINFER_SERVER")
+    if not url:
+        return None
+    from serving.http_client import HttpServingClient
+
+    token = args.token or os.environ.get("SQLINFER_TOKEN") or os.environ.get("DATABRICKS_TOKEN")
+    return HttpServingClient(url, token)
+
+
+def _add_server_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--server", help="send the AI calls to a running `sqlinfer serve` at this URL, whose engines "
+                                          "stay warm between queries (default: $SQLINFER_SERVER; unset: in this process)")
+    command.add_argument("--token", help="API token for --server (default: $SQLINFER_TOKEN, then $DATABRICKS_TOKEN)")
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from engine.report import EngineReport
+
+    for line in EngineReport.for_this_machine().lines():
+        print(line)
     return 0
 
 
@@ -205,7 +238,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from ai_functions.explain import totals
     from connectors.duckdb import connect, explain, functions
 
-    con = connect(args.database)
+    con = connect(args.database, client=_serving_client(args))
     try:
         try:
             estimates = explain(con, args.query, functions(con))
@@ -251,15 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--database", default=":memory:", help="DuckDB database file (default: in memory)")
     sql.add_argument("--max-rows", type=int, default=40, help="rows to print (default 40)")
     sql.add_argument("--max-width", type=int, default=160, help="table width in characters")
+    sql.add_argument("--format", choices=("table", "jsonl"), default="table",
+                     help="table (default) or jsonl: every row as one JSON object per line, for scripts")
     sql.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     sql.add_argument("--no-store", dest="store", action="store_false",
                      help="neither read nor keep answers in the result store for this query")
     sql.add_argument("--max-cost", type=float, help="refuse (before any call) or stop a query that would cost more")
     sql.add_argument("--max-tokens", type=int, help="refuse (before any call) or stop a query that would use more tokens")
+    _add_server_options(sql)
 
     explain = commands.add_parser("explain", help="what a query's AI calls would send and cost, without calling a model")
     explain.add_argument("query")
     explain.add_argument("--database", default=":memory:", help="DuckDB database file (default: in memory)")
+    _add_server_options(explain)
     explain.set_defaults(handler=_cmd_explain)
     sql.set_defaults(handler=_cmd_sql)
 
@@ -291,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     secrets.add_argument("--value", help="put: the value (default: read from stdin, so it stays out of shell history)")
     secrets.set_defaults(handler=_cmd_secrets)
 
+    doctor = commands.add_parser("doctor", help="this machine's CPU/GPU, the engine build, and the engine settings "
+                                                "chosen for them (dtype, threads), with the reason for each")
+    doctor.set_defaults(handler=_cmd_doctor)
+
     cache = commands.add_parser("cache", help="the durable result store ($SQLINFER_HOME/results.db)")
     cache.add_argument("action", choices=["info", "clear"], nargs="?", default="info")
     cache.add_argument("--endpoint", help="only this endpoint's answers")
@@ -309,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # sqlinfer's own notes (an engine's one start line, scale-to-zero) go to stderr as plain lines.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("engine").setLevel(logging.INFO)
     try:
         return args.handler(args)
     except SqlinferError as exc:

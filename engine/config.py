@@ -1,26 +1,43 @@
-"""Engine settings: CPU defaults that work on a laptop, GPU settings passed straight through.
+"""Engine settings: defaults chosen for the hardware, then the user's settings on top.
 
-The CPU defaults come from measurements on the project's 2-core machine (see design.md): vLLM's
-default memory fraction of 0.92 fails there, and eager mode starts in ~30 s instead of ~90 s
-(no torch.compile). Every field can be overridden, in code or with ``SQLINFER_ENGINE_<FIELD>``
-environment variables (e.g. ``SQLINFER_ENGINE_ENFORCE_EAGER=false``).
+On CPUs the defaults come from ``engine.hardware`` (dtype from the CPU's native arithmetic,
+thread binding from its cores, the KV block size vLLM's CPU attention allows); the rest come
+from measurements on the project's 2-core machines (see design.md): vLLM's default memory
+fraction of 0.92 fails there, and eager mode starts in ~30 s instead of ~90 s (no
+torch.compile). On GPUs, vLLM's own choices are passed through.
+
+Every field can be overridden, in code or with ``SQLINFER_ENGINE_<FIELD>`` environment variables
+(e.g. ``SQLINFER_ENGINE_DTYPE=bfloat16``); what the user sets always wins over the hardware rule,
+and :meth:`EngineConfig.reasons` says where each chosen value came from.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from engine.errors import InvalidParameterValue
+
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "auto")
+# Settings the hardware rule decides; the others have one default everywhere on a device kind.
+HARDWARE_FIELDS = ("dtype", "cpu_threads_bind", "block_size")
 
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dtype: str = "bfloat16"
+    # float32 when nothing chooses: correct and never pathologically slow on any CPU.
+    # for_this_machine() replaces it with the hardware's choice.
+    dtype: Dtype = "float32"
+    # vLLM's VLLM_CPU_OMP_THREADS_BIND for the engine's worker ("0-3", "auto", "nobind");
+    # None: vLLM's own default. A VLLM_CPU_OMP_THREADS_BIND the user exported wins over it.
+    cpu_threads_bind: str | None = None
+    # KV-cache block in tokens (prefixes are reused in whole blocks); None: vLLM's default.
+    block_size: int | None = Field(default=None, ge=1)
     gpu_memory_utilization: float = Field(default=0.4, gt=0.0, le=1.0)
     # On CPU, vLLM reserves gpu_memory_utilization x the NUMA node's memory (~7 GB resident per
     # chat engine here) and refuses to start when that much is not free, so a second process with
@@ -35,32 +52,54 @@ class EngineConfig(BaseModel):
     seed: int = 0
     extra_engine_args: dict[str, Any] = Field(default_factory=dict)
 
+    # field -> why it has its value ("set by SQLINFER_ENGINE_DTYPE", the hardware rule's reason)
+    _reasons: dict[str, str] = PrivateAttr(default_factory=dict)
+
     @classmethod
-    def from_env(cls, device_defaults: dict[str, Any] | None = None, **overrides: Any) -> "EngineConfig":
+    def from_env(cls, device_defaults: dict[str, Any] | None = None, reasons: dict[str, str] | None = None,
+                 **overrides: Any) -> "EngineConfig":
         """Defaults, then ``device_defaults``, then ``SQLINFER_ENGINE_*`` variables, then overrides."""
         values: dict[str, Any] = dict(device_defaults or {})
+        why = dict(reasons or {})
+        origin: dict[str, str] = {}
         for name in cls.model_fields:
-            raw = os.environ.get(f"SQLINFER_ENGINE_{name.upper()}")
+            variable = f"SQLINFER_ENGINE_{name.upper()}"
+            raw = os.environ.get(variable)
             if raw is None:
                 continue
             try:
                 values[name] = json.loads(raw)
             except json.JSONDecodeError:
                 values[name] = raw
+            origin[name] = variable
+            why[name] = f"set by {variable}"
+        for name in overrides:
+            origin[name] = f"{name}= in code"
+            why[name] = "set in code"
         values.update(overrides)
         try:
-            return cls(**values)
-        except ValueError as exc:
-            raise InvalidParameterValue(f"invalid engine setting: {exc}") from None
+            config = cls(**values)
+        except ValidationError as exc:
+            raise _setting_error(exc, origin) from None
+        config._reasons.update(why)
+        return config
 
     @classmethod
-    def for_this_machine(cls) -> "EngineConfig":
-        """CPU defaults, or GPU ones when CUDA is available (vLLM's own memory fraction, graphs on)."""
+    def for_this_machine(cls, **overrides: Any) -> "EngineConfig":
+        """GPU settings when CUDA is available, else CPU defaults chosen from this CPU's features."""
         import torch
 
         if torch.cuda.is_available():
-            return cls.from_env({"gpu_memory_utilization": 0.85, "enforce_eager": False, "dtype": "auto", "kv_cache_gib": None})
-        return cls.from_env()
+            gpu = {"gpu_memory_utilization": 0.85, "enforce_eager": False, "dtype": "auto", "kv_cache_gib": None}
+            reasons = {"dtype": f"GPU {torch.cuda.get_device_name(0)}: vLLM picks the model's dtype (bf16 where the "
+                                f"GPU supports it)"}
+            return cls.from_env(gpu, reasons, **overrides)
+        values, reasons = cpu_defaults()
+        return cls.from_env(values, reasons, **overrides)
+
+    def reasons(self) -> dict[str, str]:
+        """Why the hardware-dependent settings have their values (empty for a bare EngineConfig())."""
+        return dict(self._reasons)
 
     def engine_args(self, model_path: str, runner: str) -> dict[str, Any]:
         """Keyword arguments for vLLM's ``AsyncEngineArgs``."""
@@ -85,5 +124,35 @@ class EngineConfig(BaseModel):
             args["max_model_len"] = self.max_model_len
         if self.max_num_seqs is not None:
             args["max_num_seqs"] = self.max_num_seqs
+        if self.block_size is not None and runner == "generate":
+            args["block_size"] = self.block_size
         args.update(self.extra_engine_args)
         return args
+
+    def process_env(self) -> dict[str, str]:
+        """Environment the engine's child processes need (vLLM reads its CPU binding there)."""
+        if self.cpu_threads_bind is None or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+            return {}
+        return {"VLLM_CPU_OMP_THREADS_BIND": self.cpu_threads_bind}
+
+
+def cpu_defaults() -> tuple[dict[str, Any], dict[str, str]]:
+    """The hardware rule applied to this CPU: settings, and the reason for each."""
+    from engine.hardware import choose_block_size, choose_dtype, choose_threads_bind, read_cpu_facts
+
+    cpu = read_cpu_facts()
+    choices = {"dtype": choose_dtype(cpu), "cpu_threads_bind": choose_threads_bind(cpu),
+               "block_size": choose_block_size(cpu)}
+    return {k: c.value for k, c in choices.items()}, {k: c.reason for k, c in choices.items()}
+
+
+def _setting_error(exc: ValidationError, origin: dict[str, str]) -> InvalidParameterValue:
+    """One engine-setting error naming where the bad value came from and what is allowed."""
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        source = origin.get(field, f"engine setting {field!r}")
+        allowed = f"; allowed values: {', '.join(DTYPES)}" if field == "dtype" else ""
+        shown = error.get("input")
+        problems.append(f"{source} = {shown!r} is invalid: {error['msg']}{allowed}")
+    return InvalidParameterValue("invalid engine setting: " + "; ".join(problems))

@@ -59,6 +59,13 @@ class ModelUnavailable(SqlinferError):
     http_status = 404
 
 
+class TemporarilyUnavailable(SqlinferError):
+    """A server, engine or upstream that should answer cannot right now; retrying later may work."""
+
+    error_code = "TEMPORARILY_UNAVAILABLE"
+    http_status = 503
+
+
 class EngineError(SqlinferError):
     """The local inference engine failed to start or to answer."""
 

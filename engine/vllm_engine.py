@@ -2,11 +2,12 @@
 
 Why async and shared: vLLM batches continuously, so the fastest way to answer many callers is
 to let all their requests into one running batch. Each :class:`LocalEngine` owns an AsyncLLM that
-lives on a single background event loop thread (shared by every engine of the process); callers
-on any thread submit a *whole batch at once* with ``asyncio.run_coroutine_threadsafe`` and block
-until it drains (vLLM's ``LLM._run_engine`` pattern: submit everything, drain, restore input
+lives on its own background event loop thread; callers on any thread submit a *whole batch at
+once* with ``asyncio.run_coroutine_threadsafe`` and block until it drains (vLLM's ``LLM._run_engine`` pattern: submit everything, drain, restore input
 order). Two DuckDB threads, a REST handler and a Spark task calling at the same time therefore
-share one batch instead of queueing behind each other.
+share one batch instead of queueing behind each other. One loop per engine, not one per process:
+creating an AsyncLLM blocks its loop for the whole start (~30 s), and a shared loop would stall a
+running chat engine while the embedding engine starts, and start engines one after the other.
 
 Engines start lazily on first use (~30 s on CPU) and shut down cleanly at interpreter exit
 (explicitly, so vLLM's ``__del__`` never runs against a half-torn-down interpreter and no
@@ -52,9 +53,10 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
 class _EventLoopThread:
-    """One asyncio loop on a daemon thread, hosting every engine of the process."""
+    """One asyncio loop on a daemon thread, hosting one engine."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self._name = name
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -64,7 +66,7 @@ class _EventLoopThread:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
                 self._thread = threading.Thread(
-                    target=self._loop.run_forever, name="sqlinfer-engine-loop", daemon=True
+                    target=self._loop.run_forever, name=self._name, daemon=True
                 )
                 self._thread.start()
             return self._loop
@@ -83,7 +85,6 @@ class _EventLoopThread:
             self._loop, self._thread = None, None
 
 
-_LOOP = _EventLoopThread()
 _ENGINES: dict[tuple[str, str], "LocalEngine"] = {}
 _ENGINES_LOCK = threading.Lock()
 _REQUEST_IDS = itertools.count()
@@ -96,6 +97,7 @@ class LocalEngine:
         self.model = model
         self.config = config or EngineConfig.for_this_machine()
         self._llm: Any = None
+        self._loop = _EventLoopThread(f"sqlinfer-engine-{model.name}")
         self._tokenizer: Any = None
         self._max_model_len = 0
         self._start_lock = threading.Lock()
@@ -173,10 +175,13 @@ class LocalEngine:
             if self._llm is not None:
                 return
             args = self.config.engine_args(str(self.model.path), self.model.runner)
-            log.info("starting vLLM engine for %s (%s)", self.model.name, self.model.path)
+            from engine.report import EngineReport
+
+            log.info("%s", EngineReport.for_this_machine(self.config).line(self.model.name))
             self._starting = True
             try:
-                self._llm = _LOOP.run(_create_async_llm(args))
+                with _child_process_env(self.config.process_env()):
+                    self._llm = self._loop.run(_create_async_llm(args))
             except Exception as exc:  # vLLM raises many types; the user needs one clear story
                 raise EngineError(
                     f"could not start the local engine for model {self.model.name!r} at "
@@ -197,9 +202,27 @@ class LocalEngine:
             llm, self._llm = self._llm, None
             if llm is not None:
                 try:
-                    _LOOP.run(_shutdown_async_llm(llm))
+                    self._loop.run(_shutdown_async_llm(llm))
                 except Exception:  # a dying engine must not stop the others from closing
                     log.exception("error while shutting down the engine for %s", self.model.name)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix (benchmarks and comparisons start from the same state).
+
+        True when the engine reset it; vLLM refuses (False) while requests are running.
+        """
+        if self._llm is None:
+            return True
+        return bool(self._loop.run(self._llm.reset_prefix_cache()))
+
+    def settings(self) -> dict[str, Any]:
+        """What the running engine actually uses, read from vLLM's own config (not ours)."""
+        self.start()
+        config = self._llm.vllm_config
+        return {"dtype": str(config.model_config.dtype).removeprefix("torch."),
+                "block_size": config.cache_config.block_size,
+                "enable_prefix_caching": config.cache_config.enable_prefix_caching,
+                "max_model_len": config.model_config.max_model_len}
 
     @property
     def tokenizer(self) -> Any:
@@ -272,7 +295,7 @@ class LocalEngine:
                 self.in_flight -= 1
                 pieces.put(end)
 
-        future = asyncio.run_coroutine_threadsafe(pump(), _LOOP.loop())
+        future = asyncio.run_coroutine_threadsafe(pump(), self._loop.loop())
         prompt_tokens = completion_tokens = 0
         finished = False
         try:
@@ -310,7 +333,7 @@ class LocalEngine:
         with self._serving():
             tokenizer, limit = self.tokenizer, self.max_model_len
             token_ids = tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"] if texts else []
-            return _LOOP.run(self._embed_all(token_ids, on_result))
+            return self._loop.run(self._embed_all(token_ids, on_result))
 
     def _require(self, tasks: str | tuple[str, ...], what: str) -> None:
         allowed = (tasks,) if isinstance(tasks, str) else tasks
@@ -339,7 +362,7 @@ class LocalEngine:
             if id(option) not in params_by_id:
                 params_by_id[id(option)] = _to_sampling_params(option)
             sampling.append(params_by_id[id(option)])
-        return _LOOP.run(self._generate_all(prompts, sampling, on_result))
+        return self._loop.run(self._generate_all(prompts, sampling, on_result))
 
     async def _generate_all(self, prompts: list[Any], sampling: list[Any], on_result: ResultCallback | None) -> list[GenerationResult]:
         async def one(index: int, prompt: Any, params: Any) -> GenerationResult:
@@ -401,17 +424,45 @@ def _describe(exc: BaseException) -> str:
 _QUIET_CHILD_ENV = {"PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning", "TORCH_CPP_LOG_LEVEL": "ERROR"}
 
 
+_CHILD_ENV = threading.Condition()
+_CHILD_ENV_SET: dict[str, str] = {}  # what engine starts under way added to os.environ
+_CHILD_ENV_USERS = 0
+
+
+@contextlib.contextmanager
+def _child_process_env(settings: dict[str, str]) -> Iterator[None]:
+    """``settings`` plus the quiet-child variables in ``os.environ`` while an engine starts (its
+    child processes inherit them), then removed again.
+
+    Engines may start at the same time on their own loops; they share the variables, and a start
+    that needs a different value of one waits until the others have spawned their processes.
+    """
+    global _CHILD_ENV_USERS
+    wanted = {**{k: v for k, v in _QUIET_CHILD_ENV.items() if k not in os.environ or k in _CHILD_ENV_SET}, **settings}
+    with _CHILD_ENV:
+        _CHILD_ENV.wait_for(lambda: _CHILD_ENV_USERS == 0 or all(_CHILD_ENV_SET.get(k, v) == v for k, v in wanted.items()))
+        for key, value in wanted.items():
+            if key not in os.environ:
+                _CHILD_ENV_SET[key] = value
+                os.environ[key] = value
+        _CHILD_ENV_USERS += 1
+    try:
+        yield
+    finally:
+        with _CHILD_ENV:
+            _CHILD_ENV_USERS -= 1
+            if _CHILD_ENV_USERS == 0:
+                for key in _CHILD_ENV_SET:
+                    os.environ.pop(key, None)
+                _CHILD_ENV_SET.clear()
+                _CHILD_ENV.notify_all()
+
+
 async def _create_async_llm(args: dict[str, Any]) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    added = {k: v for k, v in _QUIET_CHILD_ENV.items() if k not in os.environ}
-    os.environ.update(added)
-    try:
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
 
 
 async def _shutdown_async_llm(llm: Any) -> None:
@@ -520,7 +571,7 @@ def shutdown_all() -> None:
         engines = list(_ENGINES.values())
     for engine in engines:
         engine.close()
-    _LOOP.stop()
+        engine._loop.stop()
 
 
 _ATEXIT_REGISTERED = False

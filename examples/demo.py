@@ -9,8 +9,10 @@ semantic search over the embeddings.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from connectors.duckdb import connect, functions
@@ -41,12 +43,14 @@ FROM scored
 
 
 def main() -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("engine").setLevel(logging.INFO)  # each engine's one start line: build, dtype, threads, why
     con = connect()
     ai = functions(con)
     print(f"Starting the local engines ({CHAT}, {EMBED}); the first start takes about a minute...", file=sys.stderr)
     started = time.perf_counter()
-    ai.client.warm_up(CHAT)
-    ai.client.warm_up(EMBED)
+    with ThreadPoolExecutor(2) as pool:  # each engine starts on its own loop: both at once
+        list(pool.map(ai.client.warm_up, (CHAT, EMBED)))
     print(f"Engines ready in {time.perf_counter() - started:.0f} s.", file=sys.stderr)
 
     rows = con.execute(f"SELECT count(*) FROM read_csv('{DATA}', allow_quoted_nulls = false)").fetchone()[0]

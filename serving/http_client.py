@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from engine.types import SamplingOptions, Task
 from serving.backends import ResultCallback
 from serving.batch_wire import decode_result
+from engine.errors import TemporarilyUnavailable
 from serving.errors import SqlinferError, row_error
 
 
@@ -99,10 +100,20 @@ class HttpServingClient:
     # -- HTTP ----------------------------------------------------------------------------------
 
     def _get(self, path: str) -> dict[str, Any]:
-        return self._answer(self._http.get(path))
+        return self._answer(self._send("GET", path))
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._answer(self._http.post(path, json=body))
+        return self._answer(self._send("POST", path, body))
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        import httpx
+
+        try:
+            return self._http.request(method, path, json=body)
+        except httpx.TransportError as exc:
+            raise TemporarilyUnavailable(
+                f"cannot reach sqlinfer serve at {self.url} ({type(exc).__name__}: {exc or 'no answer'}); start it "
+                f"with `sqlinfer serve` or check the --server / SQLINFER_SERVER URL") from None
 
     def _answer(self, response: Any) -> dict[str, Any]:
         if response.status_code == 200:

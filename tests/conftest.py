@@ -108,15 +108,17 @@ def vllm_openai_server():
 
     import httpx
 
+    from engine.config import EngineConfig
     from engine.model_store import resolve_model
     from tests.rest_server import free_port, start_group, stop_group
 
     port = free_port()
     model = resolve_model(CHAT_MODEL).path
+    config = EngineConfig.for_this_machine()  # the dtype and threads the hardware rule picks, as our engine uses
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
                "--port", str(port), "--served-model-name", "smollm2", "--enforce-eager", "--max-model-len", "2048",
-               "--kv-cache-memory-bytes", str(1024**3), "--disable-log-stats", "--dtype", "bfloat16"]
-    process = start_group(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               "--kv-cache-memory-bytes", str(1024**3), "--disable-log-stats", "--dtype", config.dtype]
+    process = start_group(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ | config.process_env())
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     try:
@@ -164,3 +166,32 @@ def mlflow_registry(tmp_path_factory):
         mlflow.sklearn.log_model(LogisticRegression(max_iter=200).fit(features, labels), name="model",
                                  registered_model_name="main.default.iris", input_example=features.head(2))
     return uri
+
+
+@pytest.fixture(scope="session")
+def sqlinfer_server(tmp_path_factory, mlflow_registry):
+    """`sqlinfer serve` as a subprocess hosting the local engines (started on first use), an iris custom
+    model and the echo endpoints; shared by the Spark and the CLI --server tests. Yields (url, admin token)."""
+    from serving.endpoints import EndpointService
+
+    home = tmp_path_factory.mktemp("serve-home")
+    env = os.environ | {"SQLINFER_HOME": str(home), "SQLINFER_MLFLOW_REGISTRY_URI": mlflow_registry}
+    service = EndpointService(home)
+    _, token = service.auth.create_token("spark-job", is_admin=True)
+    os.environ["SQLINFER_MLFLOW_REGISTRY_URI"] = mlflow_registry
+    try:
+        service.create({"name": "iris", "config": {"served_entities": [{"entity_name": "main.default.iris", "entity_version": "1"}]}})
+        service.wait_for_deployments()
+    finally:
+        del os.environ["SQLINFER_MLFLOW_REGISTRY_URI"]
+    from tests.registry_helpers import SQLINFER
+    from tests.rest_server import free_port, start_group, stop_group, wait_healthy
+
+    port = free_port()
+    process = start_group([SQLINFER, "serve", "--port", str(port), "--log-level", "warning"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(f"{url}/health")
+        yield url, token
+    finally:
+        stop_group(process)  # the server and the engine processes it started

@@ -12,35 +12,8 @@ import sys
 import httpx
 import pytest
 
-from tests.registry_helpers import SQLINFER
-from tests.rest_server import free_port, start_group, stop_group, wait_healthy
 
 pytestmark = pytest.mark.spark
-
-
-@pytest.fixture(scope="module")
-def sqlinfer_server(tmp_path_factory, mlflow_registry):
-    """`sqlinfer serve` hosting the local engine, an iris custom model and the echo endpoints."""
-    from serving.endpoints import EndpointService
-
-    home = tmp_path_factory.mktemp("spark-home")
-    env = os.environ | {"SQLINFER_HOME": str(home), "SQLINFER_MLFLOW_REGISTRY_URI": mlflow_registry}
-    service = EndpointService(home)
-    _, token = service.auth.create_token("spark-job", is_admin=True)
-    os.environ["SQLINFER_MLFLOW_REGISTRY_URI"] = mlflow_registry
-    try:
-        service.create({"name": "iris", "config": {"served_entities": [{"entity_name": "main.default.iris", "entity_version": "1"}]}})
-        service.wait_for_deployments()
-    finally:
-        del os.environ["SQLINFER_MLFLOW_REGISTRY_URI"]
-    port = free_port()
-    process = start_group([SQLINFER, "serve", "--port", str(port), "--log-level", "warning"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(f"{url}/health")
-        yield url, token
-    finally:
-        stop_group(process)  # the server and the engine processes it started
 
 
 @pytest.fixture(scope="module")
