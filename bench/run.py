@@ -15,6 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 BENCHMARKS = [
+    ("local engine vs HF generate, % of the CPU's limit", ["bench_cpu_engine.py"]),
     ("local engine, chat", ["bench_local_engine.py", "--which", "chat", "--rows", "256"]),
     ("local engine, embeddings", ["bench_local_engine.py", "--which", "embed", "--rows", "512"]),
     ("gateway overhead and external dispatch", ["bench_gateway.py"]),
