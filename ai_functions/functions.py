@@ -32,8 +32,8 @@ from ai_functions.stats import QueryStats
 from ai_functions.types import SqlType, coerce, parse_text
 from engine.errors import InvalidParameterValue
 from engine.types import CUSTOM_TASK, EmbeddingResult, GenerationResult, SamplingOptions
-from serving.batch_wire import decode_result, encode_result
-from serving.client import ServingClient
+from serving.data.batch_wire import decode_result, encode_result
+from serving.data.client import ServingClient
 
 
 def _values(array: Any, length: int) -> list[Any]:

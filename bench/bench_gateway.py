@@ -88,7 +88,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def bench_overhead() -> dict:
-    from serving.endpoints import EndpointService
+    from serving.control.service import EndpointService
 
     up, up_url = upstream(0)
     home = Path(tempfile.mkdtemp(prefix="sqlinfer-bench-"))
@@ -129,9 +129,9 @@ def bench_overhead() -> dict:
 
 def bench_dispatch() -> dict:
     from engine.types import SamplingOptions
-    from serving.db import Database
-    from serving.limits import Limit, RateLimitedBackend, RateLimiter
-    from serving.providers import OpenAICompatibleBackend
+    from serving.control.db import Database
+    from serving.data.limits import Limit, RateLimitedBackend, RateLimiter
+    from serving.data.providers import OpenAICompatibleBackend
 
     up, up_url = upstream(50)
     try:

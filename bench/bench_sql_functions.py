@@ -114,7 +114,7 @@ print(json.dumps({name: statistics.median(times) for name, times in timings.item
 def spark_bench() -> dict:
     import tempfile
 
-    from serving.endpoints import EndpointService
+    from serving.control.service import EndpointService
     from tests.rest_server import free_port, wait_healthy
 
     home = tempfile.mkdtemp(prefix="sqlinfer-bench-")

@@ -77,7 +77,7 @@ def _serving_client(args: argparse.Namespace):
     url = args.server or os.environ.get("SQLINFER_SERVER")
     if not url:
         return None
-    from serving.http_client import HttpServingClient
+    from serving.data.http_client import HttpServingClient
 
     token = args.token or os.environ.get("SQLINFER_TOKEN") or os.environ.get("DATABRICKS_TOKEN")
     return HttpServingClient(url, token)
@@ -101,7 +101,7 @@ def _register_usage_view(con) -> None:
     """``sqlinfer_usage``: the usage table as of the query's start (one row per request)."""
     import pyarrow as pa
 
-    from serving.usage import COLUMNS, UsageRecorder
+    from serving.data.usage import COLUMNS, UsageRecorder
 
     rows = UsageRecorder(_service().db).rows()
     con.register("sqlinfer_usage", pa.Table.from_pylist(rows) if rows else pa.table({c: pa.array([], pa.string()) for c in COLUMNS}))
@@ -130,7 +130,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _service():
-    from serving.endpoints import EndpointService
+    from serving.control.service import EndpointService
 
     return EndpointService()
 
@@ -222,10 +222,10 @@ def _cmd_secrets(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from serving.rest import create_app
+    from serving.api.app import create_app
 
     if args.workers > 1:  # each worker process builds its own app; limits and usage are shared in SQLite
-        uvicorn.run("serving.rest:serve_app", factory=True, workers=args.workers, host=args.host, port=args.port,
+        uvicorn.run("serving.api.app:serve_app", factory=True, workers=args.workers, host=args.host, port=args.port,
                     log_level=args.log_level)
     else:
         uvicorn.run(create_app(_service(), owns_process=True), host=args.host, port=args.port, log_level=args.log_level)

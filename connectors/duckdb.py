@@ -33,7 +33,7 @@ from ai_functions.result_store import ResultStore, default_store
 from ai_functions.spec import output_spec
 from ai_functions.stats import QueryStats
 from engine.errors import SqlinferError
-from serving.client import InProcessClient, ServingClient
+from serving.data.client import InProcessClient, ServingClient
 
 _QUERY_UDF = "__sqlinfer_ai_query"
 _EMBED_UDF = "__sqlinfer_ai_embed"
@@ -61,7 +61,7 @@ class AIFunctions:
 
 
 def _embedding_dimension(client: ServingClient) -> int | None:
-    from serving.registry import ECHO_EMBEDDINGS_ENDPOINT
+    from serving.data.directory import ECHO_EMBEDDINGS_ENDPOINT
 
     dimensions = set()
     for name, task in client.endpoints():

@@ -10,7 +10,7 @@ Three ways in::
 
 Executors never receive an engine or an SDK client: a UDF's closure holds only a
 :class:`ClientConfig` (a URL and a token), and each Python worker builds an
-:class:`~serving.http_client.HttpServingClient` from it once. Every batch goes to ``sqlinfer
+:class:`~serving.data.http_client.HttpServingClient` from it once. Every batch goes to ``sqlinfer
 serve`` in one request, so all executors share one engine, one set of rate limits and one usage
 log. Without a URL (``local[*]`` and external endpoints only) each worker serves in-process.
 
@@ -57,11 +57,11 @@ def _client(config: ClientConfig) -> Any:
         client = _CLIENTS.get(config)
         if client is None:
             if config.url:
-                from serving.http_client import HttpServingClient
+                from serving.data.http_client import HttpServingClient
 
                 client = HttpServingClient(config.url, config.token)
             else:
-                from serving.client import InProcessClient
+                from serving.data.client import InProcessClient
 
                 client = InProcessClient()
             _CLIENTS[config] = client

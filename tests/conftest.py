@@ -13,9 +13,9 @@ import threading
 import pytest
 
 from engine.types import SamplingOptions
-from serving.backends import EchoBackend
-from serving.client import InProcessClient
-from serving.registry import EndpointRegistry
+from serving.data.backends import EchoBackend
+from serving.data.client import InProcessClient
+from serving.data.directory import EndpointDirectory
 from tests.registry_helpers import SECRET_VALUE
 
 # Answers are not kept between tests (or in the user's $SQLINFER_HOME): a test that wants the
@@ -48,8 +48,8 @@ def embed_engine():
 
 
 @pytest.fixture
-def echo_registry() -> EndpointRegistry:
-    registry = EndpointRegistry()
+def echo_registry() -> EndpointDirectory:
+    registry = EndpointDirectory()
     registry.register("echo", "llm/v1/chat", EchoBackend(fail_on="FAIL"))
     registry.register("echo-vectors", "llm/v1/embeddings", EchoBackend("llm/v1/embeddings", dimension=4, fail_on="FAIL"))
     return registry
@@ -72,7 +72,7 @@ def gate():
 
 @pytest.fixture
 def service(tmp_path, gate):
-    from serving.endpoints import EndpointService
+    from serving.control.service import EndpointService
 
     return EndpointService(tmp_path / "home", deploy_gate=gate)
 
@@ -172,7 +172,7 @@ def mlflow_registry(tmp_path_factory):
 def sqlinfer_server(tmp_path_factory, mlflow_registry):
     """`sqlinfer serve` as a subprocess hosting the local engines (started on first use), an iris custom
     model and the echo endpoints; shared by the Spark and the CLI --server tests. Yields (url, admin token)."""
-    from serving.endpoints import EndpointService
+    from serving.control.service import EndpointService
 
     home = tmp_path_factory.mktemp("serve-home")
     env = os.environ | {"SQLINFER_HOME": str(home), "SQLINFER_MLFLOW_REGISTRY_URI": mlflow_registry}

@@ -50,10 +50,10 @@ def external_endpoint(name: str, upstream_url: str, **extra) -> dict:
 def duckdb_on(name: str, backend, task: str = "llm/v1/chat"):
     """A DuckDB connection whose functions reach ``backend`` registered in memory as ``name``."""
     from connectors.duckdb import connect
-    from serving.client import InProcessClient
-    from serving.registry import EndpointRegistry
+    from serving.data.client import InProcessClient
+    from serving.data.directory import EndpointDirectory
 
-    registry = EndpointRegistry()
+    registry = EndpointDirectory()
     registry.register(name, task, backend)
     con = connect(client=InProcessClient(registry))
     try:

@@ -36,7 +36,7 @@ class RunningServer:
     def __init__(self, service):
         import uvicorn
 
-        from serving.rest import create_app
+        from serving.api.app import create_app
 
         self.service = service
         self.port = free_port()

@@ -11,7 +11,7 @@ from ai_functions.spec import output_spec
 from ai_functions.types import parse_type
 from connectors.duckdb import connect
 from engine.errors import InvalidParameterValue
-from serving.backends import EchoBackend
+from serving.data.backends import EchoBackend
 from tests.registry_helpers import duckdb_on
 
 

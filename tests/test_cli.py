@@ -131,7 +131,7 @@ def test_a_query_that_uses_only_ai_query_starts_no_embedding_engine(sqlinfer_ser
     import psutil
 
     from connectors.duckdb import connect
-    from serving.http_client import HttpServingClient
+    from serving.data.http_client import HttpServingClient
 
     url, token = sqlinfer_server
     con = connect(client=HttpServingClient(url, token))  # registers ai_embed too (FLOAT[384] asked of the server)

@@ -7,7 +7,7 @@ import pytest
 
 from ai_functions.explain import Budget, BudgetExceeded, totals
 from connectors.duckdb import connect, execute_within, explain, functions
-from serving.backends import EchoBackend
+from serving.data.backends import EchoBackend
 from tests.conftest import CHAT_ENDPOINT, EMBED_ENDPOINT
 from tests.registry_helpers import duckdb_on, external_endpoint
 
@@ -65,7 +65,7 @@ def test_the_budget_holds_while_the_query_runs(echo):
 
 
 def test_cache_hits_and_rate_limits_shape_the_estimate(tmp_path, monkeypatch, upstream):
-    from serving.endpoints import EndpointService
+    from serving.control.service import EndpointService
 
     monkeypatch.setenv("SQLINFER_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("SQLINFER_RESULT_STORE", "on")

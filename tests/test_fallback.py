@@ -7,8 +7,8 @@ import json
 import pytest
 
 from connectors.duckdb import connect
-from serving.client import InProcessClient
-from serving.registry import registry_for
+from serving.data.client import InProcessClient
+from serving.data.directory import directory_for
 from tests.registry_helpers import wait_until_settled
 
 pytestmark = pytest.mark.engine
@@ -45,7 +45,7 @@ def test_a_failing_entity_falls_back_to_the_next_one(server, admin, unloadable_m
     assert answered.headers["served-model-name"] == "backup"
     assert "Paris" in answered.json()["choices"][0]["message"]["content"]
 
-    con = connect(client=InProcessClient(registry_for(server.service)))
+    con = connect(client=InProcessClient(directory_for(server.service)))
     try:
         rows = con.execute("SELECT ai_query('fb', 'Say hi.', modelParameters => {'max_tokens': 2})").fetchall()
     finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ai_functions.ordering import ggr_field_orders, prefix_order, prompts_for
-from serving.backends import EchoBackend
+from serving.data.backends import EchoBackend
 from tests.registry_helpers import duckdb_on
 
 

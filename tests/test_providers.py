@@ -7,9 +7,9 @@ import time
 
 from connectors.duckdb import connect
 from engine.types import SamplingOptions
-from serving.client import InProcessClient
-from serving.providers import OpenAICompatibleBackend, RetryPolicy
-from serving.registry import registry_for
+from serving.data.client import InProcessClient
+from serving.data.providers import OpenAICompatibleBackend, RetryPolicy
+from serving.data.directory import directory_for
 
 KEY = "sk-provider-key-DO-NOT-LEAK-31337"
 ASK = [[{"role": "user", "content": "hello there"}]]
@@ -69,7 +69,7 @@ def test_a_custom_provider_endpoint_serves_ai_query_with_its_secret_resolved_at_
                                    "bearer_token_auth": {"token": "{{secrets/providers/upstream}}"}}}}]}})
     service.wait_for_deployments()
     assert upstream.calls == []  # nothing is called, nor the secret read for a call, before a query
-    con = connect(client=InProcessClient(registry_for(service)))
+    con = connect(client=InProcessClient(directory_for(service)))
     try:
         rows = con.execute("SELECT ai_query('custom-chat', r) FROM (VALUES ('one'), ('two'), ('one')) t(r)").fetchall()
     finally:

@@ -12,10 +12,10 @@ import pytest
 
 from connectors.duckdb import connect
 from engine.types import SamplingOptions
-from serving.backends import EchoBackend
-from serving.client import InProcessClient
-from serving.registry import registry_for
-from serving.routing import TrafficSplitBackend
+from serving.data.backends import EchoBackend
+from serving.data.client import InProcessClient
+from serving.data.directory import directory_for
+from serving.data.routing import TrafficSplitBackend
 from tests.conftest import CHAT_ENDPOINT, EMBED_ENDPOINT
 from tests.registry_helpers import local_entity, wait_until_settled
 
@@ -104,7 +104,7 @@ def test_querying_needs_can_query(server, admin, chat_engine):
 def test_ai_query_calls_registered_endpoints_and_follows_config_updates(service, chat_engine):
     service.create({"name": "sql-chat", "config": local_entity(name="first")})
     service.wait_for_deployments()
-    con = connect(client=InProcessClient(registry_for(service)))
+    con = connect(client=InProcessClient(directory_for(service)))
     try:
         [(answer,)] = con.execute("SELECT ai_query('sql-chat', 'What is the capital of France? Answer in one word.', "
                                   "modelParameters => {'max_tokens': 8})").fetchall()
@@ -124,7 +124,7 @@ def test_ai_query_calls_registered_endpoints_and_follows_config_updates(service,
 def test_a_config_update_does_not_stop_the_engine_other_endpoints_share(service, chat_engine):
     service.create({"name": "sharing", "config": local_entity(name="one")})
     service.wait_for_deployments()
-    client = InProcessClient(registry_for(service))
+    client = InProcessClient(directory_for(service))
     ask = [[{"role": "user", "content": "Say hi."}]]
     assert client.chat("sharing", ask, SamplingOptions(max_tokens=2))[0].error is None
     running = chat_engine._llm
@@ -152,7 +152,7 @@ def test_mlflow_predict_queries_endpoints(server, admin, monkeypatch, chat_engin
 
 @pytest.mark.engine
 def test_chat_and_completions_stream_as_server_sent_events(server, admin, openai_client, chat_engine):
-    from serving.usage import UsageRecorder
+    from serving.data.usage import UsageRecorder
 
     question = [{"role": "user", "content": "Write one sentence about the sea."}]
     whole = openai_client.chat.completions.create(model=CHAT_ENDPOINT, messages=question, max_tokens=24, temperature=0)

@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from engine.types import SamplingOptions
-from serving.endpoints import EndpointService
-from serving.limits import Limit, RateLimitedBackend, RateLimiter, limit_mode
-from serving.providers import OpenAICompatibleBackend
+from serving.control.service import EndpointService
+from serving.data.limits import Limit, RateLimitedBackend, RateLimiter, limit_mode
+from serving.data.providers import OpenAICompatibleBackend
 from tests.registry_helpers import SQLINFER, external_endpoint
 from tests.rest_server import free_port, wait_healthy
 

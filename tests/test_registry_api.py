@@ -9,8 +9,8 @@ import threading
 from pathlib import Path
 
 
-from serving.db import MIGRATIONS
-from serving.endpoints import EndpointService
+from serving.control.db import MIGRATIONS
+from serving.control.service import EndpointService
 from tests.registry_helpers import CREATE_EXAMPLE, SECRET_VALUE, local_entity, wait_until_settled
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,15 +141,15 @@ def test_everything_survives_a_restart(tmp_path, gate):
 
 
 def test_an_older_registry_is_migrated_in_place_and_keeps_its_data(tmp_path, monkeypatch):
-    import serving.db
+    import serving.control.db
 
     home = tmp_path / "home"
-    monkeypatch.setattr(serving.db, "MIGRATIONS", MIGRATIONS[:1])  # the registry as version 1 wrote it
+    monkeypatch.setattr(serving.control.db, "MIGRATIONS", MIGRATIONS[:1])  # the registry as version 1 wrote it
     old = EndpointService(home)
     old.create({"name": "from-v1", "config": local_entity()})
     old.wait_for_deployments()
     assert old.db.schema_version == 1
-    monkeypatch.setattr(serving.db, "MIGRATIONS", MIGRATIONS)
+    monkeypatch.setattr(serving.control.db, "MIGRATIONS", MIGRATIONS)
     upgraded = EndpointService(home)
     assert upgraded.db.schema_version == len(MIGRATIONS)
     assert upgraded.get("from-v1")["state"]["ready"] == "READY"
@@ -166,8 +166,8 @@ def test_an_interrupted_deployment_resumes_when_the_registry_opens_again(tmp_pat
 
 WRITER = """
 import sys
-from serving.db import MIGRATIONS
-from serving.endpoints import EndpointService
+from serving.control.db import MIGRATIONS
+from serving.control.service import EndpointService
 service = EndpointService(sys.argv[1])
 for i in range(5):
     service.create({"name": f"w{sys.argv[2]}-{i}", "config": {"served_entities": [{"entity_name": "smollm2-135m-instruct"}]}})

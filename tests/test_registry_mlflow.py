@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.endpoints import EndpointService
+from serving.control.service import EndpointService
 from tests.registry_helpers import wait_until_settled
 
 
@@ -59,7 +59,7 @@ def _expected_iris(mlflow_registry, frame):
 def test_a_custom_model_answers_every_scoring_format(iris_endpoint, mlflow_registry, server):
     from sklearn.datasets import load_iris
 
-    from serving import custom_models
+    from serving.data import custom_models
 
     features, _ = load_iris(return_X_y=True, as_frame=True)
     sample = features.iloc[[0, 60, 120, 7]]
@@ -82,7 +82,7 @@ def test_a_custom_model_answers_every_scoring_format(iris_endpoint, mlflow_regis
     iris_endpoint.post("/serving-endpoints/iris/invocations", json=bodies["dataframe_split"]).raise_for_status()
     assert custom_models.loaded_count() == loaded  # loaded once per process, not per request
 
-    from serving.usage import UsageRecorder
+    from serving.data.usage import UsageRecorder
 
     usage = UsageRecorder(server.service.db).rows("iris")
     assert len(usage) == 5 * 4 and all(r["status_code"] == 200 and r["served_entity"] == "iris-1" for r in usage)
@@ -106,8 +106,8 @@ def test_bad_custom_model_input_is_named_and_a_bad_row_fails_alone(iris_endpoint
     from sklearn.datasets import load_iris
 
     from engine.types import SamplingOptions
-    from serving.client import InProcessClient
-    from serving.registry import registry_for
+    from serving.data.client import InProcessClient
+    from serving.data.directory import directory_for
 
     both = iris_endpoint.post("/serving-endpoints/iris/invocations", json={"dataframe_records": [], "instances": []})
     assert both.status_code == 400 and "exactly one of dataframe_split" in both.json()["message"]
@@ -121,11 +121,11 @@ def test_bad_custom_model_input_is_named_and_a_bad_row_fails_alone(iris_endpoint
     assert rejected.status_code == 400 and "row 1" in rejected.json()["message"]
 
     # The SQL path sees the rows one by one: the bad row fails, its neighbours are answered.
-    results = InProcessClient(registry_for(server.service)).predict("iris", records)
+    results = InProcessClient(directory_for(server.service)).predict("iris", records)
     assert [r.error is None for r in results] == [True, False, True]
     assert results[0].value == _expected_iris(mlflow_registry, features.iloc[[0]])[0]
     with pytest.raises(Exception, match="custom-model|not chat"):
-        InProcessClient(registry_for(server.service)).chat("iris", [[{"role": "user", "content": "x"}]], SamplingOptions())
+        InProcessClient(directory_for(server.service)).chat("iris", [[{"role": "user", "content": "x"}]], SamplingOptions())
 
 
 # -- a transformers model logged with an llm/v1 task runs on the local engine, and scales to zero ---

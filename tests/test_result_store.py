@@ -21,7 +21,7 @@ ROWS = 40
 
 @pytest.fixture
 def home(tmp_path, monkeypatch, upstream):
-    from serving.endpoints import EndpointService
+    from serving.control.service import EndpointService
 
     home = tmp_path / "home"
     monkeypatch.setenv("SQLINFER_HOME", str(home))
@@ -116,7 +116,7 @@ def test_deterministic_answers_are_reused_and_random_ones_are_not(home, upstream
 
 def test_a_config_update_ttl_and_cache_clear_invalidate(home, upstream, monkeypatch):
     from connectors.duckdb import connect
-    from serving.endpoints import EndpointService
+    from serving.control.service import EndpointService
 
     def ask() -> None:
         con = connect()

@@ -35,7 +35,7 @@ def spark(sqlinfer_server):
 @pytest.fixture(scope="module")
 def duck(sqlinfer_server):
     from connectors.duckdb import connect
-    from serving.http_client import HttpServingClient
+    from serving.data.http_client import HttpServingClient
 
     url, token = sqlinfer_server
     con = connect(client=HttpServingClient(url, token))

@@ -8,9 +8,9 @@ import subprocess
 
 
 from connectors.duckdb import connect
-from serving.client import InProcessClient
-from serving.registry import registry_for
-from serving.usage import UsageRecorder
+from serving.data.client import InProcessClient
+from serving.data.directory import directory_for
+from serving.data.usage import UsageRecorder
 from tests.registry_helpers import SQLINFER, external_endpoint
 from tests.test_rate_limits import start_of_a_window
 
@@ -29,7 +29,7 @@ def test_rest_and_sql_queries_are_recorded_and_summarised(server, admin, upstrea
         "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2,
         "client_request_id": "req-42", "usage_context": {"team": "search"}})
     assert ok.status_code == 200
-    con = connect(client=InProcessClient(registry_for(server.service)))
+    con = connect(client=InProcessClient(directory_for(server.service)))
     try:
         con.execute("SELECT ai_query('tracked', r) FROM (VALUES ('a'), ('b')) t(r)").fetchall()
     finally:
@@ -56,7 +56,7 @@ def test_rest_and_sql_queries_are_recorded_and_summarised(server, admin, upstrea
 
 def test_the_usage_table_is_queryable_from_sql(tmp_path, upstream):
     env = os.environ | {"SQLINFER_HOME": str(tmp_path / "home")}
-    from serving.endpoints import EndpointService
+    from serving.control.service import EndpointService
 
     service = EndpointService(tmp_path / "home")
     service.create(external_endpoint("cli-tracked", upstream.url))

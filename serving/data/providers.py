@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from engine.types import Choice, EmbeddingResult, GenerationResult, SamplingOptions, StreamDelta, Task, TokenLogprob
-from serving.backends import Backend, ResultCallback
+from serving.data.backends import Backend, ResultCallback
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import threading
 from typing import Any, Sequence
 
 from engine.types import CUSTOM_TASK, PredictionResult
-from serving.backends import Backend, ResultCallback
+from serving.data.backends import Backend, ResultCallback
 from serving.errors import InvalidParameterValue
 
 INPUT_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")

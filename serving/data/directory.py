@@ -1,8 +1,11 @@
-"""Endpoint names -> backends.
+"""The endpoint directory: endpoint names -> backends (the data plane's name resolution).
 
-Callers only ever ask ``registry.backend(name)``. Names registered in memory (the system
+"Directory", not "registry": the endpoint *store* (``serving.control``, SQLite) keeps what
+endpoints are configured, MLflow's *model registry* keeps model versions, and this directory maps
+a name to the backend that answers it in this process. Callers only ever ask
+``directory.backend(name)``. Names registered in memory (the system
 endpoints, test doubles) are answered directly; any other name goes to a resolver, which for
-``registry_for(service)`` is the persistent registry (``serving.routing.RegistryResolver``). The
+``directory_for(service)`` is the endpoint store (``serving.data.routing.StoredEndpointResolver``). The
 bundled system models are pay-per-token style endpoints, the way Databricks pre-provisions its
 ``databricks-*`` endpoints:
 
@@ -21,7 +24,7 @@ from typing import Any, Callable, Protocol
 
 from engine.errors import InvalidParameterValue, ResourceAlreadyExists, ResourceDoesNotExist, SqlinferError
 from engine.types import TASKS, Task
-from serving.backends import Backend, EchoBackend, LocalEngineBackend
+from serving.data.backends import Backend, EchoBackend, LocalEngineBackend
 
 SYSTEM_PREFIX = "system-"
 BackendFactory = Callable[[], Backend]
@@ -40,14 +43,14 @@ class Endpoint:
 
 
 class Resolver(Protocol):
-    """Where names not registered in memory are looked up (the persistent registry)."""
+    """Where names not registered in memory are looked up (the endpoint store)."""
 
     def names(self) -> list[str]: ...
 
     def lookup(self, name: str) -> tuple[object, Task, BackendFactory] | None: ...
 
 
-class EndpointRegistry:
+class EndpointDirectory:
     """Thread-safe name -> endpoint map; backends are built on first use and then shared.
 
     Names registered in memory win; others go to the ``resolver``. A resolved endpoint is kept
@@ -152,17 +155,17 @@ ECHO_ENDPOINT = SYSTEM_PREFIX + "echo"
 ECHO_EMBEDDINGS_ENDPOINT = SYSTEM_PREFIX + "echo-embeddings"
 
 
-def add_system_endpoints(registry: EndpointRegistry, recorder=None) -> None:
+def add_system_endpoints(directory: EndpointDirectory, recorder=None) -> None:
     """Register one endpoint per bundled model, named ``system-<model>`` (usage recorded if given)."""
     from engine.model_store import BUNDLED_MODELS
 
     def factory(model) -> Backend:
-        from serving.routing import TaggedBackend, scale_to_zero_seconds
+        from serving.data.routing import TaggedBackend, scale_to_zero_seconds
 
         idle = scale_to_zero_seconds({"scale_to_zero_enabled": True})  # as their endpoint view says
         backend: Backend = TaggedBackend(model.name, LocalEngineBackend(model.name, model.task, idle_timeout=idle))
         if recorder is not None:
-            from serving.usage import UsageRecordingBackend
+            from serving.data.usage import UsageRecordingBackend
 
             name = SYSTEM_PREFIX + model.name
             backend = UsageRecordingBackend(backend, recorder, name, name)
@@ -170,11 +173,11 @@ def add_system_endpoints(registry: EndpointRegistry, recorder=None) -> None:
 
     # The built-in test backend (EchoBackend): instant answers, for trying the SQL machinery and
     # benchmarking its overhead without a model. Chat echoes the request; embeddings are 8 numbers.
-    registry.register(ECHO_ENDPOINT, "llm/v1/chat", EchoBackend(), description="echoes the request (test backend)")
-    registry.register(ECHO_EMBEDDINGS_ENDPOINT, "llm/v1/embeddings", EchoBackend("llm/v1/embeddings"),
+    directory.register(ECHO_ENDPOINT, "llm/v1/chat", EchoBackend(), description="echoes the request (test backend)")
+    directory.register(ECHO_EMBEDDINGS_ENDPOINT, "llm/v1/embeddings", EchoBackend("llm/v1/embeddings"),
                       description="8-number hash vectors (test backend)")
     for model in BUNDLED_MODELS.values():
-        registry.register(
+        directory.register(
             SYSTEM_PREFIX + model.name,
             model.task,
             lambda model=model: factory(model),
@@ -183,30 +186,30 @@ def add_system_endpoints(registry: EndpointRegistry, recorder=None) -> None:
         )
 
 
-_DEFAULTS: dict[str, EndpointRegistry] = {}
+_DEFAULTS: dict[str, EndpointDirectory] = {}
 _DEFAULT_LOCK = threading.Lock()
 
 
-def registry_for(service) -> EndpointRegistry:
+def directory_for(service) -> EndpointDirectory:
     """System endpoints in memory, everything else from ``service`` (an EndpointService)."""
-    from serving.routing import RegistryResolver
+    from serving.data.routing import StoredEndpointResolver
 
-    from serving.usage import UsageRecorder
+    from serving.data.usage import UsageRecorder
 
-    registry = EndpointRegistry(RegistryResolver(service))
-    add_system_endpoints(registry, UsageRecorder(service.db))
-    return registry
+    directory = EndpointDirectory(StoredEndpointResolver(service))
+    add_system_endpoints(directory, UsageRecorder(service.db))
+    return directory
 
 
-def default_registry() -> EndpointRegistry:
-    """The process-wide registry: system endpoints and those in ``$SQLINFER_HOME/registry.db``."""
+def default_directory() -> EndpointDirectory:
+    """The process-wide directory: system endpoints and those in ``$SQLINFER_HOME/registry.db``."""
     from engine.model_store import sqlinfer_home
 
-    home = str(sqlinfer_home())  # one per home: a process that changes SQLINFER_HOME gets that registry
+    home = str(sqlinfer_home())  # one per home: a process that changes SQLINFER_HOME gets that directory
     with _DEFAULT_LOCK:
-        registry = _DEFAULTS.get(home)
-        if registry is None:
-            from serving.endpoints import EndpointService
+        directory = _DEFAULTS.get(home)
+        if directory is None:
+            from serving.control.service import EndpointService
 
-            registry = _DEFAULTS[home] = registry_for(EndpointService())
-        return registry
+            directory = _DEFAULTS[home] = directory_for(EndpointService())
+        return directory

@@ -1,11 +1,11 @@
 """The endpoint registry: Databricks Model Serving semantics on SQLite.
 
 What it keeps: endpoints with their served entities, traffic, config history, tags, rate limits,
-AI-gateway settings and permissions (``serving.db``), secrets (``serving.secrets``), tokens and
-permissions (``serving.auth``). What it decides:
+AI-gateway settings and permissions (``serving.control.db``), secrets (``serving.control.secrets``), tokens and
+permissions (``serving.control.auth``). What it decides:
 
 * **Validation** happens once, when a request arrives: shapes and documented rules in
-  ``serving.wire``; here, what needs a lookup — secret references exist, a local entity names a
+  ``serving.control.wire``; here, what needs a lookup — secret references exist, a local entity names a
   bundled model, a registered local model or a ``catalog.schema.model`` MLflow model with a
   version, provisioned throughput is a multiple of the model's ``throughput_chunk_size``, all
   entities serve one task, an update never switches external <-> non-external. A refused request
@@ -40,8 +40,8 @@ from pydantic import SecretStr
 
 from engine.model_store import BUNDLED_MODELS, detect_task, sqlinfer_home
 from engine.types import CUSTOM_TASK
-from serving.auth import EMBEDDED, Auth, Principal
-from serving.db import Database
+from serving.control.auth import EMBEDDED, Auth, Principal
+from serving.control.db import Database
 from serving.errors import (
     InvalidParameterValue,
     PermissionDenied,
@@ -49,8 +49,8 @@ from serving.errors import (
     ResourceConflict,
     ResourceDoesNotExist,
 )
-from serving.secrets import SecretStore
-from serving.wire import (
+from serving.control.secrets import SecretStore
+from serving.control.wire import (
     AccessControlList,
     AiGatewayConfig,
     CreateEndpoint,
@@ -488,7 +488,7 @@ class EndpointService:
             if not isinstance(config, dict) or "model_type" not in config and "architectures" not in config:
                 raise InvalidParameterValue(f"{str(path / 'config.json')!r} is not a model config")
             return detect_task(path)
-        from serving.mlflow_models import prepare_model_version
+        from serving.control.mlflow_models import prepare_model_version
 
         prepared = prepare_model_version(name, entity.get("entity_version"), self.home)
         entity["_local_path"] = prepared["path"]  # the copied model: an engine directory or a pyfunc model

@@ -1,7 +1,7 @@
 """How the SQL functions reach the serving layer.
 
 :class:`ServingClient` is the one interface ``ai_functions`` calls: whole batches per endpoint,
-results in input order. :class:`InProcessClient` serves from a registry in this process (DuckDB,
+results in input order. :class:`InProcessClient` serves from an endpoint directory in this process (DuckDB,
 tests, one machine); an HTTP client to ``sqlinfer serve`` with the same interface lets many Spark
 executors share one engine.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any, Iterator, Protocol, Sequence
 
 from engine.types import EmbeddingResult, GenerationResult, PredictionResult, SamplingOptions, StreamDelta, Task
-from serving.backends import Conversation, ResultCallback
-from serving.registry import EndpointRegistry, default_registry
+from serving.data.backends import Conversation, ResultCallback
+from serving.data.directory import EndpointDirectory, default_directory
 
 
 class ServingClient(Protocol):
@@ -53,49 +53,49 @@ class ServingClient(Protocol):
 
 
 class InProcessClient:
-    """Serves requests from a registry in this process (the default registry if none given)."""
+    """Serves requests from an endpoint directory in this process (the default one if none given)."""
 
-    def __init__(self, registry: EndpointRegistry | None = None):
-        self.registry = registry or default_registry()
+    def __init__(self, directory: EndpointDirectory | None = None):
+        self.directory = directory or default_directory()
 
     def endpoints(self) -> list[tuple[str, Task]]:
-        return [(endpoint.name, endpoint.task) for endpoint in self.registry.endpoints()]
+        return [(endpoint.name, endpoint.task) for endpoint in self.directory.endpoints()]
 
     def task(self, endpoint: str) -> Task:
-        return self.registry.endpoint(endpoint).task
+        return self.directory.endpoint(endpoint).task
 
     def embedding_dimension(self, endpoint: str) -> int | None:
-        return self.registry.backend(endpoint).embedding_dimension()
+        return self.directory.backend(endpoint).embedding_dimension()
 
     def warm_up(self, endpoint: str) -> None:
-        self.registry.backend(endpoint).warm_up()
+        self.directory.backend(endpoint).warm_up()
 
     def config_version(self, endpoint: str) -> str | None:
-        return self.registry.endpoint(endpoint).cache_version
+        return self.directory.endpoint(endpoint).cache_version
 
     def count_tokens(self, endpoint: str, requests: Sequence[Any], kind: str) -> list[int] | None:
-        return self.registry.backend(endpoint).count_tokens(requests, kind)
+        return self.directory.backend(endpoint).count_tokens(requests, kind)
 
     def throughput(self, endpoint: str) -> float | None:
         """Requests per second the endpoint answered lately, from the usage log; None if unknown."""
-        return self.registry.throughput(endpoint)
+        return self.directory.throughput(endpoint)
 
     def rate_limits(self, endpoint: str) -> list[dict[str, Any]]:
         """The endpoint's rate limits (calls/tokens per minute), [] for none."""
-        lookup = getattr(self.registry, "rate_limits", None)
+        lookup = getattr(self.directory, "rate_limits", None)
         return lookup(endpoint) if lookup else []
 
     def chat(self, endpoint, conversations, options, on_result=None):
-        return self.registry.backend(endpoint).chat(conversations, options, on_result)
+        return self.directory.backend(endpoint).chat(conversations, options, on_result)
 
     def complete(self, endpoint, prompts, options, on_result=None):
-        return self.registry.backend(endpoint).complete(prompts, options, on_result)
+        return self.directory.backend(endpoint).complete(prompts, options, on_result)
 
     def embed(self, endpoint, texts, on_result=None):
-        return self.registry.backend(endpoint).embed(texts, on_result)
+        return self.directory.backend(endpoint).embed(texts, on_result)
 
     def predict(self, endpoint, rows, params=None, on_result=None):
-        return self.registry.backend(endpoint).predict(rows, params, on_result)
+        return self.directory.backend(endpoint).predict(rows, params, on_result)
 
     def stream(self, endpoint, request, options, chat):
-        return self.registry.backend(endpoint).stream(request, options, chat)
+        return self.directory.backend(endpoint).stream(request, options, chat)

@@ -2,7 +2,7 @@
 
 The registry URI is ``SQLINFER_MLFLOW_REGISTRY_URI``, else ``MLFLOW_REGISTRY_URI``, else a SQLite
 registry at ``$SQLINFER_HOME/mlflow.db`` — the local stand-in for Unity Catalog. mlflow is
-imported only here (and in :mod:`serving.custom_models`), and only when such a model is deployed.
+imported only here (and in :mod:`serving.data.custom_models`), and only when such a model is deployed.
 
 Deploying a version copies its artifacts once to ``$SQLINFER_HOME/mlflow-models/<name>/<version>``
 (staged in a temporary directory and renamed, so a crash never leaves half a model), then decides
@@ -12,7 +12,7 @@ how it is served:
   "llm/v1/embeddings"`` runs on the local vLLM engine: its weights (``model/``) and tokenizer
   (``components/tokenizer/``) are linked into one Hugging Face directory, ``hf/``;
 * any other model with a ``python_function`` flavor (scikit-learn, a custom ``PythonModel``...) is
-  a **custom model**, answering ``{"predictions": ...}`` (see :mod:`serving.custom_models`).
+  a **custom model**, answering ``{"predictions": ...}`` (see :mod:`serving.data.custom_models`).
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ MIGRATIONS: list[str] = [
         creation_timestamp INTEGER NOT NULL
     );
     """,
-    # 2: rate-limit counters shared by every process (serving.limits)
+    # 2: rate-limit counters shared by every process (serving.data.limits)
     """
     CREATE TABLE rate_usage (
         endpoint_id TEXT NOT NULL,
@@ -93,7 +93,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (endpoint_id, principal, window_start)
     );
     """,
-    # 3: usage tracking and inference tables (serving.usage)
+    # 3: usage tracking and inference tables (serving.data.usage)
     """
     CREATE TABLE usage (
         request_id TEXT PRIMARY KEY,

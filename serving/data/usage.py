@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from engine.types import Choice, GenerationResult
-from serving.backends import Backend, DelegatingBackend
-from serving.db import Database
+from serving.data.backends import Backend, DelegatingBackend
+from serving.control.db import Database
 from serving.errors import SqlinferError
-from serving.limits import current_user
+from serving.data.limits import current_user
 
 log = logging.getLogger("sqlinfer.usage")
 

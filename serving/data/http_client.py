@@ -1,7 +1,7 @@
-"""A :class:`~serving.client.ServingClient` that talks to ``sqlinfer serve`` over HTTP.
+"""A :class:`~serving.data.client.ServingClient` that talks to ``sqlinfer serve`` over HTTP.
 
 Spark executors use it: each task sends its whole batch in one ``POST /api/2.0/sqlinfer/batch``
-(see :mod:`serving.batch_wire`), so every executor shares the server's engine, rate limits and
+(see :mod:`serving.data.batch_wire`), so every executor shares the server's engine, rate limits and
 usage log, and nothing heavy (an engine, an SDK client) is ever pickled — an executor builds
 this client from a URL and a token. The token must have CAN_QUERY on the endpoints used.
 """
@@ -13,8 +13,8 @@ import time
 from typing import Any, Sequence
 
 from engine.types import SamplingOptions, Task
-from serving.backends import ResultCallback
-from serving.batch_wire import decode_result
+from serving.data.backends import ResultCallback
+from serving.data.batch_wire import decode_result
 from engine.errors import TemporarilyUnavailable
 from serving.errors import SqlinferError, row_error
 

@@ -1,6 +1,6 @@
 """From a registered endpoint to one backend: served entities built, traffic split honoured.
 
-The registry (``serving.endpoints``) stores what an endpoint serves; this module turns the
+The registry (``serving.control.service``) stores what an endpoint serves; this module turns the
 config serving *now* into a :class:`Backend` the SQL functions and the REST API call:
 
 * each served entity becomes a backend (local entities: the in-process vLLM engine on the
@@ -10,7 +10,7 @@ config serving *now* into a :class:`Backend` the SQL functions and the REST API 
   entity once with its share, and merges the answers back in input order, each tagged with the
   entity that answered (``served_entity``, the REST ``served-model-name`` header).
 
-:class:`RegistryResolver` lets the in-memory :class:`~serving.registry.EndpointRegistry` find
+:class:`StoredEndpointResolver` lets the in-memory :class:`~serving.data.directory.EndpointDirectory` find
 registered endpoints by name; a config update changes the version and so the backend.
 """
 
@@ -23,11 +23,11 @@ from typing import Any, Callable, Sequence
 
 from engine.errors import InvalidParameterValue
 from engine.types import CUSTOM_TASK, EmbeddingResult, GenerationResult, PredictionResult, Task
-from serving.backends import Backend, DelegatingBackend, LocalEngineBackend, ResultCallback
-from serving.endpoints import SEALED, SYSTEM_PREFIX, EndpointService
+from serving.data.backends import Backend, DelegatingBackend, LocalEngineBackend, ResultCallback
+from serving.control.service import SEALED, SYSTEM_PREFIX, EndpointService
 from serving.errors import ResourceDoesNotExist, SqlinferError
-from serving.limits import RateLimitedBackend, RateLimiter, limits_from
-from serving.usage import UsageRecorder, UsageRecordingBackend
+from serving.data.limits import RateLimitedBackend, RateLimiter, limits_from
+from serving.data.usage import UsageRecorder, UsageRecordingBackend
 
 
 # Requests in flight at once per external served entity (SQLINFER_PROVIDER_CONCURRENCY).
@@ -101,7 +101,7 @@ def entity_backend(service: EndpointService, entity: dict[str, Any], task: Task)
     if "external_model" in entity:
         return external_backend(service, entity["external_model"], task)
     if task == CUSTOM_TASK:
-        from serving.custom_models import PyfuncBackend
+        from serving.data.custom_models import PyfuncBackend
 
         return PyfuncBackend(entity["_local_path"])
     path = entity.get("_local_path") or service.local_model_path(entity["entity_name"])
@@ -124,7 +124,7 @@ def scale_to_zero_seconds(entity: dict[str, Any]) -> float | None:
 
 def external_backend(service: EndpointService, external: dict[str, Any], task: Task) -> Backend:
     """An external model's backend; its key is resolved only when the first call is made."""
-    from serving.providers import OpenAICompatibleBackend
+    from serving.data.providers import OpenAICompatibleBackend
 
     def secret(value: Any) -> str | None:
         if value is None:
@@ -152,7 +152,7 @@ def external_backend(service: EndpointService, external: dict[str, Any], task: T
         return OpenAICompatibleBackend(task, external["name"], config["custom_provider_url"], lambda: secret(token),
                                        max_concurrency=PROVIDER_CONCURRENCY)
     if provider == "anthropic":
-        from serving.providers import AnthropicBackend
+        from serving.data.providers import AnthropicBackend
 
         config = external["anthropic_config"]
         key = config.get("anthropic_api_key") or config.get("anthropic_api_key_plaintext")
@@ -298,8 +298,8 @@ class TaggedBackend(DelegatingBackend):
             yield dataclasses.replace(delta, served_entity=self.entity)
 
 
-class RegistryResolver:
-    """Finds registered (non-system) endpoints for an in-memory EndpointRegistry."""
+class StoredEndpointResolver:
+    """Finds registered (non-system) endpoints for an in-memory EndpointDirectory."""
 
     def __init__(self, service: EndpointService):
         self.service = service

@@ -1,7 +1,7 @@
 """The REST API, wire-compatible with Databricks Model Serving's management API and secrets API.
 
 This module sits at the edge (only it imports fastapi). It authenticates, decodes JSON, calls
-``serving.endpoints.EndpointService`` and maps every :class:`SqlinferError` to Databricks' error
+``serving.control.service.EndpointService`` and maps every :class:`SqlinferError` to Databricks' error
 body ``{"error_code", "message"}`` with its HTTP status. Unexpected failures answer a generic
 ``INTERNAL_ERROR`` and are logged server-side with the request path only: bodies, which may
 carry secrets, are never logged.
@@ -31,16 +31,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.concurrency import run_in_threadpool
 
 from engine.types import SamplingOptions
-from serving.auth import Principal
-from serving.batch_wire import KINDS, encode_result
-from serving.client import InProcessClient
-from serving.endpoints import SYSTEM_PREFIX, EndpointService
-from serving.invocations import invoke
-from serving.limits import current_user, limit_mode
-from serving.usage import UsageRecorder, request_context
-from serving.registry import registry_for
+from serving.control.auth import Principal
+from serving.data.batch_wire import KINDS, encode_result
+from serving.data.client import InProcessClient
+from serving.control.service import SYSTEM_PREFIX, EndpointService
+from serving.data.invocations import invoke
+from serving.data.limits import current_user, limit_mode
+from serving.data.usage import UsageRecorder, request_context
+from serving.data.directory import directory_for
 from serving.errors import InvalidParameterValue, MalformedRequest, SqlinferError
-from serving.wire import CreateScope, DeleteScope, DeleteSecret, PutSecret, parse
+from serving.control.wire import CreateScope, DeleteScope, DeleteSecret, PutSecret, parse
 
 log = logging.getLogger("sqlinfer.rest")
 API = "/api/2.0"
@@ -66,7 +66,7 @@ async def _lifespan(app: FastAPI):
     # without this, the vLLM EngineCore and workers outlive the server (seen: 3 GiB each) and the
     # last usage rows are lost. Shutdown is the last moment the process is ours. (An app embedded
     # in a larger process, as in the tests, leaves the process's engines alone.)
-    from serving.usage import flush_all
+    from serving.data.usage import flush_all
 
     flush_all()
     engine_module = sys.modules.get("engine.vllm_engine") if app.state.owns_process else None
@@ -287,7 +287,7 @@ def create_app(service: EndpointService | None = None, owns_process: bool = Fals
 
     # -- queries (data plane) --------------------------------------------------------------
 
-    query_client = InProcessClient(registry_for(service))
+    query_client = InProcessClient(directory_for(service))
 
     def may_query(request: Request, name: str) -> Principal:
         who = principal(request)
@@ -389,7 +389,7 @@ def create_app(service: EndpointService | None = None, owns_process: bool = Fals
         who = may_query(request, name)
         return await answer(who, name, await body(request), None)
 
-    # -- batches from remote SQL engines (Spark executors): serving.batch_wire ---------------
+    # -- batches from remote SQL engines (Spark executors): serving.data.batch_wire ---------------
 
     @app.get(f"{API}/sqlinfer/endpoints")
     def sql_endpoints(request: Request) -> dict[str, Any]:
@@ -418,7 +418,7 @@ def create_app(service: EndpointService | None = None, owns_process: bool = Fals
             try:
                 options = SamplingOptions(**(payload.get("options") or {}))
             except ValueError as exc:
-                from serving.wire import describe_validation_error
+                from serving.control.wire import describe_validation_error
 
                 raise InvalidParameterValue(f"options: {describe_validation_error(exc)}") from None
             call = query_client.chat if kind == "chat" else query_client.complete

@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from serving.db import Database
+from serving.control.db import Database
 from serving.errors import InvalidParameterValue, PermissionDenied, ResourceDoesNotExist, Unauthenticated
 
 LEVELS = ("CAN_VIEW", "CAN_QUERY", "CAN_MANAGE")

@@ -14,9 +14,9 @@ import os
 import time
 from pathlib import Path
 
-from serving.db import Database
+from serving.control.db import Database
 from serving.errors import InvalidParameterValue, ResourceAlreadyExists, ResourceDoesNotExist
-from serving.wire import SECRET_REFERENCE
+from serving.control.wire import SECRET_REFERENCE
 
 
 def _load_key(home: Path) -> bytes:

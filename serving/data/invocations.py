@@ -16,7 +16,7 @@ import uuid
 from typing import Any, Iterator
 
 from engine.types import CUSTOM_TASK, SamplingOptions
-from serving.client import ServingClient
+from serving.data.client import ServingClient
 from serving.errors import InvalidParameterValue, row_error
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "n", "seed")
@@ -96,7 +96,7 @@ def _stream(client, endpoint, task, body, options) -> StreamingAnswer:
 
 
 def _predictions(client, endpoint, body) -> tuple[dict[str, Any], str | None]:
-    from serving.custom_models import INPUT_FORMATS, rows_of
+    from serving.data.custom_models import INPUT_FORMATS, rows_of
 
     unknown = sorted(set(body) - {*INPUT_FORMATS, "params", *BOOKKEEPING_FIELDS})
     if unknown:
@@ -130,7 +130,7 @@ def _options(body: dict[str, Any]) -> SamplingOptions:
     try:
         return SamplingOptions(**values)
     except ValueError as exc:
-        from serving.wire import describe_validation_error
+        from serving.control.wire import describe_validation_error
 
         raise InvalidParameterValue(describe_validation_error(exc)) from None
 

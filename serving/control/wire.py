@@ -8,7 +8,7 @@ unknown fields; :func:`parse` turns a validation failure into one
 What is checked here is what can be checked without looking anything up (shapes, enums, the
 documented rules between fields). Checks that need the registry (secret references exist, a
 local model exists, provisioned throughput against the model's chunk size) live in
-``serving.endpoints``.
+``serving.control.service``.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from serving.backends import Backend, DelegatingBackend, ResultCallback
-from serving.db import Database
+from serving.data.backends import Backend, DelegatingBackend, ResultCallback
+from serving.control.db import Database
 from serving.errors import RequestLimitExceeded
 
 WINDOW_SECONDS = 60
