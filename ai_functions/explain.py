@@ -22,18 +22,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from ai_functions.errors import BudgetExceeded
 from ai_functions.functions import KIND_OF_TASK, _dedupe, is_deterministic, request_options, store_keys
 from ai_functions.result_store import ResultStore
 from ai_functions.spec import OutputSpec
 from engine.errors import SqlinferError
 
 CHARS_PER_TOKEN = 4
-
-
-class BudgetExceeded(SqlinferError):
-    error_code = "BUDGET_EXCEEDED"
-    error_class = "AI_FUNCTION_BUDGET_EXCEEDED"
-    http_status = 400
 
 
 @dataclass(frozen=True)
@@ -43,14 +38,14 @@ class Budget:
 
     def check(self, tokens: int, cost: float | None, when: str) -> None:
         if self.max_tokens is not None and tokens > self.max_tokens:
-            raise BudgetExceeded(f"[AI_FUNCTION_BUDGET_EXCEEDED] {when}: {tokens} tokens exceed max_tokens = {self.max_tokens}; "
+            raise BudgetExceeded(f"{when}: {tokens} tokens exceed max_tokens = {self.max_tokens}; "
                                  f"raise the budget, filter the rows, or lower modelParameters.max_tokens")
         if self.max_cost is not None:
             if cost is None:
-                raise BudgetExceeded(f"[AI_FUNCTION_BUDGET_EXCEEDED] {when}: max_cost = {self.max_cost} is set but an endpoint "
+                raise BudgetExceeded(f"{when}: max_cost = {self.max_cost} is set but an endpoint "
                                      f"has no price; set it with SQLINFER_PRICES=endpoint=INPUT/OUTPUT (per million tokens)")
             if cost > self.max_cost:
-                raise BudgetExceeded(f"[AI_FUNCTION_BUDGET_EXCEEDED] {when}: estimated cost {cost:.6f} exceeds max_cost = "
+                raise BudgetExceeded(f"{when}: estimated cost {cost:.6f} exceeds max_cost = "
                                      f"{self.max_cost}; raise the budget, filter the rows, or lower modelParameters.max_tokens")
 
 

@@ -23,14 +23,13 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from ai_functions.errors import InvalidModelParameters, RowFailed
+from ai_functions.errors import CastError, InvalidArgument, InvalidModelParameters, RowFailed
 from ai_functions.ordering import prefix_order, prompts_for, render
 from ai_functions.params import parse_model_parameters
 from ai_functions.result_store import IN_FLIGHT, ResultStore, request_key
 from ai_functions.spec import OutputSpec, output_spec
 from ai_functions.stats import QueryStats
 from ai_functions.types import SqlType, coerce, parse_text
-from engine.errors import InvalidParameterValue
 from engine.types import CUSTOM_TASK, EmbeddingResult, GenerationResult, SamplingOptions
 from serving.data.batch_wire import decode_result, encode_result
 from serving.data.client import ServingClient
@@ -52,6 +51,10 @@ def _group_rows(*columns: list[Any]) -> dict[tuple[Any, ...], list[int]]:
     for row, key in enumerate(zip(*columns)):
         groups[key].append(row)
     return groups
+
+
+def _sql_type_name(value: Any) -> str:
+    return {bool: "BOOLEAN", int: "INTEGER", float: "DOUBLE", list: "ARRAY"}.get(type(value), type(value).__name__)
 
 
 def _request_key(request: Any) -> str:
@@ -106,6 +109,24 @@ class Provenance:
     raw: str | None = None  # the model's first text, kept when it did not fit the type
 
 
+@dataclasses.dataclass(frozen=True)
+class Answered:
+    """One request's raw answer (a Generation/Embedding/PredictionResult) and where it came from."""
+
+    result: Any
+    provenance: Provenance
+
+
+@dataclasses.dataclass(frozen=True)
+class RowOutcome:
+    """One ai_query row: the typed value, or why it has none, with the raw answer and provenance."""
+
+    value: Any
+    error: str | None
+    answer: Any
+    provenance: Provenance
+
+
 REPAIR_PROMPT = ("Your previous answer could not be used: {error}. Answer again with only JSON that is a valid "
                  "{ddl}, and nothing else.")
 
@@ -155,13 +176,12 @@ def _repair(client: ServingClient, endpoint: str, kind: str, requests: list[Any]
 
 
 def _send(client: ServingClient, function: str, endpoint: str, requests: list[Any], parameters: str | None,
-          spec: OutputSpec | None, stats: QueryStats | None, store: ResultStore | None,
-          provenance_out: list[Provenance] | None = None) -> list[Any]:
-    """Answer ``requests`` (one result each, in order): stored answers first, then one call with
+          spec: OutputSpec | None, stats: QueryStats | None, store: ResultStore | None) -> list[Answered]:
+    """Answer ``requests`` (one answer each, in order): stored answers first, then one call with
     the distinct rest; every answer is stored the moment it arrives."""
     task = client.task(endpoint)
     if function == "ai_embed" and task != "llm/v1/embeddings":
-        raise InvalidParameterValue(f"ai_embed needs an embeddings endpoint, but {endpoint!r} serves {task}; use ai_query for it")
+        raise InvalidArgument(f"ai_embed needs an embeddings endpoint, but {endpoint!r} serves {task}; use ai_query for it")
     if task in ("llm/v1/embeddings", CUSTOM_TASK) and parameters not in (None, "", "null"):
         kind = "an embeddings" if task == "llm/v1/embeddings" else "a custom model"
         raise InvalidModelParameters(f"modelParameters are not supported by {kind} endpoint such as {endpoint!r}; remove them")
@@ -169,11 +189,15 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
     wants_struct = task == CUSTOM_TASK
     for request in requests:
         if wants_struct and not isinstance(request, dict):
-            raise InvalidParameterValue(
+            raise InvalidArgument(
                 f"{endpoint!r} is a custom model endpoint: its request must be a STRUCT of named input fields, "
                 f"e.g. named_struct('x1', x1, 'x2', x2), not {type(request).__name__} {str(request)[:40]!r}")
         if task == "llm/v1/embeddings" and not isinstance(request, str):
-            raise InvalidParameterValue(f"{endpoint!r} serves embeddings: its request must be a STRING")
+            raise InvalidArgument(f"{endpoint!r} serves embeddings: its request must be a STRING")
+        if not isinstance(request, (str, dict)):
+            raise InvalidArgument(
+                f"request must be a STRING (the user message) or a STRUCT of named fields, got "
+                f"{_sql_type_name(request)} {str(request)[:40]}; cast it, e.g. CAST(x AS VARCHAR)")
     distinct, owners = _dedupe(requests)
     weight = [0] * len(distinct)
     for owner in owners:
@@ -270,41 +294,36 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
                 tally.add(weight[position], answer)
     if retry:
         again = _send(client, function, endpoint, [distinct[i] for i in retry], parameters, spec, stats, None)
-        for position, answer in zip(retry, again):
-            results[position] = answer
+        for position, answered in zip(retry, again):
+            results[position] = answered.result
     if tally is not None:
         tally.flush()
-    if provenance_out is not None:
-        provenance_out.extend(provenance[owner] for owner in owners)
-    return [results[owner] for owner in owners]
+    return [Answered(results[owner], provenance[owner]) for owner in owners]
 
 
 def _run(function: str, client: ServingClient, endpoints: Any, requests: Any, model_parameters: Any,
          stats: QueryStats | None, fail_on_error: bool, spec: OutputSpec | None = None,
-         store: ResultStore | None = None, provenance: list[Provenance | None] | None = None) -> list[Any]:
-    """Per-row results (None for NULL rows), in input order."""
+         store: ResultStore | None = None) -> list[Answered | None]:
+    """Per-row answers (None for NULL rows), in input order."""
     texts = _values(requests, len(requests))
     endpoint_values = _values(endpoints, len(texts))
     parameter_values = _values(model_parameters, len(texts))
-    answers: list[Any] = [None] * len(texts)
+    answers: list[Answered | None] = [None] * len(texts)
     null_rows = 0
     for (endpoint, parameters), rows in _group_rows(endpoint_values, parameter_values).items():
         live = [row for row in rows if texts[row] is not None and endpoint is not None]
         null_rows += len(rows) - len(live)
         if not live:
             continue
-        found: list[Provenance] = []
-        results = _send(client, function, endpoint, [texts[row] for row in live], parameters, spec, stats, store, found)
-        for row, result, origin in zip(live, results, found):
-            answers[row] = result
-            if provenance is not None:
-                provenance[row] = origin
+        for row, answered in zip(live, _send(client, function, endpoint, [texts[row] for row in live], parameters,
+                                             spec, stats, store)):
+            answers[row] = answered
     if stats is not None and null_rows:
         stats.add(rows=null_rows, null_rows=null_rows)
     if fail_on_error:
-        for row, result in enumerate(answers):
-            if result is not None and result.error:
-                raise RowFailed(function, endpoint_values[row], _request_key(texts[row]), result.error)
+        for row, answered in enumerate(answers):
+            if answered is not None and answered.result.error:
+                raise RowFailed(function, endpoint_values[row], _request_key(texts[row]), answered.result.error)
     return answers
 
 
@@ -326,35 +345,35 @@ def _typed(result: Any, sql_type: SqlType) -> tuple[Any, str | None]:
 
 def ai_query_values(client: ServingClient, endpoints: Any, requests: Any, model_parameters: Any = None,
                     spec: OutputSpec | None = None, stats: QueryStats | None = None,
-                    store: ResultStore | None = None,
-                    provenance_out: list[Provenance | None] | None = None,
-                    answers_out: list[Any] | None = None) -> list[tuple[Any, str | None] | None]:
-    """``ai_query`` for one batch, as (typed value, errorMessage) per row, None for NULL rows.
+                    store: ResultStore | None = None) -> list[RowOutcome | None]:
+    """``ai_query`` for one batch: a :class:`RowOutcome` per row (typed value or errorMessage, the
+    raw answer and its provenance), None for NULL rows.
 
     ``requests`` holds strings (chat/completions) or dicts (custom models: the STRUCT's fields).
-    With ``spec.fail_on_error`` the first failing row — a model error or an answer that does not
-    fit the result type — raises :class:`RowFailed`.
+    With ``spec.fail_on_error`` the first failing row raises: :class:`RowFailed` when the model
+    could not answer, :class:`CastError` when its answer does not fit the result type.
     """
     spec = spec or output_spec()
-    provenance: list[Provenance | None] = [None] * len(requests)
-    answers = _run("ai_query", client, endpoints, requests, model_parameters, stats, False, spec, store, provenance)
-    outcomes = [None if a is None else _typed(a, spec.result) for a in answers]
-    for row, (outcome, origin) in enumerate(zip(outcomes, provenance)):
-        if outcome is not None and outcome[1] is not None and origin is not None and origin.raw is not None:
-            outcomes[row] = (None, f"the answer does not fit returnType {spec.result.ddl()} after {origin.attempts - 1} "
-                                   f"repair attempt(s); the first answer was {origin.raw[:200]!r}; last problem: {outcome[1][:300]}")
-    if provenance_out is not None:
-        provenance_out.extend(provenance)
-    if answers_out is not None:
-        answers_out.extend(answers)
+    outcomes: list[RowOutcome | None] = []
+    for answered in _run("ai_query", client, endpoints, requests, model_parameters, stats, False, spec, store):
+        if answered is None:
+            outcomes.append(None)
+            continue
+        value, problem = _typed(answered.result, spec.result)
+        origin = answered.provenance
+        if problem is not None and not answered.result.error and origin.raw is not None:
+            problem = (f"the answer does not fit returnType {spec.result.ddl()} after {origin.attempts - 1} repair "
+                       f"attempt(s); the first answer was {origin.raw[:200]!r}; last problem: {problem[:300]}")
+        outcomes.append(RowOutcome(value, problem, answered.result, origin))
     if spec.fail_on_error:
         endpoint_values = _values(endpoints, len(outcomes))
         request_values = _values(requests, len(outcomes))
         for row, outcome in enumerate(outcomes):
-            if outcome is not None and outcome[1] is not None:
-                raise RowFailed("ai_query", endpoint_values[row], _request_key(request_values[row]), outcome[1])
+            if outcome is not None and outcome.error is not None:
+                failure = RowFailed if outcome.answer.error else CastError
+                raise failure("ai_query", endpoint_values[row], _request_key(request_values[row]), outcome.error)
     elif stats is not None:
-        late = sum(1 for a, o in zip(answers, outcomes) if a is not None and not a.error and o[1] is not None)
+        late = sum(1 for o in outcomes if o is not None and not o.answer.error and o.error is not None)
         if late:
             stats.add(errors=late)
     return outcomes
@@ -367,31 +386,24 @@ def ai_query_batch(client: ServingClient, endpoints: Any, requests: Any, model_p
     import pyarrow as pa
 
     spec = spec or output_spec(fail_on_error=fail_on_error)
-    if spec.detailed:
-        return pa.array(_detailed(client, endpoints, requests, model_parameters, spec, stats, store), spec.arrow())
     outcomes = ai_query_values(client, endpoints, requests, model_parameters, spec, stats, store)
+    return pa.array([_row_value(o, spec) for o in outcomes], spec.arrow())
+
+
+def _row_value(outcome: RowOutcome | None, spec: OutputSpec) -> Any:
+    """One row as the SQL value the spec asks for: the value, {result, errorMessage}, or the
+    extended form with provenance."""
+    if outcome is None:
+        return None
+    if spec.detailed:
+        answer, origin = outcome.answer, outcome.provenance
+        return {"result": outcome.value, "errorMessage": outcome.error,
+                "raw_text": origin.raw if origin.raw is not None else getattr(answer, "text", None),
+                "attempts": origin.attempts, "served_entity": answer.served_entity, "cache_hit": origin.cache_hit,
+                "input_tokens": answer.prompt_tokens, "output_tokens": getattr(answer, "completion_tokens", 0)}
     if spec.fail_on_error:
-        return pa.array([None if o is None else o[0] for o in outcomes], spec.arrow())
-    return pa.array([None if o is None else {"result": o[0], "errorMessage": o[1]} for o in outcomes], spec.arrow())
-
-
-def _detailed(client, endpoints, requests, model_parameters, spec, stats, store) -> list[dict[str, Any] | None]:
-    """The extended form: each row's result and errorMessage with its provenance."""
-    provenance: list[Provenance | None] = []
-    answers: list[Any] = []
-    outcomes = ai_query_values(client, endpoints, requests, model_parameters, spec, stats, store, provenance, answers)
-    rows: list[dict[str, Any] | None] = []
-    for outcome, origin, answer in zip(outcomes, provenance, answers):
-        if outcome is None:
-            rows.append(None)
-            continue
-        text = getattr(answer, "text", None)
-        rows.append({"result": outcome[0], "errorMessage": outcome[1],
-                     "raw_text": origin.raw if origin and origin.raw is not None else text,
-                     "attempts": origin.attempts if origin else 1, "served_entity": answer.served_entity,
-                     "cache_hit": bool(origin and origin.cache_hit), "input_tokens": answer.prompt_tokens,
-                     "output_tokens": getattr(answer, "completion_tokens", 0)})
-    return rows
+        return outcome.value
+    return {"result": outcome.value, "errorMessage": outcome.error}
 
 
 def ai_query_json(client: ServingClient, endpoints: Any, requests: Any, model_parameters: Any = None,
@@ -399,13 +411,9 @@ def ai_query_json(client: ServingClient, endpoints: Any, requests: Any, model_pa
                   store: ResultStore | None = None) -> list[str | None]:
     """``ai_query`` for one batch as JSON text per row (DuckDB reads it back with json_transform)."""
     spec = spec or output_spec()
-    if spec.detailed:
-        return [None if row is None else json.dumps(row) for row in _detailed(client, endpoints, requests, model_parameters, spec, stats, store)]
     outcomes = ai_query_values(client, endpoints, requests, model_parameters, spec, stats, store)
     dumps = json.dumps
-    if spec.fail_on_error:
-        return [None if o is None or o[0] is None else dumps(o[0]) for o in outcomes]
-    return [None if o is None else dumps({"result": o[0], "errorMessage": o[1]}) for o in outcomes]
+    return [None if value is None else dumps(value) for value in (_row_value(o, spec) for o in outcomes)]
 
 
 def ai_embed_batch(client: ServingClient, endpoints: Any, texts: Any, dimension: int | None = None,
@@ -413,13 +421,13 @@ def ai_embed_batch(client: ServingClient, endpoints: Any, texts: Any, dimension:
                    store: ResultStore | None = None) -> pa.Array:
     """``ai_embed(endpoint, text)`` for one batch -> FLOAT[dimension] (or FLOAT[] if not fixed)."""
     answers = _run("ai_embed", client, endpoints, texts, None, stats, fail_on_error, None, store)
-    vectors = [None if a is None or a.error else a.vector for a in answers]
+    vectors = [None if a is None or a.result.error else a.result.vector for a in answers]
     if dimension is None:
         return pa.array(vectors, pa.list_(pa.float32()))
     for row, vector in enumerate(vectors):
         if vector is not None and len(vector) != dimension:
             endpoint = _values(endpoints, len(vectors))[row]
-            raise InvalidParameterValue(
+            raise InvalidArgument(
                 f"endpoint {endpoint!r} returned {len(vector)}-dimensional vectors, but ai_embed was "
                 f"registered as FLOAT[{dimension}]; register the functions again so the type follows the endpoint"
             )

@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from ai_functions.types import DUCKDB_NAMES, STRING, SqlType, from_json_schema, parse_type
-from engine.errors import InvalidParameterValue
+from ai_functions.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def output_spec(return_type: str | None = None, response_format: str | None = No
     fail = True if fail_on_error is None else bool(fail_on_error)
     if response_format not in (None, ""):
         if return_type not in (None, ""):
-            raise InvalidParameterValue(
+            raise InvalidArgument(
                 "give returnType or responseFormat, not both: responseFormat already fixes the result's type"
             )
         result, schema = _response_format(response_format)
@@ -86,7 +86,7 @@ def _response_format(text: str) -> tuple[SqlType, dict[str, Any]]:
     if not text.lstrip().startswith("{"):
         result = parse_type(text, "responseFormat")
         if result.kind != "STRUCT":
-            raise InvalidParameterValue(
+            raise InvalidArgument(
                 f"responseFormat {text!r} must be a STRUCT<...> DDL or a JSON object such as "
                 f"'{{\"type\": \"json_object\"}}'; use returnType for a scalar or ARRAY result"
             )
@@ -94,15 +94,15 @@ def _response_format(text: str) -> tuple[SqlType, dict[str, Any]]:
     try:
         spec = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidParameterValue(f"responseFormat is not valid JSON ({exc.msg}): {text!r}") from None
+        raise InvalidArgument(f"responseFormat is not valid JSON ({exc.msg}): {text!r}") from None
     kind = spec.get("type") if isinstance(spec, dict) else None
     if kind == "json_object":
         return STRING, {"type": "object"}
     if kind == "json_schema":
         schema = (spec.get("json_schema") or {}).get("schema")
         if not isinstance(schema, dict):
-            raise InvalidParameterValue("responseFormat.json_schema.schema is required: the JSON Schema the answer must follow")
+            raise InvalidArgument("responseFormat.json_schema.schema is required: the JSON Schema the answer must follow")
         return from_json_schema(schema), schema
-    raise InvalidParameterValue(
+    raise InvalidArgument(
         f"responseFormat.type must be 'json_object' or 'json_schema', got {kind!r}; or give a STRUCT<...> DDL"
     )

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from engine.errors import InvalidParameterValue
+from ai_functions.errors import InvalidArgument
 
 # DDL name -> canonical scalar kind
 SCALARS = {
@@ -98,14 +98,14 @@ def parse_type(ddl: str, argument: str = "returnType") -> SqlType:
     for match in _TOKEN.finditer(ddl):
         quoted, word, symbol, other = match.groups()
         if other:
-            raise InvalidParameterValue(f"{argument} {ddl!r}: unexpected {other!r}; write a type such as "
+            raise InvalidArgument(f"{argument} {ddl!r}: unexpected {other!r}; write a type such as "
                                         f"'STRING', 'DOUBLE', 'ARRAY<STRING>' or 'STRUCT<label: STRING, score: DOUBLE>'")
         tokens.append(quoted or word or symbol)
     position = 0
 
-    def fail(expected: str) -> InvalidParameterValue:
+    def fail(expected: str) -> InvalidArgument:
         found = repr(tokens[position]) if position < len(tokens) else "the end"
-        return InvalidParameterValue(f"{argument} {ddl!r}: expected {expected}, found {found}")
+        return InvalidArgument(f"{argument} {ddl!r}: expected {expected}, found {found}")
 
     def take(expected: str) -> str:
         nonlocal position
@@ -139,7 +139,7 @@ def parse_type(ddl: str, argument: str = "returnType") -> SqlType:
                 if position < len(tokens) and tokens[position] == ":":
                     position += 1
                 if any(existing == name for existing, _ in fields):
-                    raise InvalidParameterValue(f"{argument} {ddl!r}: field {name!r} appears twice")
+                    raise InvalidArgument(f"{argument} {ddl!r}: field {name!r} appears twice")
                 fields.append((name, parse()))
                 if position < len(tokens) and tokens[position] == ",":
                     position += 1
@@ -147,7 +147,7 @@ def parse_type(ddl: str, argument: str = "returnType") -> SqlType:
                 take(">")
                 return SqlType("STRUCT", fields=tuple(fields))
         if word in ("DECIMAL", "NUMERIC", "DATE", "TIMESTAMP", "BINARY", "MAP", "VARIANT", "INTERVAL"):
-            raise InvalidParameterValue(
+            raise InvalidArgument(
                 f"{argument} {ddl!r}: {word} is not supported; use STRING, a number type (FLOAT, DOUBLE, INT, BIGINT...), "
                 f"BOOLEAN, ARRAY<...> or STRUCT<...>"
             )
@@ -169,7 +169,7 @@ def parse_type(ddl: str, argument: str = "returnType") -> SqlType:
 def from_json_schema(schema: Any, path: str = "responseFormat.json_schema.schema") -> SqlType:
     """The SQL type a JSON Schema describes (objects become STRUCTs, in property order)."""
     if not isinstance(schema, dict):
-        raise InvalidParameterValue(f"{path} must be a JSON Schema object")
+        raise InvalidArgument(f"{path} must be a JSON Schema object")
     kind = schema.get("type")
     if isinstance(kind, list):  # ["string", "null"]: nullable is every SQL type's default
         kinds = [k for k in kind if k != "null"]

@@ -36,7 +36,7 @@ from engine.errors import SqlinferError
 def _cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
-    from connectors.duckdb import connect, functions
+    from connectors.duckdb import connect, functions, translate_error
 
     con = connect(args.database, client=_serving_client(args))
     try:
@@ -57,7 +57,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
                     # A DuckDB 2.0 relation runs again on every call: materialize it exactly once.
                     result = relation.to_arrow_table() if relation is not None else None
         except duckdb.Error as exc:
-            raise SqlinferError(_strip_udf_prefix(str(exc))) from None
+            raise translate_error(con, exc) from None
         if result is not None and args.format == "jsonl":
             for row in result.to_pylist():
                 print(json.dumps(row, default=str, ensure_ascii=False))
@@ -105,12 +105,6 @@ def _register_usage_view(con) -> None:
 
     rows = UsageRecorder(_service().db).rows()
     con.register("sqlinfer_usage", pa.Table.from_pylist(rows) if rows else pa.table({c: pa.array([], pa.string()) for c in COLUMNS}))
-
-
-def _strip_udf_prefix(message: str) -> str:
-    """DuckDB wraps our errors in 'Python exception occurred while executing the UDF: X: msg'."""
-    marker = "Python exception occurred while executing the UDF: "
-    return message.split(marker, 1)[1] if marker in message else message
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -236,14 +230,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     import duckdb
 
     from ai_functions.explain import totals
-    from connectors.duckdb import connect, explain, functions
+    from connectors.duckdb import connect, explain, functions, translate_error
 
     con = connect(args.database, client=_serving_client(args))
     try:
         try:
             estimates = explain(con, args.query, functions(con))
         except duckdb.Error as exc:
-            raise SqlinferError(_strip_udf_prefix(str(exc))) from None
+            raise translate_error(con, exc) from None
         for estimate in estimates:
             print(estimate.line())
         tokens, cost = totals(estimates)
@@ -356,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except SqlinferError as exc:
-        print(f"error: {exc.error_code}: {exc.message}", file=sys.stderr)
+        message = exc.message.removeprefix(f"[{exc.error_code}] ")  # the code is printed once, in front
+        print(f"error: {exc.error_code}: {message}", file=sys.stderr)
         return 1
 
 

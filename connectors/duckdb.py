@@ -20,6 +20,7 @@ variable-length ``FLOAT[]`` instead.
 
 from __future__ import annotations
 
+import functools
 import json
 import weakref
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from ai_functions.explain import Budget, Estimate, Planner, estimate, totals
 from ai_functions.result_store import ResultStore, default_store
 from ai_functions.spec import output_spec
 from ai_functions.stats import QueryStats
+from ai_functions.errors import InvalidArgument
 from engine.errors import SqlinferError
 from serving.data.client import InProcessClient, ServingClient
 
@@ -52,6 +54,20 @@ class AIFunctions:
     store: ResultStore | None = field(default_factory=default_store)
     planner: Planner | None = None  # set while `explain` runs a query: record, call no model
     budget: Budget | None = None  # enforced before every batch while set
+    # The last sqlinfer error a function raised: DuckDB re-raises it as a plain InvalidInputException
+    # with our message inside, and translate_error() gives the original (its code) back.
+    last_error: SqlinferError | None = None
+
+    def keeping_errors(self, function: Any) -> Any:
+        """``function`` with its sqlinfer errors remembered before DuckDB wraps them."""
+        @functools.wraps(function)  # DuckDB reads the parameter count from the signature
+        def run(*args: Any) -> Any:
+            try:
+                return function(*args)
+            except SqlinferError as exc:
+                self.last_error = exc
+                raise
+        return run
 
     def check_budget(self) -> None:
         if self.budget is not None:
@@ -113,9 +129,13 @@ def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None
     def detailed_udf(endpoint: Any, request: Any, return_type: Any, model_parameters: Any, response_format: Any) -> Any:
         return answer(endpoint, request, return_type, None, model_parameters, response_format, True)
 
-    def structure_udf(return_type: Any, response_format: Any, fail_on_error: Any, detailed: Any) -> Any:
+    def structure_udf(return_type: Any, response_format: Any, fail_on_error: Any, fail_type: Any, detailed: Any) -> Any:
         import pyarrow as pa
 
+        for given in fail_type.to_pylist():
+            if given not in ("BOOLEAN", "NULL"):  # DuckDB would cast 'yes' to true; a typo must not pass
+                raise InvalidArgument(f"failOnError must be a BOOLEAN (true or false), got a {given}; "
+                                      f"write failOnError => false")
         return pa.array([output_spec(t, r, f, detailed=bool(d)).duckdb_structure() for t, r, f, d in zip(
             return_type.to_pylist(), response_format.to_pylist(), fail_on_error.to_pylist(), detailed.to_pylist())], pa.string())
 
@@ -141,23 +161,24 @@ def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None
     # default); NULL requests are handled per row in ai_functions. side_effects: never fold or
     # reuse results across calls (a model is not a pure function unless asked to be).
     udf_options = {"type": "arrow", "side_effects": True, "null_handling": "special"}
-    con.create_function(_QUERY_UDF, query_udf, [varchar, varchar, varchar, boolean, varchar, varchar], varchar, **udf_options)
-    con.create_function(_DETAILED_UDF, detailed_udf, [varchar, varchar, varchar, varchar, varchar], varchar, **udf_options)
-    con.create_function(_EMBED_UDF, embed_udf, [varchar, varchar], vector, **udf_options)
+    keep = ai.keeping_errors
+    con.create_function(_QUERY_UDF, keep(query_udf), [varchar, varchar, varchar, boolean, varchar, varchar], varchar, **udf_options)
+    con.create_function(_DETAILED_UDF, keep(detailed_udf), [varchar, varchar, varchar, varchar, varchar], varchar, **udf_options)
+    con.create_function(_EMBED_UDF, keep(embed_udf), [varchar, varchar], vector, **udf_options)
     # The result type, computed from constant arguments while DuckDB binds the query: this UDF
     # is pure, so DuckDB folds it and json_transform gets a constant structure (a bad returnType
     # fails here, before any row is sent). The never-true `if(...)` around the call is what lets
     # CREATE MACRO accept the body: DuckDB checks json_transform's structure at creation only
     # when its first argument's type is already known, and a macro parameter's is not. NULL
     # requests still reach the UDF, which counts them (they are never sent to a model).
-    con.create_function(_STRUCTURE_UDF, structure_udf, [varchar, varchar, boolean, boolean], varchar,
+    con.create_function(_STRUCTURE_UDF, keep(structure_udf), [varchar, varchar, boolean, varchar, boolean], varchar,
                         type="arrow", side_effects=False, null_handling="special")
     con.execute(
         f"CREATE OR REPLACE TEMP MACRO ai_query(endpoint, request, returnType := NULL, failOnError := true, "
         f"modelParameters := NULL, responseFormat := NULL) AS json_transform(if(request IS NULL AND request IS NOT NULL, NULL, "
         f"{_QUERY_UDF}(endpoint, to_json(request)::VARCHAR, returnType::VARCHAR, failOnError::BOOLEAN, "
         f"to_json(modelParameters)::VARCHAR, responseFormat::VARCHAR)), "
-        f"{_STRUCTURE_UDF}(returnType::VARCHAR, responseFormat::VARCHAR, failOnError::BOOLEAN, false))"
+        f"{_STRUCTURE_UDF}(returnType::VARCHAR, responseFormat::VARCHAR, failOnError::BOOLEAN, typeof(failOnError), false))"
     )
     # The extended form (sqlinfer's own): never fails a row; adds where each answer came from.
     con.execute(
@@ -165,9 +186,10 @@ def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None
         f"responseFormat := NULL) AS json_transform(if(request IS NULL AND request IS NOT NULL, NULL, "
         f"{_DETAILED_UDF}(endpoint, to_json(request)::VARCHAR, returnType::VARCHAR, "
         f"to_json(modelParameters)::VARCHAR, responseFormat::VARCHAR)), "
-        f"{_STRUCTURE_UDF}(returnType::VARCHAR, responseFormat::VARCHAR, false, true))"
+        f"{_STRUCTURE_UDF}(returnType::VARCHAR, responseFormat::VARCHAR, false, 'BOOLEAN', true))"
     )
     con.execute(f"CREATE OR REPLACE TEMP MACRO ai_embed(endpoint, text) AS {_EMBED_UDF}(endpoint, text)")
+    _HANDLES[con] = ai
     return ai
 
 
@@ -177,16 +199,17 @@ def connect(database: str = ":memory:", client: ServingClient | None = None, **k
     The functions' handle (stats, client) is available as ``functions(con)``.
     """
     con = duckdb.connect(database, **kwargs)
-    _HANDLES[con] = register(con, client)
+    register(con, client)
     return con
 
 
 def functions(con: duckdb.DuckDBPyConnection) -> AIFunctions:
-    """The handle of the functions ``connect`` registered on ``con``."""
+    """The handle of the functions ``connect`` or ``register`` put on ``con``."""
     try:
         return _HANDLES[con]
     except (KeyError, TypeError):
-        raise SqlinferError("this connection was not made by connectors.duckdb.connect(); use register(con)") from None
+        raise SqlinferError("this connection has no AI functions; make it with connectors.duckdb.connect() "
+                            "or call register(con)") from None
 
 
 # Connections accept no attributes, but weak references: the handle lives as long as the connection.
@@ -223,3 +246,26 @@ def execute_within(con: duckdb.DuckDBPyConnection, query: str, budget: Budget, a
         return relation.to_arrow_table() if relation is not None else None
     finally:
         ai.budget = None
+
+
+class SqlError(SqlinferError):
+    """DuckDB refused the query itself (syntax, an unknown table or column, a failed cast)."""
+
+    error_code = "SQL_ERROR"
+    http_status = 400
+
+
+_UDF_PREFIX = "Python exception occurred while executing the UDF: "
+
+
+def translate_error(con: duckdb.DuckDBPyConnection, exc: duckdb.Error) -> SqlinferError:
+    """The error a failed query should be reported as: the sqlinfer error an AI function raised
+    (its own code), the query's own mistake (SQL_ERROR), or, for any other Python exception inside
+    a function, INTERNAL_ERROR (a bug in sqlinfer)."""
+    text = str(exc)
+    ours = _HANDLES.get(con)
+    if ours is not None and ours.last_error is not None and ours.last_error.message in text:
+        return ours.last_error
+    if _UDF_PREFIX in text:
+        return SqlinferError(text.split(_UDF_PREFIX, 1)[1])
+    return SqlError(text)

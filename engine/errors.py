@@ -48,26 +48,45 @@ class ResourceAlreadyExists(SqlinferError):
 
 
 class ResourceConflict(SqlinferError):
+    """The resource is in a state that refuses this now (an update already in progress)."""
+
     error_code = "RESOURCE_CONFLICT"
     http_status = 409
 
 
-class ModelUnavailable(SqlinferError):
-    """A model exists by name but cannot be loaded here (missing package, broken directory)."""
+class NotImplementedFeature(SqlinferError):
+    """A documented Databricks field or feature that sqlinfer does not implement (yet); refused by
+    name rather than accepted and ignored."""
 
-    error_code = "RESOURCE_DOES_NOT_EXIST"
-    http_status = 404
+    error_code = "NOT_IMPLEMENTED"
+    http_status = 501
 
 
 class TemporarilyUnavailable(SqlinferError):
-    """A server, engine or upstream that should answer cannot right now; retrying later may work."""
+    """A server, provider or engine that should answer cannot right now; retrying later may work.
+
+    ``retry_after_seconds`` becomes the ``Retry-After`` header when it is known.
+    """
 
     error_code = "TEMPORARILY_UNAVAILABLE"
     http_status = 503
 
+    def __init__(self, message: str, retry_after_seconds: float | None = None):
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class ModelUnavailable(SqlinferError):
+    """A model exists by name but cannot be loaded here (missing package, broken directory): a
+    problem of this installation, not of the request."""
+
+    error_code = "MODEL_UNAVAILABLE"
+    http_status = 503
+
 
 class EngineError(SqlinferError):
-    """The local inference engine failed to start or to answer."""
+    """The local inference engine failed to start or died while answering; retriable, and a
+    fallback entity is tried as for an upstream 5xx."""
 
-    error_code = "INTERNAL_ERROR"
-    http_status = 500
+    error_code = "ENGINE_UNAVAILABLE"
+    http_status = 503

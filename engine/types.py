@@ -18,6 +18,7 @@ Task = Literal["llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings", "custom
 TASKS: tuple[str, ...] = ("llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings", "custom")
 CUSTOM_TASK = "custom"
 LLM_TASKS: tuple[str, ...] = TASKS[:3]
+MAX_TOKENS_LIMIT = 1_000_000
 
 
 class SamplingOptions(BaseModel):
@@ -29,7 +30,8 @@ class SamplingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_tokens: int | None = Field(default=None, ge=1)
+    # No model answers a million tokens; a larger value is a mistake, refused by name, not forwarded.
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: tuple[str, ...] | None = None

@@ -376,7 +376,7 @@ class LocalEngine:
                         final = output
                     result = _to_generation_result(final)
                 except Exception as exc:  # e.g. a prompt longer than max_model_len: this row only
-                    result = GenerationResult(error=_describe(exc))
+                    result = GenerationResult(error=_describe(exc), error_status=_status_of(exc))
                 finally:
                     self.in_flight -= 1
             if on_result is not None:
@@ -400,7 +400,7 @@ class LocalEngine:
                 vector = final.outputs.data.float().tolist()
                 result = EmbeddingResult(vector=vector, prompt_tokens=len(ids))
             except Exception as exc:
-                result = EmbeddingResult(error=_describe(exc))
+                result = EmbeddingResult(error=_describe(exc), error_status=_status_of(exc))
             finally:
                 self.in_flight -= 1
             if on_result is not None:
@@ -413,6 +413,17 @@ class LocalEngine:
     def _enter(self) -> None:
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+
+def _status_of(exc: BaseException) -> int:
+    """400 when vLLM refused the request itself (its ``VLLMClientError``s, e.g. a prompt longer
+    than the context, and plain ValueErrors from validation); 503 when the engine failed (dead,
+    out of memory): that is retriable, and a fallback entity is tried as for an upstream 5xx."""
+    from vllm.exceptions import VLLMClientError, VLLMServerError
+
+    if isinstance(exc, VLLMServerError):
+        return 503
+    return 400 if isinstance(exc, (VLLMClientError, ValueError, TypeError)) else 503
 
 
 def _describe(exc: BaseException) -> str:

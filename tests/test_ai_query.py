@@ -10,7 +10,7 @@ import pytest
 from ai_functions.spec import output_spec
 from ai_functions.types import parse_type
 from connectors.duckdb import connect
-from engine.errors import InvalidParameterValue
+from ai_functions.errors import InvalidArgument
 from serving.data.backends import EchoBackend
 from tests.registry_helpers import duckdb_on
 
@@ -116,7 +116,7 @@ def test_types_render_for_every_engine():
     spec = output_spec(None, '{"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", '
                              '"properties": {"n": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}}}}}}', False)
     assert spec.spark_ddl() == "STRUCT<result: STRUCT<n: BIGINT, tags: ARRAY<STRING>>, errorMessage: STRING>"
-    with pytest.raises(InvalidParameterValue, match="appears twice"):
+    with pytest.raises(InvalidArgument, match="appears twice"):
         parse_type("STRUCT<a INT, a INT>")
 
 

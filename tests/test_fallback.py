@@ -37,7 +37,8 @@ def test_a_failing_entity_falls_back_to_the_next_one(server, admin, unloadable_m
     ask = {"messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}], "max_tokens": 8, "temperature": 0}
 
     without = admin.post("/serving-endpoints/fb/invocations", json=ask)
-    assert without.status_code == 500 and "could not start the local engine" in without.json()["message"]
+    assert without.status_code == 503 and "could not start the local engine" in without.json()["message"]
+    assert without.json()["error_code"] == "ENGINE_UNAVAILABLE" and without.headers.get("connection") != "close"
 
     admin.put("/api/2.0/serving-endpoints/fb/ai-gateway", json={"fallback_config": {"enabled": True}}).raise_for_status()
     answered = admin.post("/serving-endpoints/fb/invocations", json=ask)
@@ -58,5 +59,5 @@ def test_when_every_entity_fails_the_last_error_stands(server, admin, unloadable
                                                    "ai_gateway": {"fallback_config": {"enabled": True}}}).raise_for_status()
     wait_until_settled(admin, "all-bad")
     response = admin.post("/serving-endpoints/all-bad/invocations", json={"messages": [{"role": "user", "content": "x"}]})
-    assert response.status_code == 500 and "could not start the local engine" in response.json()["message"]
-    assert response.json()["error_code"] == "INTERNAL_ERROR"
+    assert response.status_code == 503 and "could not start the local engine" in response.json()["message"]
+    assert response.json()["error_code"] == "TEMPORARILY_UNAVAILABLE"

@@ -5,6 +5,10 @@ SHA-256 hash. Permissions are Databricks' levels on one endpoint, ordered
 ``CAN_VIEW < CAN_QUERY < CAN_MANAGE``; an endpoint's creator gets CAN_MANAGE, admins may do
 everything, and every authenticated user may view and query the system endpoints.
 
+Creating endpoints is an entitlement (``create-serving-endpoints``): admins have it, other users
+only when it is granted (``sqlinfer users entitle NAME create-serving-endpoints``), because an
+endpoint makes the server call out on its creator's behalf.
+
 The embedded in-process path (DuckDB in your own Python process) uses :data:`EMBEDDED`, an
 admin principal that needs no token: the process already owns the database file. The server
 never falls back to it: every API request needs ``Authorization: Bearer <token>``.
@@ -22,6 +26,11 @@ from serving.control.db import Database
 from serving.errors import InvalidParameterValue, PermissionDenied, ResourceDoesNotExist, Unauthenticated
 
 LEVELS = ("CAN_VIEW", "CAN_QUERY", "CAN_MANAGE")
+CREATE_ENDPOINTS = "create-serving-endpoints"
+ENTITLEMENTS = (CREATE_ENDPOINTS,)
+# Names a token can never carry: the in-process owner, the system endpoints' creator, and the
+# group that stands for every user in ACLs.
+RESERVED_USER_NAMES = ("embedded", "system", "users")
 
 
 @dataclass(frozen=True)
@@ -45,8 +54,10 @@ class Auth:
 
     def create_token(self, user_name: str, is_admin: bool = False, comment: str | None = None) -> tuple[str, str]:
         """A new token for ``user_name``: (token id, token value). The value is not stored."""
-        if not user_name or any(c.isspace() for c in user_name):
-            raise InvalidParameterValue(f"user name {user_name!r} must be non-empty and contain no spaces")
+        if not user_name or any(c.isspace() for c in user_name) or len(user_name) > 255:
+            raise InvalidParameterValue(f"user name {user_name!r} must be 1-255 characters without spaces")
+        if user_name in RESERVED_USER_NAMES:
+            raise InvalidParameterValue(f"user name {user_name!r} is reserved ({', '.join(RESERVED_USER_NAMES)}); choose another")
         token = "sqli_" + secrets.token_urlsafe(32)
         token_id = uuid.uuid4().hex
         with self._db.write() as con:
@@ -81,6 +92,36 @@ class Auth:
         if row is None:
             raise Unauthenticated("invalid or revoked token")
         return Principal(row["user_name"], bool(row["is_admin"]))
+
+    def principal_named(self, user_name: str) -> Principal:
+        """The principal a stored name stands for now (an admin if any of its tokens is one):
+        secrets in a config are used with the rights of whoever last changed it."""
+        if user_name == EMBEDDED.user_name:
+            return EMBEDDED
+        row = self._db.read().execute("SELECT max(is_admin) AS admin FROM tokens WHERE user_name = ?", (user_name,)).fetchone()
+        return Principal(user_name, bool(row["admin"]) if row and row["admin"] is not None else False)
+
+    # -- entitlements ------------------------------------------------------------------------
+
+    def entitle(self, user_name: str, entitlement: str, granted: bool = True) -> None:
+        if entitlement not in ENTITLEMENTS:
+            raise InvalidParameterValue(f"entitlement {entitlement!r} is not one of {', '.join(ENTITLEMENTS)}")
+        with self._db.write() as con:
+            if granted:
+                con.execute("INSERT OR IGNORE INTO entitlements VALUES (?, ?)", (user_name, entitlement))
+            else:
+                con.execute("DELETE FROM entitlements WHERE principal = ? AND entitlement = ?", (user_name, entitlement))
+
+    def entitlements(self, user_name: str) -> list[str]:
+        rows = self._db.read().execute("SELECT entitlement FROM entitlements WHERE principal = ? ORDER BY entitlement",
+                                       (user_name,)).fetchall()
+        return [row["entitlement"] for row in rows]
+
+    def require_entitlement(self, principal: Principal, entitlement: str, action: str) -> None:
+        if principal.is_admin or entitlement in self.entitlements(principal.user_name):
+            return
+        raise PermissionDenied(f"user {principal.user_name!r} may not {action}: that needs the {entitlement!r} "
+                               f"entitlement; an admin grants it with `sqlinfer users entitle {principal.user_name} {entitlement}`")
 
     # -- permissions -------------------------------------------------------------------------
 

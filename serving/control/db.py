@@ -120,6 +120,21 @@ MIGRATIONS: list[str] = [
         response_json TEXT NOT NULL
     );
     """,
+    # 4: secret scope ACLs (serving.control.secrets) and entitlements (serving.control.auth).
+    # Scopes created before this version have no ACL entries: only admins use them, as before.
+    """
+    CREATE TABLE secret_acls (
+        scope TEXT NOT NULL REFERENCES secret_scopes(name) ON DELETE CASCADE,
+        principal TEXT NOT NULL,       -- a user name, or 'users' for every user
+        permission TEXT NOT NULL,      -- READ, WRITE or MANAGE
+        PRIMARY KEY (scope, principal)
+    );
+    CREATE TABLE entitlements (
+        principal TEXT NOT NULL,
+        entitlement TEXT NOT NULL,     -- e.g. create-serving-endpoints
+        PRIMARY KEY (principal, entitlement)
+    );
+    """,
 ]
 
 

@@ -190,7 +190,7 @@ class OpenAICompatibleBackend(ProviderBackend):
         """Token by token from the provider (``stream=True``); usage from its final chunk."""
         import openai
 
-        from serving.errors import UpstreamFailure, row_error
+        from serving.errors import TemporarilyUnavailable, row_error
 
         kwargs = _openai_kwargs(options, chat) | {"stream": True, "stream_options": {"include_usage": True}}
         if chat:
@@ -214,7 +214,7 @@ class OpenAICompatibleBackend(ProviderBackend):
                         if text:
                             yield StreamDelta(text=text)
         except (openai.APIError, OSError) as exc:  # the stream broke after it started
-            raise UpstreamFailure(self._scrub(f"the provider's stream broke: {type(exc).__name__}: {exc}"), 502) from None
+            raise TemporarilyUnavailable(self._scrub(f"the provider's stream broke: {type(exc).__name__}: {exc}")) from None
         yield StreamDelta(finish_reason=finish or "stop", prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
     def embed(self, texts, on_result=None):
