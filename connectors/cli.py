@@ -10,6 +10,7 @@ It sits at the edge of the project (it may import every package; none imports it
     sqlinfer endpoints list    # endpoints (system and registered)
     sqlinfer serve --port 8080 # the REST API (Databricks Model Serving compatible)
     sqlinfer tokens create --user alice [--admin]
+    sqlinfer users entitle alice create-serving-endpoints
     sqlinfer endpoints create -f config.json | get NAME | update-config NAME -f c.json | delete NAME
     sqlinfer secrets create-scope S | put S K | list S | ...
 
@@ -94,6 +95,12 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     for line in EngineReport.for_this_machine().lines():
         print(line)
+    key = _service().secrets.key.status()
+    if key.ok:
+        print(f"secret key: ok ({key.source}; {key.encrypted_values} encrypted value(s) depend on it)")
+    else:
+        print(f"secret key: PROBLEM: {key.problem}")
+        return 1
     return 0
 
 
@@ -147,7 +154,7 @@ def _print_json(value: object) -> None:
 
 
 def _cmd_endpoints(args: argparse.Namespace) -> int:
-    service = _service()
+    service = _service().start()  # resumes deployments a restart interrupted
     if args.action == "list":
         rows = [("name", "task", "ready", "config_update")]
         for e in service.list():
@@ -175,6 +182,14 @@ def _need(value: str | None, what: str) -> str:
     if not value:
         raise SqlinferError(f"this command needs {what}")
     return value
+
+
+def _cmd_users(args: argparse.Namespace) -> int:
+    auth = _service().auth
+    if args.action in ("entitle", "revoke"):
+        auth.entitle(_need(args.user, "a user name"), _need(args.entitlement, "an entitlement"), granted=args.action == "entitle")
+    print(f"{args.user}: entitlements {', '.join(auth.entitlements(args.user)) or 'none'}")
+    return 0
 
 
 def _cmd_tokens(args: argparse.Namespace) -> int:
@@ -208,6 +223,12 @@ def _cmd_secrets(args: argparse.Namespace) -> int:
         secrets.put(_need(scope, "a scope"), _need(args.key, "a key"), value)
     elif action == "list":
         _print_columns([("key", "last_updated_timestamp")] + [(s["key"], str(s["last_updated_timestamp"])) for s in secrets.list(_need(scope, "a scope"))])
+    elif action == "acl-put":
+        secrets.put_acl(_need(scope, "a scope"), _need(args.key, "a principal"), _need(args.permission, "--permission"))
+    elif action == "acl-delete":
+        secrets.delete_acl(_need(scope, "a scope"), _need(args.key, "a principal"))
+    elif action == "acl-list":
+        _print_columns([("principal", "permission")] + [(a["principal"], a["permission"]) for a in secrets.list_acls(_need(scope, "a scope"))])
     else:  # delete
         secrets.delete(_need(scope, "a scope"), _need(args.key, "a key"))
     return 0
@@ -307,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     endpoints.add_argument("--no-wait", dest="wait", action="store_false", help="return while the config deploys")
     endpoints.set_defaults(handler=_cmd_endpoints)
 
+    users = commands.add_parser("users", help="entitlements: who may create serving endpoints")
+    users.add_argument("action", choices=("show", "entitle", "revoke"))
+    users.add_argument("user")
+    users.add_argument("entitlement", nargs="?", help="entitle/revoke: create-serving-endpoints")
+    users.set_defaults(handler=_cmd_users)
+
     tokens = commands.add_parser("tokens", help="API tokens")
     tokens.add_argument("action", choices=("create", "list", "revoke"))
     tokens.add_argument("token_id", nargs="?", help="revoke: the token id")
@@ -316,9 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.set_defaults(handler=_cmd_tokens)
 
     secrets = commands.add_parser("secrets", help="secret scopes and secrets (values are never printed)")
-    secrets.add_argument("action", choices=("list-scopes", "create-scope", "delete-scope", "put", "list", "delete"))
+    secrets.add_argument("action", choices=("list-scopes", "create-scope", "delete-scope", "put", "list", "delete",
+                                            "acl-put", "acl-delete", "acl-list"))
     secrets.add_argument("scope", nargs="?")
-    secrets.add_argument("key", nargs="?")
+    secrets.add_argument("key", nargs="?", help="the key; for acl-put and acl-delete: the principal (a user, or 'users')")
+    secrets.add_argument("--permission", choices=("READ", "WRITE", "MANAGE"), help="acl-put: the permission to grant")
     secrets.add_argument("--value", help="put: the value (default: read from stdin, so it stays out of shell history)")
     secrets.set_defaults(handler=_cmd_secrets)
 

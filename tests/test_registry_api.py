@@ -160,6 +160,8 @@ def test_an_interrupted_deployment_resumes_when_the_registry_opens_again(tmp_pat
     held = threading.Event()  # never set: this process "dies" before deploying
     EndpointService(tmp_path / "home", deploy_gate=held).create({"name": "resumed", "config": local_entity()})
     reopened = EndpointService(tmp_path / "home")
+    assert reopened.get("resumed")["state"]["config_update"] == "IN_PROGRESS"  # constructing starts no thread
+    reopened.start()
     reopened.wait_for_deployments()
     assert reopened.get("resumed")["state"] == {"ready": "READY", "config_update": "NOT_UPDATING"}
 

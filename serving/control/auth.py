@@ -52,7 +52,8 @@ class Auth:
 
     # -- tokens ------------------------------------------------------------------------------
 
-    def create_token(self, user_name: str, is_admin: bool = False, comment: str | None = None) -> tuple[str, str]:
+    def create_token(self, user_name: str, is_admin: bool = False, comment: str | None = None,
+                     lifetime_seconds: int | None = None) -> tuple[str, str]:
         """A new token for ``user_name``: (token id, token value). The value is not stored."""
         if not user_name or any(c.isspace() for c in user_name) or len(user_name) > 255:
             raise InvalidParameterValue(f"user name {user_name!r} must be 1-255 characters without spaces")
@@ -60,23 +61,28 @@ class Auth:
             raise InvalidParameterValue(f"user name {user_name!r} is reserved ({', '.join(RESERVED_USER_NAMES)}); choose another")
         token = "sqli_" + secrets.token_urlsafe(32)
         token_id = uuid.uuid4().hex
+        now = int(time.time() * 1000)
+        expiry = now + lifetime_seconds * 1000 if lifetime_seconds else None
         with self._db.write() as con:
             con.execute(
-                "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
-                (token_id, _hash(token), user_name, int(is_admin), comment, int(time.time() * 1000)),
-            )
+                "INSERT INTO tokens (id, token_hash, user_name, is_admin, comment, creation_timestamp, expiry_time) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)", (token_id, _hash(token), user_name, int(is_admin), comment, now, expiry))
         return token_id, token
 
-    def list_tokens(self) -> list[dict[str, object]]:
-        rows = self._db.read().execute(
-            "SELECT id, user_name, is_admin, comment, creation_timestamp FROM tokens ORDER BY creation_timestamp"
-        ).fetchall()
+    def list_tokens(self, user_name: str | None = None) -> list[dict[str, object]]:
+        """Every token's metadata (never a value), or only ``user_name``'s."""
+        query = "SELECT id, user_name, is_admin, comment, creation_timestamp, expiry_time FROM tokens"
+        rows = self._db.read().execute(query + (" WHERE user_name = ?" if user_name else "") + " ORDER BY creation_timestamp",
+                                       (user_name,) if user_name else ()).fetchall()
         return [dict(row) | {"is_admin": bool(row["is_admin"])} for row in rows]
 
-    def revoke_token(self, token_id: str) -> None:
+    def revoke_token(self, token_id: str, user_name: str | None = None) -> None:
+        """Revoke a token; with ``user_name``, only one of that user's own."""
         with self._db.write() as con:
-            if con.execute("DELETE FROM tokens WHERE id = ?", (token_id,)).rowcount == 0:
-                raise ResourceDoesNotExist(f"no token with id {token_id!r}; list them with `sqlinfer tokens list`")
+            owner = " AND user_name = ?" if user_name else ""
+            if con.execute("DELETE FROM tokens WHERE id = ?" + owner, (token_id, user_name) if user_name else (token_id,)).rowcount == 0:
+                raise ResourceDoesNotExist(f"no token with id {token_id!r}" + (f" belongs to {user_name!r}" if user_name else "")
+                                           + "; list them with GET /api/2.0/token/list or `sqlinfer tokens list`")
 
     def authenticate(self, authorization: str | None) -> Principal:
         """``Authorization`` header value -> principal, or 401 UNAUTHENTICATED."""
@@ -87,10 +93,10 @@ class Auth:
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
         row = self._db.read().execute(
-            "SELECT user_name, is_admin FROM tokens WHERE token_hash = ?", (_hash(token.strip()),)
+            "SELECT user_name, is_admin, expiry_time FROM tokens WHERE token_hash = ?", (_hash(token.strip()),)
         ).fetchone()
-        if row is None:
-            raise Unauthenticated("invalid or revoked token")
+        if row is None or (row["expiry_time"] is not None and row["expiry_time"] <= time.time() * 1000):
+            raise Unauthenticated("invalid, expired or revoked token")
         return Principal(row["user_name"], bool(row["is_admin"]))
 
     def principal_named(self, user_name: str) -> Principal:

@@ -135,6 +135,19 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (principal, entitlement)
     );
     """,
+    # 5: a counter of changes to secrets and their ACLs. Backends holding a resolved provider key
+    # are rebuilt when it moves, so a rotated secret or a revoked READ takes effect at once.
+    """
+    CREATE TABLE secret_generation (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        generation INTEGER NOT NULL
+    );
+    INSERT INTO secret_generation VALUES (1, 0);
+    """,
+    # 6: tokens may expire (POST /api/2.0/token/create with lifetime_seconds)
+    """
+    ALTER TABLE tokens ADD COLUMN expiry_time INTEGER;
+    """,
 ]
 
 

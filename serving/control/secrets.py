@@ -138,6 +138,11 @@ class SecretKey:
                 f"with; restore the original key from a backup and restart") from None
 
 
+def _changed(con) -> None:
+    """Within a write: secrets or their ACLs changed (backends re-resolve their keys)."""
+    con.execute("UPDATE secret_generation SET generation = generation + 1 WHERE id = 1")
+
+
 class SecretStore:
     def __init__(self, db: Database, home: Path):
         self._db = db
@@ -201,6 +206,7 @@ class SecretStore:
         with self._db.write() as con:
             self._require(principal, scope, "MANAGE", con)
             con.execute("DELETE FROM secret_scopes WHERE name = ?", (scope,))
+            _changed(con)
 
     # -- secrets -----------------------------------------------------------------------------
 
@@ -213,6 +219,7 @@ class SecretStore:
                 "ciphertext = excluded.ciphertext, last_updated_timestamp = excluded.last_updated_timestamp",
                 (scope, key, ciphertext, int(time.time() * 1000)),
             )
+            _changed(con)
 
     def list(self, scope: str, principal: Principal = EMBEDDED) -> list[dict[str, object]]:
         con = self._db.read()
@@ -227,6 +234,7 @@ class SecretStore:
             self._require(principal, scope, "WRITE", con)
             if con.execute("DELETE FROM secrets WHERE scope = ? AND key = ?", (scope, key)).rowcount == 0:
                 raise ResourceDoesNotExist(f"secret {key!r} does not exist in scope {scope!r}")
+            _changed(con)
 
     # -- ACLs --------------------------------------------------------------------------------
 
@@ -237,12 +245,14 @@ class SecretStore:
             self._require(principal, scope, "MANAGE", con)
             con.execute("INSERT INTO secret_acls VALUES (?, ?, ?) ON CONFLICT(scope, principal) DO UPDATE SET "
                         "permission = excluded.permission", (scope, grantee, permission))
+            _changed(con)
 
     def delete_acl(self, scope: str, grantee: str, principal: Principal = EMBEDDED) -> None:
         with self._db.write() as con:
             self._require(principal, scope, "MANAGE", con)
             if con.execute("DELETE FROM secret_acls WHERE scope = ? AND principal = ?", (scope, grantee)).rowcount == 0:
                 raise ResourceDoesNotExist(f"secret scope {scope!r} has no ACL entry for {grantee!r}")
+            _changed(con)
 
     def get_acl(self, scope: str, grantee: str, principal: Principal = EMBEDDED) -> dict[str, str]:
         con = self._db.read()

@@ -37,8 +37,13 @@ WORKLOAD_SIZES = ("Small", "Medium", "Large")
 MAX_SERVED_ENTITIES = 10
 
 
+# No text field of the management API needs more; a longer one is refused by name instead of being
+# stored and then sent back in every list (a 5 MB tag value once made every list 5 MB).
+MAX_TEXT = 4096
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", str_max_length=MAX_TEXT)
 
 
 def _secret_reference(value: str | None, field: str) -> str | None:
@@ -178,7 +183,7 @@ class ServedEntity(Strict):
     scale_to_zero_enabled: bool = False
     min_provisioned_throughput: int | None = Field(default=None, ge=0)
     max_provisioned_throughput: int | None = Field(default=None, ge=0)
-    environment_vars: dict[str, str] | None = None
+    environment_vars: dict[str, str] | None = Field(default=None, max_length=100)
     instance_profile_arn: str | None = None
 
     @field_validator("entity_version", mode="before")
@@ -277,7 +282,7 @@ class EndpointConfig(Strict):
 
 class Tag(Strict):
     key: str = Field(min_length=1, max_length=255)
-    value: str | None = None
+    value: str | None = Field(default=None, max_length=255)
 
 
 class RateLimit(Strict):
@@ -312,7 +317,7 @@ class FallbackConfig(Strict):
 
 
 class AiGatewayConfig(Strict):
-    rate_limits: list[RateLimit] | None = None
+    rate_limits: list[RateLimit] | None = Field(default=None, max_length=20)
     usage_tracking_config: UsageTrackingConfig | None = None
     inference_table_config: InferenceTableConfig | None = None
     fallback_config: FallbackConfig | None = None
@@ -322,8 +327,8 @@ class AiGatewayConfig(Strict):
 class CreateEndpoint(Strict):
     name: str
     config: EndpointConfig
-    rate_limits: list[RateLimit] | None = None
-    tags: list[Tag] | None = None
+    rate_limits: list[RateLimit] | None = Field(default=None, max_length=20)
+    tags: list[Tag] | None = Field(default=None, max_length=100)
     route_optimized: bool | None = False
     ai_gateway: AiGatewayConfig | None = None
     description: str | None = None
@@ -340,12 +345,12 @@ class CreateEndpoint(Strict):
 
 
 class PatchTags(Strict):
-    add_tags: list[Tag] | None = None
-    delete_tags: list[str] | None = None
+    add_tags: list[Tag] | None = Field(default=None, max_length=100)
+    delete_tags: list[str] | None = Field(default=None, max_length=100)
 
 
 class PutRateLimits(Strict):
-    rate_limits: list[RateLimit]
+    rate_limits: list[RateLimit] = Field(max_length=20)
 
 
 class AccessControlEntry(Strict):
@@ -362,7 +367,7 @@ class AccessControlEntry(Strict):
 
 
 class AccessControlList(Strict):
-    access_control_list: list[AccessControlEntry]
+    access_control_list: list[AccessControlEntry] = Field(max_length=1000)
 
 
 class CreateScope(Strict):
@@ -400,8 +405,15 @@ def _holds_secret(field: str) -> bool:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
+    return describe_errors(exc.errors())
+
+
+def describe_errors(errors: Any, skip: int = 0) -> str:
+    """pydantic's errors as one message naming each field path, its problem and (unless the field
+    may hold a secret) the value; ``skip`` drops leading location parts (FastAPI's ``body``)."""
     parts = []
-    for error in exc.errors():
+    for error in errors:
+        error = dict(error, loc=tuple(error["loc"])[skip:])
         location = ""
         for part in error["loc"]:
             location += f"[{part}]" if isinstance(part, int) else (f".{part}" if location else str(part))
@@ -416,8 +428,9 @@ def describe_validation_error(exc: ValidationError) -> str:
             and not isinstance(error["input"], dict)
             and not any(_holds_secret(str(part)) for part in error["loc"])  # never echo a secret
         ):
-            message = f"{message} (got {error['input']!r})"
-        parts.append(f"{location}: {message}" if location else message)
+            shown = repr(error["input"])
+            message = f"{message} (got {shown if len(shown) <= 100 else shown[:97] + '...'})"
+        parts.append(f"{location}: {message}" if location else ("the request body is required" if message == "is required" else message))
     return "; ".join(parts)
 
 
@@ -429,3 +442,35 @@ def parse(model: type[M], payload: Any) -> M:
         return model.model_validate(payload)
     except ValidationError as exc:
         raise InvalidParameterValue(describe_validation_error(exc)) from None
+
+
+class PutSecretAcl(Strict):
+    scope: str
+    principal: str = Field(min_length=1, max_length=255)
+    permission: Literal["READ", "WRITE", "MANAGE"]
+
+
+class DeleteSecretAcl(Strict):
+    scope: str
+    principal: str = Field(min_length=1, max_length=255)
+
+
+class CreateToken(Strict):
+    """``POST /api/2.0/token/create``: a token for the caller (Databricks' personal access tokens)."""
+
+    comment: str | None = Field(default=None, max_length=255)
+    lifetime_seconds: int | None = Field(default=None, gt=0)  # None: the token does not expire
+
+
+class RevokeToken(Strict):
+    token_id: str = Field(min_length=1, max_length=64)
+
+
+class BatchRequest(Strict):
+    """``POST /api/2.0/sqlinfer/batch``: one whole batch of one kind from a remote SQL engine."""
+
+    endpoint: str = Field(min_length=1, max_length=255)
+    kind: Literal["chat", "complete", "embed", "predict"]
+    requests: list[Any]
+    options: dict[str, Any] | None = None
+    params: dict[str, Any] | None = None

@@ -96,10 +96,10 @@ class TrafficSplitBackend(Backend):
             backend.release()
 
 
-def entity_backend(service: EndpointService, entity: dict[str, Any], task: Task) -> Backend:
-    """The backend for one stored served entity."""
+def entity_backend(service: EndpointService, entity: dict[str, Any], task: Task, author: str | None = None) -> Backend:
+    """The backend for one stored served entity; ``author`` last changed the config."""
     if "external_model" in entity:
-        return external_backend(service, entity["external_model"], task)
+        return external_backend(service, entity["external_model"], task, author or entity.get("creator") or "")
     if task == CUSTOM_TASK:
         from serving.data.custom_models import PyfuncBackend
 
@@ -122,16 +122,28 @@ def scale_to_zero_seconds(entity: dict[str, Any]) -> float | None:
     return float(os.environ.get("SQLINFER_SCALE_TO_ZERO_IDLE_SECONDS", "1800"))
 
 
-def external_backend(service: EndpointService, external: dict[str, Any], task: Task) -> Backend:
-    """An external model's backend; its key is resolved only when the first call is made."""
-    from serving.data.providers import OpenAICompatibleBackend
+def external_backend(service: EndpointService, external: dict[str, Any], task: Task, author: str) -> Backend:
+    """An external model's backend; its key is resolved only when the first call is made.
+
+    A referenced secret is resolved on behalf of whoever last changed the config, who must still
+    be able to READ its scope; and the provider URL must still be inside the egress allow-list.
+    """
+    from serving.control.validation import provider_urls
 
     def secret(value: Any) -> str | None:
         if value is None:
             return None
         if isinstance(value, dict) and SEALED in value:
             return service.secrets.unseal(value[SEALED])
-        return service.secrets.resolve(value, "api key")
+        return service.secrets.resolve(value, "the endpoint's api key", service.auth.principal_named(author))
+
+    urls = provider_urls(external)
+    backend = _provider_backend(external, task, secret)
+    return EgressCheckedBackend(backend, urls) if urls else backend
+
+
+def _provider_backend(external: dict[str, Any], task: Task, secret: Callable[[Any], str | None]) -> Backend:
+    from serving.data.providers import OpenAICompatibleBackend
 
     provider = external["provider"]
     if provider == "openai":
@@ -162,7 +174,7 @@ def external_backend(service: EndpointService, external: dict[str, Any], task: T
 
 def endpoint_backend(service: EndpointService, config: dict[str, Any], fallback: bool = False) -> Backend:
     task = config["_task"]
-    backends = {entity["name"]: entity_backend(service, entity, task) for entity in config["served_entities"]}
+    backends = {entity["name"]: entity_backend(service, entity, task, config.get("_author")) for entity in config["served_entities"]}
     routes = [(route.get("served_entity_name") or route["served_model_name"], route["traffic_percentage"])
               for route in config["traffic_config"]["routes"]]
     built = [(name, weight, backends[name]) for name, weight in routes if weight > 0]
@@ -271,6 +283,37 @@ class FallbackBackend(Backend):
             backend.release()
 
 
+class EgressCheckedBackend(DelegatingBackend):
+    """Checks the provider's URLs against the egress allow-list before every call: the list may
+    have narrowed since the endpoint was created (``serving.control.egress``)."""
+
+    def __init__(self, inner: Backend, urls: list[tuple[str, str]]):
+        super().__init__(inner)
+        self.urls = urls
+
+    def _check(self) -> None:
+        from serving.control.egress import check_url
+
+        for field, url in self.urls:
+            check_url(url, f"external_model.{field}")
+
+    def chat(self, conversations, options, on_result=None):
+        self._check()
+        return self.inner.chat(conversations, options, on_result)
+
+    def complete(self, prompts, options, on_result=None):
+        self._check()
+        return self.inner.complete(prompts, options, on_result)
+
+    def embed(self, texts, on_result=None):
+        self._check()
+        return self.inner.embed(texts, on_result)
+
+    def stream(self, request, options, chat):
+        self._check()
+        return self.inner.stream(request, options, chat)
+
+
 class TaggedBackend(DelegatingBackend):
     """One entity, answering for itself: its results carry its name."""
 
@@ -312,7 +355,7 @@ class StoredEndpointResolver:
     def rate_limits(self, name: str) -> list[dict[str, Any]]:
         if name.startswith(SYSTEM_PREFIX):
             return []
-        return self.service.serving(name)[3]
+        return self.service.serving(name).rate_limits
 
     def throughput(self, name: str) -> float | None:
         """Requests per second the endpoint answered lately (its last 200 successful batches in
@@ -329,17 +372,18 @@ class StoredEndpointResolver:
         if name.startswith(SYSTEM_PREFIX):
             return None
         try:
-            version, endpoint_id, config, rate_limits, log_payloads, fallback = self.service.serving(name)
+            serving = self.service.serving(name)
         except ResourceDoesNotExist:
             return None
+        config = serving.config
         if not config.get("_task"):
             raise InvalidParameterValue(f"endpoint {name!r} has no task yet; wait until its config is deployed")
 
         def build() -> Backend:
-            backend = endpoint_backend(self.service, config, fallback)
-            limits = limits_from(rate_limits)
+            backend = endpoint_backend(self.service, config, serving.fallback)
+            limits = limits_from(serving.rate_limits)
             if limits:
-                backend = RateLimitedBackend(backend, self.limiter, endpoint_id, name, limits)
-            return UsageRecordingBackend(backend, self.recorder, endpoint_id, name, log_payloads)
+                backend = RateLimitedBackend(backend, self.limiter, serving.endpoint_id, name, limits)
+            return UsageRecordingBackend(backend, self.recorder, serving.endpoint_id, name, serving.log_payloads)
 
-        return version, config["_task"], build, f"{endpoint_id}:{version[0]}"
+        return serving.version, config["_task"], build, serving.cache_version

@@ -1,0 +1,101 @@
+"""Deployment: a pending config becomes the serving one in the background, entity by entity.
+
+A new config is ``pending_config`` with ``config_update: IN_PROGRESS`` while the old config keeps
+serving. Each entity is checked (model files load, the MLflow version exists and is copied, the
+secrets it references still exist and its author may still read them) and moves from
+``DEPLOYMENT_CREATING`` to ``DEPLOYMENT_READY`` or ``DEPLOYMENT_FAILED``. All ready: the pending
+config replaces the old one. Any failed: ``UPDATE_FAILED``, the old config still serves.
+
+Threads start only when asked: :meth:`Deployer.deploy` for a new config, :meth:`resume` for
+deployments a restart interrupted (the server and the CLI call it; constructing the service
+starts nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.model_store import detect_task
+from serving.control.auth import Auth
+from serving.control.secrets import SecretStore
+from serving.control.store import EndpointStore
+from serving.control.validation import ConfigValidator, references
+from serving.errors import InvalidParameterValue
+
+
+class Deployer:
+    def __init__(self, store: EndpointStore, secrets: SecretStore, auth: Auth, validator: ConfigValidator, home: Path,
+                 gate: threading.Event | None = None):
+        self.store, self.secrets, self.auth, self.validator, self.home = store, secrets, auth, validator, home
+        self.gate = gate  # tests hold deployments here to observe IN_PROGRESS; None deploys at once
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def deploy(self, endpoint_id: str, version: int) -> None:
+        thread = threading.Thread(target=self._deploy, args=(endpoint_id, version), name=f"deploy-{endpoint_id[:8]}",
+                                  daemon=True)
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+
+    def resume(self) -> None:
+        """Deploy again what a restart interrupted (state IN_PROGRESS in the store)."""
+        for endpoint_id, version in self.store.in_progress():
+            self.deploy(endpoint_id, version)
+
+    def wait(self, timeout: float = 120) -> None:
+        """Block until every deployment started by this process has finished."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _deploy(self, endpoint_id: str, version: int) -> None:
+        if self.gate is not None:
+            self.gate.wait()
+        config = self.store.pending(endpoint_id, version)
+        if config is None:
+            return  # deleted or superseded meanwhile
+        failed = False
+        for entity in config["served_entities"]:
+            try:
+                task = self._check_deployable(entity, config.get("_author"))
+                if task and config.get("_task") and task != config["_task"]:
+                    raise InvalidParameterValue(
+                        f"served entity {entity['name']!r} serves {task} but the endpoint serves {config['_task']}; "
+                        f"all served entities of an endpoint must serve one task")
+                if task and not config.get("_task"):
+                    config["_task"] = task
+                entity["state"] = {"deployment": "DEPLOYMENT_READY", "deployment_state_message": ""}
+            except Exception as exc:  # every failure becomes the entity's state, never a crash
+                failed = True
+                message = exc.message if hasattr(exc, "message") else f"{type(exc).__name__}: {exc}"
+                entity["state"] = {"deployment": "DEPLOYMENT_FAILED", "deployment_state_message": message}
+        self.store.finish_deployment(endpoint_id, version, config, failed)
+
+    def _check_deployable(self, entity: dict[str, Any], author: str | None) -> str | None:
+        """Raise if the entity cannot serve; return its task when only deployment can tell it."""
+        # Secrets may have been deleted, or their author's READ revoked, since the request. (Configs
+        # stored before authors were recorded name their entity's creator.)
+        author_principal = self.auth.principal_named(author or entity.get("creator") or "")
+        for field, reference in references(entity):
+            self.secrets.check_reference(reference, f"served entity {entity['name']!r} {field}", author_principal)
+        if "external_model" in entity:
+            return None
+        name = entity["entity_name"]
+        path = self.validator.local_model_path(name)
+        if path is not None:
+            config = json.loads((path / "config.json").read_text())  # a broken directory fails here
+            if not isinstance(config, dict) or "model_type" not in config and "architectures" not in config:
+                raise InvalidParameterValue(f"{str(path / 'config.json')!r} is not a model config")
+            return detect_task(path)
+        from serving.control.mlflow_models import prepare_model_version
+
+        prepared = prepare_model_version(name, entity.get("entity_version"), self.home)
+        entity["_local_path"] = prepared["path"]  # the copied model: an engine directory or a pyfunc model
+        return prepared["task"]

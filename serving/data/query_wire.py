@@ -1,0 +1,82 @@
+"""Query request bodies, typed: what ``/invocations`` and the OpenAI-compatible routes accept.
+
+The REST edge declares these as route bodies, so ``/openapi.json`` documents every field and an
+unknown one is refused by name before anything runs. Which fields a given endpoint takes depends
+on its task (chat, completions, embeddings, custom model), known only once the endpoint is
+looked up: :func:`serving.data.invocations.invoke` checks that, and the values' ranges.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Query(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # bookkeeping: accepted, never sent to a model
+    model: str | None = Field(default=None, description="the endpoint name (OpenAI routes)")
+    user: str | None = None
+    client_request_id: str | None = Field(default=None, description="recorded in the usage table")
+    usage_context: dict[str, Any] | None = Field(default=None, description="recorded in the usage table")
+    extra_params: dict[str, Any] | None = None
+
+
+class _Sampling(_Query):
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    n: int | None = None
+    seed: int | None = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    stream: bool | None = None
+    stream_options: dict[str, Any] | None = None
+
+
+class ChatRequest(_Sampling):
+    """``POST /serving-endpoints/chat/completions`` (OpenAI chat completions)."""
+
+    model: str = Field(description="the endpoint name")
+    messages: list[dict[str, Any]]
+
+
+class CompletionRequest(_Sampling):
+    """``POST /serving-endpoints/completions`` (OpenAI completions)."""
+
+    model: str = Field(description="the endpoint name")
+    prompt: str | list[str]
+
+
+class EmbeddingRequest(_Query):
+    """``POST /serving-endpoints/embeddings`` (OpenAI embeddings)."""
+
+    model: str = Field(description="the endpoint name")
+    input: str | list[str]
+    encoding_format: str | None = None
+    stream: bool | None = None
+
+
+class InvocationRequest(_Sampling):
+    """``POST /serving-endpoints/{name}/invocations``: one of ``messages`` (chat), ``prompt``
+    (completions), ``input`` (embeddings), or a custom model's ``dataframe_split`` /
+    ``dataframe_records`` / ``instances`` / ``inputs`` (+ ``params``)."""
+
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | list[str] | None = None
+    input: str | list[str] | None = None
+    encoding_format: str | None = None
+    dataframe_split: dict[str, Any] | None = None
+    dataframe_records: list[Any] | None = None
+    instances: list[Any] | None = None
+    inputs: Any = None
+    params: dict[str, Any] | None = None
+
+
+def body_of(request: BaseModel) -> dict[str, Any]:
+    """A validated body as the plain dict ``invoke`` reads (only the fields the client sent)."""
+    return request.model_dump(exclude_unset=True)
