@@ -41,7 +41,8 @@ class RunningServer:
         self.service = service
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(service), host="127.0.0.1", port=self.port, log_level="info")
+        self.app = create_app(service)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="info")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()

@@ -37,7 +37,7 @@ def router() -> APIRouter:
 
     @api.post("/put", summary="Put a secret (WRITE); its value is never returned")
     def put_secret(body: PutSecret, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
-        value = body.string_value or body.bytes_value
+        value = body.string_value if body.string_value is not None else body.bytes_value
         secrets(request).put(body.scope, body.key, value.get_secret_value(), who)
         return {}
 

@@ -181,8 +181,8 @@ class ServedEntity(Strict):
     workload_size: str | None = None
     workload_type: str | None = None
     scale_to_zero_enabled: bool = False
-    min_provisioned_throughput: int | None = Field(default=None, ge=0)
-    max_provisioned_throughput: int | None = Field(default=None, ge=0)
+    min_provisioned_throughput: int | None = Field(default=None, ge=0, le=10**9)
+    max_provisioned_throughput: int | None = Field(default=None, ge=0, le=10**9)
     environment_vars: dict[str, str] | None = Field(default=None, max_length=100)
     instance_profile_arn: str | None = None
 
@@ -288,8 +288,8 @@ class Tag(Strict):
 class RateLimit(Strict):
     """A limit of the legacy ``rate-limits`` API and of ``ai-gateway`` (which adds ``tokens``)."""
 
-    calls: int | None = Field(default=None, ge=0)
-    tokens: int | None = Field(default=None, ge=0)
+    calls: int | None = Field(default=None, ge=0, le=10**12)
+    tokens: int | None = Field(default=None, ge=0, le=10**12)
     key: Literal["user", "endpoint", "user_group", "service_principal"] = "user"
     renewal_period: Literal["minute"] = "minute"
     principal: str | None = None
@@ -459,7 +459,7 @@ class CreateToken(Strict):
     """``POST /api/2.0/token/create``: a token for the caller (Databricks' personal access tokens)."""
 
     comment: str | None = Field(default=None, max_length=255)
-    lifetime_seconds: int | None = Field(default=None, gt=0)  # None: the token does not expire
+    lifetime_seconds: int | None = Field(default=None, gt=0, le=10 * 365 * 86400)  # None: never expires
 
 
 class RevokeToken(Strict):
