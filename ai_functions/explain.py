@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ai_functions.errors import BudgetExceeded
-from ai_functions.functions import KIND_OF_TASK, _dedupe, is_deterministic, request_options, store_keys
-from ai_functions.result_store import ResultStore
+from ai_functions.functions import KIND_OF_TASK, _dedupe, request_options, store_keys
+from serving.data.result_store import is_deterministic
+from serving.data.result_store import ResultStore
 from ai_functions.spec import OutputSpec
 from engine.errors import SqlinferError
 

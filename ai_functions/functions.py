@@ -26,7 +26,7 @@ import pyarrow as pa
 from ai_functions.errors import CastError, InvalidArgument, InvalidModelParameters, RowFailed
 from ai_functions.ordering import prefix_order, prompts_for, render
 from ai_functions.params import parse_model_parameters
-from ai_functions.result_store import IN_FLIGHT, ResultStore, request_key
+from serving.data.result_store import IN_FLIGHT, ResultStore, answer_keys, is_deterministic
 from ai_functions.spec import OutputSpec, output_spec
 from ai_functions.stats import QueryStats
 from ai_functions.types import SqlType, coerce, parse_text
@@ -88,16 +88,8 @@ def request_options(parameters: str | None, spec: OutputSpec | None, kind: str) 
 
 def store_keys(endpoint: str, version: str, kind: str, options: SamplingOptions, spec: OutputSpec | None,
                requests: Sequence[Any]) -> list[str]:
-    """The result-store keys of ``requests`` (one definition: running and explaining must agree)."""
-    generating = kind in ("chat", "complete")
-    sampling = options.model_dump(mode="json", exclude_none=True) if generating else None
-    schema = spec.schema_text if spec is not None and generating else None
-    return [request_key(endpoint, version, sampling, schema, r) for r in requests]
-
-
-def is_deterministic(kind: str, options: SamplingOptions) -> bool:
-    """Whether the same request always gets the same answer, so a stored one may be reused."""
-    return kind in ("embed", "predict") or options.temperature == 0 or options.seed is not None
+    """The result-store keys of ``requests`` (``options`` already carry the spec's schema)."""
+    return answer_keys(endpoint, version, kind, options, requests)
 
 
 @dataclasses.dataclass
@@ -218,13 +210,10 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
         stored = store.get_many(keys)
         for i, key in enumerate(keys):
             if key in stored:
-                results[i] = decode_result(*stored[key])
+                results[i] = dataclasses.replace(decode_result(*stored[key]), from_store=True)
                 provenance[i].cache_hit = True
-        hits = [i for i, r in enumerate(results) if r is not None]
-        if hits and stats is not None:
-            stats.add(cache_hits=sum(weight[i] for i in hits))
-            for i in hits:
-                tally.add(weight[i], results[i])
+                if tally is not None:
+                    tally.add(weight[i], results[i])  # a store hit: rows, no tokens, no cost
     pending = [i for i, r in enumerate(results) if r is None]
     if keyed:  # query-wide dedupe: what another chunk of this process is sending now, we wait for
         mine, theirs = IN_FLIGHT.claim([keys[i] for i in pending])
@@ -232,8 +221,6 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
         waiting = {pending[j]: slot for j, slot in theirs.items()}
     else:
         to_send, waiting = pending, {}
-    if stats is not None:
-        stats.add(requests=len(to_send))
     reported: set[int] = set()
 
     def on_result(index: int, result: Any) -> None:
@@ -241,7 +228,8 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
         reported.add(position)
         if tally is not None:
             tally.add(weight[position], result)
-        provenance[position].attempts = 1
+        provenance[position].attempts = 0 if result.from_store else 1  # the server's store answered it
+        provenance[position].cache_hit = result.from_store
         if deterministic and not result.error:
             store.put(keys[position], endpoint, kind, encode_result(result))  # committed before anything else
         if keyed and not checked:  # checked answers are handed over once repaired
@@ -289,9 +277,9 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
             retry.append(position)
         else:
             results[position] = answer
-            provenance[position].attempts = 0  # answered by another chunk's request
-            if tally is not None:
-                tally.add(weight[position], answer)
+            provenance[position].attempts = 0  # answered by another chunk's request, which paid for it
+            if stats is not None:
+                stats.add(rows=weight[position], deduplicated=weight[position], errors=weight[position] if answer.error else 0)
     if retry:
         again = _send(client, function, endpoint, [distinct[i] for i in retry], parameters, spec, stats, None)
         for position, answered in zip(retry, again):
@@ -414,6 +402,28 @@ def ai_query_json(client: ServingClient, endpoints: Any, requests: Any, model_pa
     outcomes = ai_query_values(client, endpoints, requests, model_parameters, spec, stats, store)
     dumps = json.dumps
     return [None if value is None else dumps(value) for value in (_row_value(o, spec) for o in outcomes)]
+
+
+def ai_query_text(client: ServingClient, endpoints: Any, requests: Any, model_parameters: Any = None,
+                  spec: OutputSpec | None = None, stats: QueryStats | None = None,
+                  store: ResultStore | None = None) -> list[str | None]:
+    """``ai_query`` for one batch as the text a STRING-typed SQL function returns (Spark's plain
+    ``spark.sql``): a STRING or scalar result as its plain text (``Paris``, ``7``, ``0.25``,
+    ``true``), JSON text only where a struct or array must travel as a STRING (ARRAY/STRUCT
+    results, and ``failOnError => false``'s ``{"result", "errorMessage"}``)."""
+    spec = spec or output_spec()
+    outcomes = ai_query_values(client, endpoints, requests, model_parameters, spec, stats, store)
+    plain = spec.fail_on_error and spec.result.kind not in ("ARRAY", "STRUCT")
+    texts: list[str | None] = []
+    for outcome in outcomes:
+        value = _row_value(outcome, spec)
+        if value is None:
+            texts.append(None)
+        elif plain:
+            texts.append(("true" if value else "false") if isinstance(value, bool) else str(value))
+        else:
+            texts.append(json.dumps(value))
+    return texts
 
 
 def ai_embed_batch(client: ServingClient, endpoints: Any, texts: Any, dimension: int | None = None,

@@ -21,9 +21,9 @@ from typing import Any, Iterator
 class StatsSnapshot:
     rows: int = 0
     null_rows: int = 0
-    requests: int = 0  # distinct requests sent to an endpoint (after dedupe)
+    requests: int = 0  # distinct requests sent and paid for (after dedupe, store hits excluded)
     deduplicated: int = 0  # rows answered by an identical request of the same batch
-    cache_hits: int = 0  # rows answered from the result store (nothing sent, nothing paid)
+    cache_hits: int = 0  # rows answered from a result store, here or on the server (nothing paid)
     repaired: int = 0  # rows whose answer did not fit the type and was fixed by asking again
     errors: int = 0
     prompt_tokens: int = 0
@@ -80,10 +80,12 @@ class QueryStats:
         return Tally(self, endpoint)
 
     def _merge(self, endpoint: str, rows: int, errors: int, prompt_tokens: int, completion_tokens: int,
-               cached: int = 0) -> None:
+               cached: int = 0, requests: int = 0, hits: int = 0) -> None:
         with self._lock:
             totals = self._totals
             totals.cached_prompt_tokens += cached
+            totals.requests += requests
+            totals.cache_hits += hits
             totals.rows += rows
             totals.errors += errors
             totals.prompt_tokens += prompt_tokens
@@ -152,22 +154,29 @@ class Tally:
     progress bar still moves while a long batch runs.
     """
 
-    __slots__ = ("stats", "endpoint", "rows", "errors", "prompt", "completion", "cached", "_last", "_lock")
+    __slots__ = ("stats", "endpoint", "rows", "errors", "prompt", "completion", "cached", "requests", "hits", "_last",
+                 "_lock")
 
     def __init__(self, stats: QueryStats, endpoint: str):
         self.stats, self.endpoint = stats, endpoint
-        self.rows = self.errors = self.prompt = self.completion = self.cached = 0
+        self.rows = self.errors = self.prompt = self.completion = self.cached = self.requests = self.hits = 0
         self._last = time.perf_counter()
         self._lock = threading.Lock()  # provider threads report concurrently; never contended long
 
     def add(self, rows: int, result: Any) -> None:
+        """One distinct request's answer, shared by ``rows`` rows. An answer from a result store (this
+        process's or the server's) counts as a store hit: no request, no tokens, no cost."""
         with self._lock:
             self.rows += rows
             if result.error:
                 self.errors += rows
-            self.prompt += result.prompt_tokens
-            self.completion += getattr(result, "completion_tokens", 0)
-            self.cached += getattr(result, "cached_tokens", 0)
+            if result.from_store:
+                self.hits += rows
+            else:
+                self.requests += 1
+                self.prompt += result.prompt_tokens
+                self.completion += getattr(result, "completion_tokens", 0)
+                self.cached += getattr(result, "cached_tokens", 0)
             now = time.perf_counter()
             due = now - self._last > 0.1
             if due:
@@ -177,7 +186,7 @@ class Tally:
 
     def flush(self) -> None:
         with self._lock:
-            rows, errors, prompt, completion, cached = self.rows, self.errors, self.prompt, self.completion, self.cached
-            self.rows = self.errors = self.prompt = self.completion = self.cached = 0
-        if rows or prompt or completion:
-            self.stats._merge(self.endpoint, rows, errors, prompt, completion, cached)
+            counts = (self.rows, self.errors, self.prompt, self.completion, self.cached, self.requests, self.hits)
+            self.rows = self.errors = self.prompt = self.completion = self.cached = self.requests = self.hits = 0
+        if any(counts):
+            self.stats._merge(self.endpoint, *counts)

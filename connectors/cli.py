@@ -184,6 +184,17 @@ def _need(value: str | None, what: str) -> str:
     return value
 
 
+def _cmd_sidecar(args: argparse.Namespace) -> int:
+    from connectors import sidecar
+
+    if args.action == "stop":
+        print("stopped" if sidecar.stop() else "no sidecar was running")
+        return 0
+    found = sidecar.running()
+    print(f"running: pid {found.pid} at {found.url}" if found else "not running")
+    return 0
+
+
 def _cmd_users(args: argparse.Namespace) -> int:
     auth = _service().auth
     if args.action in ("entitle", "revoke"):
@@ -270,7 +281,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from ai_functions.result_store import default_store
+    from serving.data.result_store import default_store
 
     store = default_store()
     if store is None:
@@ -354,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="this machine's CPU/GPU, the engine build, and the engine settings "
                                                 "chosen for them (dtype, threads), with the reason for each")
     doctor.set_defaults(handler=_cmd_doctor)
+
+    side = commands.add_parser("sidecar", help="this host's sidecar sqlinfer serve (Spark's engines next to the executors)")
+    side.add_argument("action", choices=("status", "stop"), nargs="?", default="status")
+    side.set_defaults(handler=_cmd_sidecar)
 
     cache = commands.add_parser("cache", help="the durable result store ($SQLINFER_HOME/results.db)")
     cache.add_argument("action", choices=["info", "clear"], nargs="?", default="info")

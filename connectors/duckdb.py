@@ -30,7 +30,7 @@ import duckdb
 
 from ai_functions.functions import _values, ai_embed_batch, ai_query_json
 from ai_functions.explain import Budget, Estimate, Planner, estimate, totals
-from ai_functions.result_store import ResultStore, default_store
+from serving.data.result_store import ResultStore, default_store
 from ai_functions.spec import output_spec
 from ai_functions.stats import QueryStats
 from ai_functions.errors import InvalidArgument

@@ -15,8 +15,9 @@ serve`` in one request, so all executors share one engine, one set of rate limit
 log. Without a URL (``local[*]`` and external endpoints only) each worker serves in-process.
 
 Types. A SQL function has one result type, fixed when it is registered, so ``ai_query`` as
-registered with :func:`register` returns STRING: the answer, or — with ``returnType``,
-``responseFormat`` or ``failOnError => false`` — the validated value as JSON text. For typed
+registered with :func:`register` returns STRING: plain text for a STRING or scalar result
+(``Paris``, ``7``, ``true``), JSON text only for a STRUCT or ARRAY result and for
+``failOnError => false``'s ``{"result", "errorMessage"}`` (see the README's table). For typed
 results run the query through :func:`sql`, which gives each ``ai_query`` call with literal
 arguments a function of its own, typed exactly as in DuckDB (``STRUCT<result, errorMessage>``
 included); the DataFrame API is typed always. All execution is Arrow-based (``arrow_udf``): the
@@ -27,24 +28,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Iterator
 
-from ai_functions.functions import ai_embed_batch, ai_query_batch, ai_query_json
-from ai_functions.result_store import default_store
+from ai_functions.functions import ai_embed_batch, ai_query_batch, ai_query_text
+from serving.data.result_store import default_store
 from ai_functions.spec import OutputSpec, output_spec
-from engine.errors import InvalidParameterValue
+from ai_functions.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """What an executor needs to reach the serving layer (picklable; no live objects)."""
+    """What an executor needs to reach the serving layer (picklable; no live objects).
+
+    ``sidecar``: each host's workers share one ``sqlinfer serve`` on that host, started on first
+    use (``connectors.sidecar``), instead of a central ``url``.
+    """
 
     url: str | None = None
     token: str | None = None
+    sidecar: bool = False
 
 
 _CLIENTS: dict[ClientConfig, Any] = {}
@@ -56,7 +61,13 @@ def _client(config: ClientConfig) -> Any:
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(config)
         if client is None:
-            if config.url:
+            if config.sidecar:
+                from connectors import sidecar
+                from serving.data.http_client import HttpServingClient
+
+                running = sidecar.ensure()
+                client = HttpServingClient(running.url, running.token)
+            elif config.url:
                 from serving.data.http_client import HttpServingClient
 
                 client = HttpServingClient(config.url, config.token)
@@ -104,23 +115,26 @@ def _scalar(array: Any) -> Any:
 # -- Spark SQL ---------------------------------------------------------------------------------
 
 
-def register(spark: Any, url: str | None = None, token: str | None = None) -> ClientConfig:
+def register(spark: Any, url: str | None = None, token: str | None = None, sidecar: bool | None = None) -> ClientConfig:
     """Add ``ai_query`` and ``ai_embed`` to ``spark``'s SQL, with named arguments.
 
     ``url``/``token`` default to the session settings ``spark.sqlinfer.url`` and
-    ``spark.sqlinfer.token``.
+    ``spark.sqlinfer.token``; ``sidecar=True`` (or ``spark.sqlinfer.sidecar=true``) serves each
+    host's rows from a ``sqlinfer serve`` on that host instead.
     """
     from pyspark.sql.functions import arrow_udf
 
-    config = ClientConfig(url or spark.conf.get("spark.sqlinfer.url", None) or None,
-                          token or spark.conf.get("spark.sqlinfer.token", None) or None)
+    if sidecar is None:
+        sidecar = (spark.conf.get("spark.sqlinfer.sidecar", None) or "").lower() == "true"
+    config = ClientConfig(None if sidecar else url or spark.conf.get("spark.sqlinfer.url", None) or None,
+                          None if sidecar else token or spark.conf.get("spark.sqlinfer.token", None) or None, sidecar)
 
     @arrow_udf("string")
     def ai_query(endpoint, request, returnType=None, failOnError=None, modelParameters=None, responseFormat=None):  # noqa: N803
         import pyarrow as pa
 
         spec = output_spec(_scalar(returnType), _scalar(responseFormat), _scalar(failOnError))
-        answers = ai_query_json(_client(config), endpoint, _requests(request), _json_texts(modelParameters), spec, store=default_store())
+        answers = ai_query_text(_client(config), endpoint, _requests(request), _json_texts(modelParameters), spec, store=default_store())
         return pa.array(answers, pa.string())
 
     @arrow_udf("array<float>")
@@ -149,84 +163,95 @@ def sql(spark: Any, query: str) -> Any:
 
 
 _NAMES = ("endpoint", "request", "returnType", "failOnError", "modelParameters", "responseFormat")
+_NOT_LITERAL = object()
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One ``ai_query(...)`` in a query: where it is, and its arguments' text by parameter name."""
+
+    start: int  # offset of ``ai_query``
+    end: int  # offset just past its ``)``
+    arguments: dict[str, str]
+    literals: dict[str, Any]  # the constant returnType/responseFormat/failOnError values
 
 
 def _rewrite(spark: Any, query: str, config: ClientConfig) -> str:
+    """``query`` with every ``ai_query`` call whose result-type arguments are constants replaced by
+    a call of a function registered with exactly that type. The query is read with sqlglot's Spark
+    tokenizer, so strings, comments and nested calls are never mistaken for calls or commas; the
+    rest of the text is kept as the user wrote it."""
     out, position = [], 0
-    for match in re.finditer(r"\bai_query\s*\(", query, flags=re.IGNORECASE):
-        if match.start() < position:
+    for call in _calls(query):
+        if call.start < position:
             continue
-        start = match.end()
-        end, arguments = _split_arguments(query, start)
-        if end is None:
-            break
-        bound = _bind(arguments)
-        literal = {k: _literal(bound[k]) for k in ("returnType", "responseFormat", "failOnError") if k in bound}
-        if any(v is _NOT_LITERAL for v in literal.values()) or "endpoint" not in bound or "request" not in bound:
+        if any(v is _NOT_LITERAL for v in call.literals.values()) or not {"endpoint", "request"} <= set(call.arguments):
             continue
-        spec = output_spec(literal.get("returnType"), literal.get("responseFormat"), literal.get("failOnError", True))
+        spec = output_spec(call.literals.get("returnType"), call.literals.get("responseFormat"),
+                           call.literals.get("failOnError", True))
         name = _typed_function(spark, spec, config)
-        parameters = bound.get("modelParameters", "CAST(NULL AS STRING)")
-        out.append(query[position:match.start()])
-        out.append(f"{name}({bound['endpoint']}, {bound['request']}, {parameters})")
-        position = end + 1
+        request = _rewrite(spark, call.arguments["request"], config)  # an ai_query inside the request
+        parameters = call.arguments.get("modelParameters", "CAST(NULL AS STRING)")
+        out.append(query[position:call.start])
+        out.append(f"{name}({call.arguments['endpoint']}, {request}, {parameters})")
+        position = call.end
     out.append(query[position:])
     return "".join(out)
 
 
-def _split_arguments(text: str, start: int) -> tuple[int | None, list[str]]:
-    """Top-level arguments of a call whose '(' ends at ``start``; returns (index of ')', args)."""
-    depth, quote, current, arguments = 0, None, start, []
-    i = start
-    while i < len(text):
-        char = text[i]
-        if quote:
-            if char == quote:
-                if i + 1 < len(text) and text[i + 1] == quote:
-                    i += 1
-                else:
-                    quote = None
-        elif char in "'\"`":
-            quote = char
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            if depth == 0:
-                arguments.append(text[current:i].strip())
-                return i, [a for a in arguments if a]
-            depth -= 1
-        elif char == "," and depth == 0:
-            arguments.append(text[current:i].strip())
-            current = i + 1
-        i += 1
-    return None, []
+def _calls(query: str) -> Iterator[_Call]:
+    from sqlglot.dialects.spark import Spark
+    from sqlglot.tokens import TokenType
+
+    tokens = Spark().tokenize(query)
+    for index, token in enumerate(tokens):
+        if token.text.lower() != "ai_query" or index + 1 >= len(tokens) or tokens[index + 1].token_type != TokenType.L_PAREN:
+            continue
+        depth, groups, current = 0, [], []
+        for inner in tokens[index + 2:]:
+            kind = inner.token_type
+            if kind in (TokenType.L_PAREN, TokenType.L_BRACKET):
+                depth += 1
+            elif kind in (TokenType.R_PAREN, TokenType.R_BRACKET):
+                if depth == 0:
+                    groups.append(current)
+                    break
+                depth -= 1
+            elif kind == TokenType.COMMA and depth == 0:
+                groups.append(current)
+                current = []
+                continue
+            current.append(inner)
+        else:
+            continue  # unbalanced: leave it to Spark's parser to report
+        arguments, literals = {}, {}
+        for position, group in enumerate(g for g in groups if g):
+            if len(group) > 2 and group[1].token_type in (TokenType.FARROW, TokenType.COLON_EQ):
+                name = next((n for n in _NAMES if n.lower() == group[0].text.lower()), None)
+                if name is None:
+                    raise InvalidArgument(f"ai_query has no argument {group[0].text!r}; its arguments: {', '.join(_NAMES)}")
+                group = group[2:]
+            elif position < len(_NAMES):
+                name = _NAMES[position]
+            else:
+                raise InvalidArgument(f"ai_query takes at most {len(_NAMES)} arguments: {', '.join(_NAMES)}")
+            arguments[name] = query[group[0].start:group[-1].end + 1]
+            if name in ("returnType", "responseFormat", "failOnError"):
+                literals[name] = _literal(group)
+        yield _Call(token.start, inner.end + 1, arguments, literals)
 
 
-def _bind(arguments: list[str]) -> dict[str, str]:
-    bound: dict[str, str] = {}
-    for index, argument in enumerate(arguments):
-        named = re.match(r"^([A-Za-z_]\w*)\s*(=>|:=)\s*(.*)$", argument, flags=re.DOTALL)
-        if named:
-            name = next((n for n in _NAMES if n.lower() == named.group(1).lower()), None)
-            if name is None:
-                raise InvalidParameterValue(f"ai_query has no argument {named.group(1)!r}; its arguments: {', '.join(_NAMES)}")
-            bound[name] = named.group(3).strip()
-        elif index < len(_NAMES):
-            bound[_NAMES[index]] = argument
-    return bound
+def _literal(group: list[Any]) -> Any:
+    """The constant an argument's tokens spell, or _NOT_LITERAL (a column, an expression)."""
+    from sqlglot.tokens import TokenType
 
-
-_NOT_LITERAL = object()
-
-
-def _literal(expression: str) -> Any:
-    if re.fullmatch(r"(?i)true|false", expression):
-        return expression.lower() == "true"
-    if re.fullmatch(r"(?i)null", expression):
+    kinds = {token.token_type for token in group}
+    if kinds == {TokenType.STRING}:
+        return "".join(token.text for token in group)  # Spark joins adjacent string literals
+    if len(group) == 1 and group[0].token_type in (TokenType.TRUE, TokenType.FALSE):
+        return group[0].token_type == TokenType.TRUE
+    if len(group) == 1 and group[0].token_type == TokenType.NULL:
         return None
-    for quote in ("'", '"'):
-        if len(expression) >= 2 and expression[0] == quote and expression[-1] == quote:
-            return expression[1:-1].replace(quote * 2, quote).replace("\\" + quote, quote)
     return _NOT_LITERAL
 
 

@@ -62,6 +62,14 @@ class NotImplementedFeature(SqlinferError):
     http_status = 501
 
 
+class RequestCancelled(SqlinferError):
+    """The caller went away (its connection closed) before the work finished; the rest was not done.
+    Nobody usually reads this error: it ends the work."""
+
+    error_code = "CANCELLED"
+    http_status = 499
+
+
 class TemporarilyUnavailable(SqlinferError):
     """A server, provider or engine that should answer cannot right now; retrying later may work.
 

@@ -79,6 +79,7 @@ class GenerationResult:
     served_entity: str | None = None  # set by the serving layer: which entity answered
     error_status: int | None = None  # HTTP-like status of a failure (429, 5xx: worth a fallback)
     cached_tokens: int = 0  # prompt tokens the engine took from its prefix cache instead of computing
+    from_store: bool = False  # answered from a result store: nothing was sent or paid for it
 
     @property
     def text(self) -> str | None:
@@ -92,6 +93,7 @@ class EmbeddingResult:
     error: str | None = None
     served_entity: str | None = None
     error_status: int | None = None
+    from_store: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class PredictionResult:
     error_status: int | None = None
     prompt_tokens: int = 0  # custom models use no tokens; kept so usage and limits treat all rows alike
     completion_tokens: int = 0
+    from_store: bool = False
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -27,8 +28,9 @@ import threading
 import time
 from typing import Any, Callable, Coroutine, Iterator, Sequence, TypeVar
 
+from engine import cancellation
 from engine.config import EngineConfig
-from engine.errors import EngineError, InvalidParameterValue
+from engine.errors import EngineError, InvalidParameterValue, RequestCancelled
 from engine.model_store import ModelInfo, resolve_model
 from engine.types import (
     Choice,
@@ -72,7 +74,20 @@ class _EventLoopThread:
             return self._loop
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop()).result()
+        """Run ``coroutine`` on the loop and wait for it; if the caller's cancel event is set
+        meanwhile (``engine.cancellation``), cancel it: vLLM aborts the requests of a cancelled
+        ``generate``/``encode`` task, so no more engine time is spent on them."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop())
+        cancel = cancellation.current()
+        if cancel is None:
+            return future.result()
+        while True:
+            try:
+                return future.result(timeout=0.1)
+            except concurrent.futures.TimeoutError:
+                if cancel.is_set():
+                    future.cancel()
+                    raise RequestCancelled("the caller went away; the engine's remaining requests were aborted") from None
 
     def stop(self) -> None:
         with self._lock:

@@ -143,7 +143,7 @@ def test_a_config_update_ttl_and_cache_clear_invalidate(home, upstream, monkeypa
     assert len(asked(upstream)) == 3
 
     monkeypatch.setenv("SQLINFER_RESULT_TTL", "0.3")
-    from ai_functions import result_store
+    from serving.data import result_store
 
     result_store._STORES.clear()
     time.sleep(0.5)

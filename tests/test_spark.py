@@ -6,6 +6,7 @@ check that both connectors give the same typed answers and the same errors.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -104,11 +105,46 @@ def test_failures_fail_the_query_the_same_way_in_both(spark, duck):
         sqlinfer_spark.sql(spark, "SELECT ai_query('system-echo', 'x', returnType => 'STRUCT<a: DECIMAL>')")
 
 
-def test_plain_spark_sql_takes_named_arguments_and_returns_json_for_typed_forms(spark):
-    rows = spark.sql("SELECT ai_query('system-echo', q, failOnError => false) AS r FROM VALUES ('hi'), (NULL) AS t(q)").collect()
-    assert rows[0]["r"] == '{"result": "hi", "errorMessage": null}' and rows[1]["r"] is None
+def as_plain_text(value):
+    """What the STRING-typed ai_query of plain spark.sql returns for DuckDB's typed value (README
+    table): scalars as their text, structs and arrays as JSON text."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value  # a dict or list: compared with the JSON text parsed back
+
+
+def test_plain_spark_sql_gives_duckdbs_answers(spark, duck):
+    for query in QUERIES:
+        duck_query = query.replace("named_struct('max_tokens', 2)", "{'max_tokens': 2}")
+        expected = [normalize(row) for row in duck.execute(duck_query).fetchall()]
+        got = [list(row) for row in spark.sql(query).collect()]
+        assert len(got) == len(expected), query
+        for (q, answer), (duck_q, duck_answer) in zip(got, expected):
+            assert q == duck_q, query
+            if isinstance(duck_answer, (dict, list)):
+                assert json.loads(answer) == duck_answer, query  # a struct travels as JSON text
+            else:
+                assert answer == as_plain_text(duck_answer), query  # plain text stays plain
+    [row] = spark.sql("SELECT ai_query('system-echo', 'hello') AS a").collect()
+    assert row["a"] == "hello"  # not '"hello"'
     [row] = spark.sql("SELECT ai_query(endpoint => 'system-echo', request => '7', returnType => 'INT') AS r").collect()
     assert row["r"] == "7"
+
+
+def test_the_typed_rewrite_reads_sql_as_spark_does(spark):
+    from connectors import spark as sqlinfer_spark
+
+    query = ("SELECT /* ai_query('x', 'y') */ ai_query('system-echo', concat('a, b', ai_query('system-echo', 'in(ner)')), "
+             "returnType => 'STRING') AS r, 'ai_query(not, a, call)' AS s, "
+             "ai_query('system-echo', '[1, 2]', returnType => 'ARRAY<INT>') AS n -- ai_query(\n")
+    [row] = sqlinfer_spark.sql(spark, query).collect()
+    assert row["r"] == "a, bin(ner)" and row["s"] == "ai_query(not, a, call)" and row["n"] == [1, 2]
+    with pytest.raises(Exception, match="ai_query has no argument 'colour'"):
+        sqlinfer_spark.sql(spark, "SELECT ai_query('system-echo', 'x', colour => 'red')")
 
 
 def test_a_partition_goes_to_the_server_in_one_request_and_order_is_kept(spark, sqlinfer_server):

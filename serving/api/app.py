@@ -27,6 +27,7 @@ from serving.control.service import EndpointService
 from serving.control.wire import describe_errors
 from serving.data.client import InProcessClient
 from serving.data.directory import directory_for
+from serving.data.result_store import default_store
 from serving.data.usage import UsageRecorder
 from serving.errors import InvalidParameterValue, MethodNotAllowed, NoSuchRoute, SqlinferError
 
@@ -87,6 +88,7 @@ def create_app(service: EndpointService | None = None, owns_process: bool = Fals
     app.state.owns_process = owns_process  # stop the process's engines when the server stops
     app.state.query_client = InProcessClient(directory_for(service))
     app.state.usage = UsageRecorder(service.db)
+    app.state.result_store = default_store()  # answers of SQL batches (serving.data.batches)
     app.state.request_counts = {}
 
     for family in (endpoints, permissions, secrets, tokens, queries, batch):

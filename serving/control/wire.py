@@ -474,3 +474,4 @@ class BatchRequest(Strict):
     requests: list[Any]
     options: dict[str, Any] | None = None
     params: dict[str, Any] | None = None
+    stream: bool = False  # NDJSON, one line per answer as it completes (serving.data.batch_wire)

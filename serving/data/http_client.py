@@ -8,6 +8,7 @@ this client from a URL and a token. The token must have CAN_QUERY on the endpoin
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any, Sequence
@@ -86,15 +87,44 @@ class HttpServingClient:
 
     def _batch(self, endpoint: str, kind: str, requests: Sequence[Any], options: SamplingOptions | None,
                on_result: ResultCallback | None, params: dict[str, Any] | None = None) -> list[Any]:
-        body: dict[str, Any] = {"endpoint": endpoint, "kind": kind, "requests": requests}
+        """One whole batch, streamed back: each answer is handed to ``on_result`` (which commits it
+        to the result store) the moment its line arrives, not when the whole batch is done."""
+        import httpx
+
+        body: dict[str, Any] = {"endpoint": endpoint, "kind": kind, "requests": requests, "stream": True}
         if options is not None:
             body["options"] = options.model_dump(exclude_none=True, mode="json")
         if params:
             body["params"] = params
-        results = [decode_result(kind, r) for r in self._post("/api/2.0/sqlinfer/batch", body)["results"]]
-        if on_result is not None:
-            for index, result in enumerate(results):
-                on_result(index, result)
+        results: list[Any] = [None] * len(requests)
+        try:
+            with self._http.stream("POST", "/api/2.0/sqlinfer/batch", json=body) as response:
+                if response.status_code != 200:
+                    response.read()
+                    self._answer(response)
+                for line in response.iter_lines():
+                    if not line:
+                        continue
+                    message = json.loads(line)
+                    if "index" in message:
+                        index, result = message["index"], decode_result(kind, message["result"])
+                        results[index] = result
+                        if on_result is not None:
+                            on_result(index, result)
+                    elif "error" in message:
+                        error = message["error"]
+                        raise row_error(f"sqlinfer serve at {self.url} failed the batch: {error.get('error_code')}: "
+                                        f"{error.get('message')}", error.get("http_status"))
+                    elif message.get("done"):
+                        break
+        except httpx.TransportError as exc:
+            raise TemporarilyUnavailable(
+                f"lost sqlinfer serve at {self.url} during a batch ({type(exc).__name__}: {exc or 'no answer'}); "
+                f"the answers that arrived are kept, run the query again for the rest") from None
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            raise TemporarilyUnavailable(f"sqlinfer serve at {self.url} ended the batch without {len(missing)} "
+                                         f"answer(s); run the query again for the rest")
         return results
 
     # -- HTTP ----------------------------------------------------------------------------------

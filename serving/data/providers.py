@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from engine import cancellation
 from engine.types import Choice, EmbeddingResult, GenerationResult, SamplingOptions, StreamDelta, Task, TokenLogprob
 from serving.data.backends import Backend, ResultCallback
 
@@ -119,7 +120,11 @@ class ProviderBackend(Backend):
 
     def _map(self, items: Sequence[Any], one: Callable[[Any], Any], failed: Callable[[str, int], Any],
              on_result: ResultCallback | None) -> list[Any]:
+        cancel = cancellation.current()  # read here: pool threads do not inherit the caller's context
+
         def run(index: int, item: Any) -> Any:
+            if cancel is not None and cancel.is_set():  # the caller went away: start nothing more
+                return failed("cancelled: the caller went away before this request was sent", 499)
             try:
                 result = one(item)
             except ProviderError as exc:  # a dropped connection or timeout counts as 503

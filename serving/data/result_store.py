@@ -1,4 +1,4 @@
-"""The durable result store: finished rows are never lost or paid for twice.
+"""The durable result store: finished answers are never lost or paid for twice.
 
 Every answer is written to ``$SQLINFER_HOME/results.db`` (SQLite, WAL) *as soon as it arrives*,
 one committed row per answer, keyed by a hash of (endpoint, the endpoint's config version, model
@@ -44,6 +44,24 @@ def request_key(endpoint: str, version: str, options: Any, schema: str | None, r
     """The hash that identifies one request's answer."""
     text = json.dumps([endpoint, version, options, schema, request], sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def answer_keys(endpoint: str, version: str, kind: str, options: Any, requests: Any) -> list[str]:
+    """The store keys of ``requests`` of one kind sent with ``options`` (a SamplingOptions).
+
+    One definition for every side: the SQL functions (running and explaining) and the server
+    that answers their batches compute the same keys, so either's stored answer serves the other.
+    """
+    generating = kind in ("chat", "complete") and options is not None
+    sampling = options.model_dump(mode="json", exclude_none=True) if generating else None
+    schema = json.dumps(options.json_schema, sort_keys=True) if generating and options.json_schema is not None else None
+    return [request_key(endpoint, version, sampling, schema, r) for r in requests]
+
+
+def is_deterministic(kind: str, options: Any) -> bool:
+    """Whether the same request always gets the same answer, so a stored one may be reused:
+    every embedding and custom-model request, and generation at temperature 0 or with a seed."""
+    return kind in ("embed", "predict") or options.temperature == 0 or options.seed is not None
 
 
 class ResultStore:
