@@ -20,6 +20,7 @@ BENCHMARKS = [
     ("local engine, embeddings", ["bench_local_engine.py", "--which", "embed", "--rows", "512"]),
     ("gateway overhead and external dispatch", ["bench_gateway.py"]),
     ("SQL function overhead (DuckDB, Spark)", ["bench_sql_functions.py"]),
+    ("Spark vs DuckDB on the same engine", ["bench_spark_vs_duckdb.py"]),
     ("prefix-aware ordering", ["bench_prefix_order.py"]),
 ]
 
