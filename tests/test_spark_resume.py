@@ -25,7 +25,7 @@ from tests.fake_providers import ScriptedOpenAIServer
 from tests.registry_helpers import SQLINFER
 from tests.rest_server import free_port, start_group, stop_group, wait_healthy
 
-pytestmark = pytest.mark.spark
+pytestmark = [pytest.mark.spark, pytest.mark.slow]  # `make test-slow` (CI runs it after `make test`)
 
 ROWS = 2000
 IN_FLIGHT_BOUND = ROWS // 100  # 1 %: at most the requests in flight at the kill may be paid again
