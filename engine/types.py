@@ -39,6 +39,19 @@ class SamplingOptions(BaseModel):
     n: int = Field(default=1, ge=1, le=16)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     json_schema: dict[str, Any] | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as text, as OpenAI sends it) -> bias in [-100, 100]
+    # OpenAI function tools ({"type": "function", "function": {name, description, parameters}}),
+    # tool_choice ("auto" | "none" | "required" | {"type": "function", "function": {"name": ...}}).
+    tools: tuple[dict[str, Any], ...] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tools_as_tuple(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -62,10 +75,24 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the model asked for: OpenAI's ``{id, type: function, function: {name, arguments}}``."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI carries it
+
+    def openai(self, index: int | None = None) -> dict[str, Any]:
+        call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return call if index is None else {"index": index, **call}
+
+
+@dataclass(frozen=True)
 class Choice:
     text: str
     finish_reason: str | None
     logprobs: tuple[TokenLogprob, ...] | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,3 +148,4 @@ class StreamDelta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     served_entity: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()  # whole calls (sqlinfer streams a tool call as one piece)

@@ -130,6 +130,7 @@ class LocalEngine:
         self._pinned = False
         self._starting = False
         self.scaled_to_zero_count = 0
+        self.start_line = ""  # what the engine logged when it last started (build, dtype, threads, why)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -192,7 +193,8 @@ class LocalEngine:
             args = self.config.engine_args(str(self.model.path), self.model.runner)
             from engine.report import EngineReport
 
-            log.info("%s", EngineReport.for_this_machine(self.config).line(self.model.name))
+            self.start_line = EngineReport.for_this_machine(self.config).line(self.model.name)
+            log.info("%s", self.start_line)
             self._starting = True
             try:
                 with _child_process_env(self.config.process_env()):
@@ -500,10 +502,15 @@ def _to_sampling_params(options: SamplingOptions, stream: bool = False) -> Any:
 
     kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
     kwargs: dict[str, Any] = {"n": options.n, "output_kind": kind}
-    for name in ("max_tokens", "temperature", "top_p", "seed", "logprobs"):
+    for name in ("max_tokens", "temperature", "top_p", "seed", "logprobs", "frequency_penalty", "presence_penalty"):
         value = getattr(options, name)
         if value is not None:
             kwargs[name] = value
+    if options.logit_bias:
+        try:
+            kwargs["logit_bias"] = {int(token): float(bias) for token, bias in options.logit_bias.items()}
+        except ValueError:
+            raise InvalidParameterValue(f"logit_bias keys must be token ids, got {sorted(options.logit_bias)[:3]}") from None
     if "max_tokens" not in kwargs:
         kwargs["max_tokens"] = None  # OpenAI semantics: up to the model's context, not vLLM's 16
     if options.stop:

@@ -24,6 +24,16 @@ ROUTES = {
     ("GET", "/api/2.0/serving-endpoints/get-model-optimization-info/{model}/{version}"):
         ("/smollm2-135m-instruct/1", None, 200),
     ("GET", "/api/2.0/serving-endpoints/{name}"): (f"/{OWNED}", None, 403),
+    ("GET", "/api/2.0/serving-endpoints/{name}/served-models/{served_model}/logs"):
+        (f"/{OWNED}/served-models/smollm2-135m-instruct/logs", None, 403),
+    ("GET", "/api/2.0/serving-endpoints/{name}/served-models/{served_model}/build-logs"):
+        (f"/{OWNED}/served-models/smollm2-135m-instruct/build-logs", None, 403),
+    ("GET", "/api/2.0/serving-endpoints/{name}/metrics"): (f"/{OWNED}/metrics", None, 403),
+    ("GET", "/api/2.0/serving-endpoints/{name}/openapi"): (f"/{OWNED}/openapi", None, 403),
+    ("GET", "/api/2.0/permissions/serving-endpoints/{endpoint_id}/permissionLevels"): ("/{id}/permissionLevels", None, 403),
+    ("POST", "/serving-endpoints/responses"): ("", {"model": OWNED, "input": "hi"}, 403),
+    ("GET", "/serving-endpoints/models"): ("", None, 200),
+    ("GET", "/serving-endpoints/models/{model_id}"): (f"/{OWNED}", None, 404),
     ("DELETE", "/api/2.0/serving-endpoints/{name}"): (f"/{OWNED}", None, 403),
     ("PUT", "/api/2.0/serving-endpoints/{name}/config"): (f"/{OWNED}/config", local_entity(), 403),
     ("PATCH", "/api/2.0/serving-endpoints/{name}/tags"): (f"/{OWNED}/tags", {"add_tags": [{"key": "k"}]}, 403),
@@ -77,6 +87,7 @@ def test_every_route_is_authenticated_and_permission_checked(server, admin, owne
 
     app_routes = {(method, route.path) for route in server.app.routes if isinstance(route, APIRoute)
                   for method in route.methods if route.path not in public_paths() and route.include_in_schema}
+    app_routes = {(method, path.replace("{model_id:path}", "{model_id}")) for method, path in app_routes}
     assert app_routes == set(ROUTES), "every route needs an entry here (add new routes to ROUTES)"
     auth = server.service.auth
     revoked_id, revoked = auth.create_token("gone")
@@ -160,7 +171,9 @@ def test_a_500_on_an_openai_route_comes_in_openais_shape(server, admin, monkeypa
     assert response.json() == {"error": {"message": "internal error in sqlinfer; the server log has the details",
                                          "type": "internal_error", "code": "INTERNAL_ERROR"}}
     missing = admin.get("/serving-endpoints/models/none")
-    assert missing.status_code == 404 and missing.json()["error"]["code"] == "ENDPOINT_NOT_FOUND"
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "RESOURCE_DOES_NOT_EXIST"
+    no_route = admin.post("/serving-endpoints/chat/nothing", json={})
+    assert no_route.status_code == 404 and no_route.json()["error"]["code"] == "ENDPOINT_NOT_FOUND"
 
 
 def test_bodies_depth_and_fields_are_bounded(server, admin, monkeypatch):

@@ -140,20 +140,28 @@ def test_everything_survives_a_restart(tmp_path, gate):
     assert again.db.schema_version == len(MIGRATIONS)
 
 
-def test_an_older_registry_is_migrated_in_place_and_keeps_its_data(tmp_path, monkeypatch):
-    import serving.control.db
+def test_an_older_registry_is_migrated_in_place_and_keeps_its_data(tmp_path):
+    import json
+    import sqlite3
 
     home = tmp_path / "home"
-    monkeypatch.setattr(serving.control.db, "MIGRATIONS", MIGRATIONS[:1])  # the registry as version 1 wrote it
-    old = EndpointService(home)
-    old.create({"name": "from-v1", "config": local_entity()})
-    old.wait_for_deployments()
-    assert old.db.schema_version == 1
-    monkeypatch.setattr(serving.control.db, "MIGRATIONS", MIGRATIONS)
+    home.mkdir()
+    with sqlite3.connect(home / "registry.db") as con:  # the registry as version 1 wrote it
+        con.executescript(MIGRATIONS[0])
+        config = {"served_entities": [{"name": "smollm2-135m-instruct", "entity_name": "smollm2-135m-instruct",
+                                       "state": {"deployment": "DEPLOYMENT_READY", "deployment_state_message": ""}}],
+                  "traffic_config": {"routes": [{"served_model_name": "smollm2-135m-instruct", "traffic_percentage": 100}]},
+                  "_task": "llm/v1/chat"}
+        con.execute("INSERT INTO endpoints (id, name, creator, creation_timestamp, last_updated_timestamp, state_ready, "
+                    "state_config_update, config_json, config_version) VALUES ('id1', 'from-v1', 'old', 1, 1, 'READY', "
+                    "'NOT_UPDATING', ?, 1)", (json.dumps(config),))
+        con.execute("PRAGMA user_version = 1")
     upgraded = EndpointService(home)
     assert upgraded.db.schema_version == len(MIGRATIONS)
-    assert upgraded.get("from-v1")["state"]["ready"] == "READY"
-    upgraded.db.read().execute("SELECT count(*) FROM rate_usage").fetchone()  # the new table exists
+    endpoint = upgraded.get("from-v1")
+    assert endpoint["state"]["ready"] == "READY" and endpoint["task"] == "llm/v1/chat"
+    upgraded.db.read().execute("SELECT count(*) FROM rate_usage").fetchone()  # a later table exists
+    upgraded.db.read().execute("SELECT count(*) FROM entity_logs").fetchone()
 
 
 def test_an_interrupted_deployment_resumes_when_the_registry_opens_again(tmp_path):
@@ -194,4 +202,5 @@ def test_health_metrics_and_openapi(server, admin):
         assert "sqlinfer_http_requests_total" in anonymous.get("/metrics").text
         paths = anonymous.get("/openapi.json").json()["paths"]
         assert "/api/2.0/serving-endpoints/{name}/config" in paths
-        assert anonymous.get("/.well-known/databricks-config").status_code == 404
+        probe = anonymous.get("/.well-known/databricks-config")  # databricks-sdk asks before sending a token
+        assert probe.status_code == 200 and probe.json() == {}

@@ -158,9 +158,9 @@ BAD_REQUESTS = [
     ("missing secret key", "POST", "", {"name": "x", "config": {"served_entities": [{"external_model": external(
         openai_config={"openai_api_key": "{{secrets/my_scope/missing}}"})}]}},
      404, "RESOURCE_DOES_NOT_EXIST", "scope 'my_scope' has no key 'missing'"),
-    ("missing secret in environment_vars", "POST", "", {"name": "x", "config": local_entity(
+    ("environment_vars, which shared engines cannot apply", "POST", "", {"name": "x", "config": local_entity(
         environment_vars={"HF_TOKEN": "{{secrets/my_scope/hf}}"})},
-     404, "RESOURCE_DOES_NOT_EXIST", "environment_vars.HF_TOKEN refers to {{secrets/my_scope/hf}}, but scope 'my_scope' has no key 'hf'"),
+     501, "NOT_IMPLEMENTED", "config.served_entities[0].environment_vars: sqlinfer's engines are shared per model"),
     ("unknown local model", "POST", "", {"name": "x", "config": local_entity("gpt-9")}, 404,
      "RESOURCE_DOES_NOT_EXIST", "entity_name 'gpt-9' is not a bundled model"),
     ("duplicate endpoint name", "POST", "", {"name": "existing", "config": local_entity()}, 409,

@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from serving.api.guard import JsonRoute, principal
+from serving.api.queries import endpoint_metrics_text, may_query, query_openapi
 from serving.control.auth import Principal
 from serving.control.wire import AiGatewayConfig, CreateEndpoint, EndpointConfig, PatchTags, PutRateLimits
 
@@ -37,6 +39,24 @@ def router() -> APIRouter:
     @api.get("/get-model-optimization-info/{model}/{version}", summary="Provisioned throughput chunk size of a model")
     def optimization_info(model: str, version: str, request: Request) -> dict[str, Any]:
         return service(request).optimization_info(model, version)
+
+    @api.get("/{name}/served-models/{served_model}/logs", summary="A served entity's server log (CAN_VIEW)")
+    def logs(name: str, served_model: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        return {"logs": service(request).entity_logs(name, served_model, "server", who)}
+
+    @api.get("/{name}/served-models/{served_model}/build-logs", summary="A served entity's deployment log (CAN_VIEW)")
+    def build_logs(name: str, served_model: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        return {"logs": service(request).entity_logs(name, served_model, "build", who)}
+
+    @api.get("/{name}/metrics", summary="The endpoint's metrics as Prometheus text (CAN_VIEW)", response_class=PlainTextResponse)
+    def export_metrics(name: str, request: Request, who: Principal = Depends(principal)) -> PlainTextResponse:
+        return endpoint_metrics_text(request, name, who)
+
+    @api.get("/{name}/openapi", summary="An OpenAPI document for querying the endpoint (CAN_QUERY)")
+    def openapi(name: str, request: Request, who: Principal = Depends(principal)) -> JSONResponse:
+        may_query(request, who, name)
+        task = request.app.state.query_client.task(name)
+        return JSONResponse(query_openapi(name, task))
 
     @api.get("/{name}", summary="Get one endpoint")
     def get_endpoint(name: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:

@@ -35,7 +35,9 @@ def router(started: float) -> APIRouter:
 
     @api.get("/.well-known/databricks-config", include_in_schema=False)
     def databricks_config() -> JSONResponse:
-        return JSONResponse({"error_code": "ENDPOINT_NOT_FOUND", "message": "not a Databricks workspace"}, status_code=404)
+        """The host metadata databricks-sdk (0.99+) probes before sending a token: nothing to add
+        (no workspace id, no OIDC endpoint), so it goes on with the personal access token."""
+        return JSONResponse({})
 
     @api.get("/", include_in_schema=False)
     def root() -> JSONResponse:

@@ -15,6 +15,10 @@ def router() -> APIRouter:
     api = APIRouter(prefix="/api/2.0/permissions/serving-endpoints", tags=["permissions"],
                     dependencies=[Depends(principal)], route_class=JsonRoute)
 
+    @api.get("/{endpoint_id}/permissionLevels", summary="The permission levels an endpoint has")
+    def permission_levels(endpoint_id: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        return request.app.state.service.permission_levels(endpoint_id, who)
+
     @api.get("/{endpoint_id}", summary="The endpoint's access control list")
     def get_permissions(endpoint_id: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
         return request.app.state.service.permissions(endpoint_id, who)

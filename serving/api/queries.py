@@ -23,9 +23,19 @@ from serving.control.auth import Principal
 from serving.control.store import SYSTEM_PREFIX
 from serving.data.invocations import invoke
 from serving.data.limits import current_user, limit_mode
-from serving.data.query_wire import ChatRequest, CompletionRequest, EmbeddingRequest, InvocationRequest, body_of
+from serving.data.query_wire import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    InvocationRequest,
+    ResponsesRequest,
+    body_of,
+)
+from serving.data.responses import respond, respond_stream
 from serving.data.usage import request_context
-from serving.errors import SqlinferError
+from serving.errors import ResourceDoesNotExist, SqlinferError
+
+RESPONSES = "responses"  # the Responses API: answered by the chat path (serving.data.responses)
 
 log = logging.getLogger("sqlinfer.rest")
 
@@ -43,7 +53,10 @@ def router() -> APIRouter:
         current_user.set(who.user_name)
         limit_mode.set("refuse")  # REST callers get 429 + Retry-After; SQL jobs wait instead
         request_context.set({"client_request_id": payload.get("client_request_id"), "usage_context": payload.get("usage_context")})
-        return invoke(request.app.state.query_client, name, payload, task)
+        client = request.app.state.query_client
+        if task == RESPONSES:
+            return (respond_stream(client, name, payload), None) if payload.get("stream") else respond(client, name, payload)
+        return invoke(client, name, payload, task)
 
     async def answer(request: Request, who: Principal, name: str, payload: dict[str, Any], task: str | None) -> Response:
         await run_in_threadpool(may_query, request, who, name)
@@ -121,6 +134,24 @@ def router() -> APIRouter:
     async def embeddings(body: EmbeddingRequest, request: Request, who: Principal = Depends(principal)) -> Response:
         return await answer(request, who, body.model, body_of(body), "llm/v1/embeddings")
 
+    @api.post("/serving-endpoints/responses", summary="OpenAI Responses API on a chat endpoint (model = endpoint name)")
+    async def responses(body: ResponsesRequest, request: Request, who: Principal = Depends(principal)) -> Response:
+        return await answer(request, who, body.model, body_of(body), RESPONSES)
+
+    @api.get("/serving-endpoints/models", summary="The endpoints the caller may query, as OpenAI models")
+    def list_models(request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        return {"object": "list", "data": [_model(view) for view in queryable(request, who)]}
+
+    @api.get("/serving-endpoints/models/{model_id:path}", summary="One endpoint the caller may query, as an OpenAI model")
+    def get_model(model_id: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        from urllib.parse import unquote
+
+        name = unquote(model_id)
+        for view in queryable(request, who):
+            if view["name"] == name:
+                return _model(view)
+        raise ResourceDoesNotExist(f"model {name!r} is not an endpoint you may query; GET /serving-endpoints/models lists them")
+
     @api.post("/serving-endpoints/{name}/invocations", summary="Query an endpoint (Databricks)")
     async def invocations(name: str, body: InvocationRequest, request: Request, who: Principal = Depends(principal)) -> Response:
         return await answer(request, who, name, body_of(body), None)
@@ -128,11 +159,45 @@ def router() -> APIRouter:
     @api.get("/serving-endpoints/{name}/metrics", summary="The endpoint's usage as Prometheus text (CAN_VIEW)",
              response_class=PlainTextResponse)
     def endpoint_metrics(name: str, request: Request, who: Principal = Depends(principal)) -> PlainTextResponse:
-        service = request.app.state.service
-        if name.startswith(SYSTEM_PREFIX):
-            service.get(name, who)  # an unknown system name is a 404
-        else:
-            service.auth.require(who, service.endpoint_id(name), name, "CAN_VIEW")
-        return PlainTextResponse(request.app.state.usage.prometheus(name), media_type="text/plain; version=0.0.4")
+        return endpoint_metrics_text(request, name, who)
 
     return api
+
+
+def queryable(request: Request, who: Principal) -> list[dict[str, Any]]:
+    """The endpoints ``who`` may query (system endpoints, and CAN_QUERY or more), ready or not."""
+    return [view for view in request.app.state.service.list(who)
+            if view.get("permission_level") in ("CAN_QUERY", "CAN_MANAGE") and view["state"]["ready"] == "READY"]
+
+
+def _model(view: dict[str, Any]) -> dict[str, Any]:
+    return {"id": view["name"], "object": "model", "created": int(view.get("creation_timestamp", 0) / 1000),
+            "owned_by": view.get("creator") or "sqlinfer"}
+
+
+def endpoint_metrics_text(request: Request, name: str, who: Principal) -> PlainTextResponse:
+    """Requests, errors, latency, tokens and requests in flight of one endpoint (CAN_VIEW)."""
+    service = request.app.state.service
+    if name.startswith(SYSTEM_PREFIX):
+        service.get(name, who)  # an unknown system name is a 404
+    else:
+        service.auth.require(who, service.endpoint_id(name), name, "CAN_VIEW")
+    return PlainTextResponse(request.app.state.usage.prometheus(name), media_type="text/plain; version=0.0.4")
+
+
+def query_openapi(name: str, task: str) -> dict[str, Any]:
+    """An OpenAPI 3 document for ``POST /serving-endpoints/{name}/invocations`` with the body of
+    the endpoint's task (what Databricks' ``GET .../openapi`` gives a client generator)."""
+    from serving.data.query_wire import ChatRequest, CompletionRequest, EmbeddingRequest, InvocationRequest
+
+    model = {"llm/v1/chat": ChatRequest, "llm/v1/completions": CompletionRequest,
+             "llm/v1/embeddings": EmbeddingRequest}.get(task, InvocationRequest)
+    schema = model.model_json_schema()
+    schema.get("properties", {}).pop("model", None)
+    if "required" in schema:
+        schema["required"] = [field for field in schema["required"] if field != "model"]
+    return {"openapi": "3.1.0", "info": {"title": f"{name} serving endpoint", "version": "1"},
+            "paths": {f"/serving-endpoints/{name}/invocations": {"post": {
+                "summary": f"Query {name} ({task})",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+                "responses": {"200": {"description": "the answer (an OpenAI object, or {\"predictions\": ...})"}}}}}}

@@ -148,6 +148,18 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE tokens ADD COLUMN expiry_time INTEGER;
     """,
+    # 7: budget policy ids, and each served entity's build and server logs (the logs routes)
+    """
+    ALTER TABLE endpoints ADD COLUMN budget_policy_id TEXT;
+    CREATE TABLE entity_logs (
+        endpoint_id TEXT NOT NULL,     -- an endpoint's id, or a system endpoint's name
+        entity_name TEXT NOT NULL,
+        kind TEXT NOT NULL,            -- build (deployment) or server (engine, serving)
+        timestamp_ms INTEGER NOT NULL,
+        line TEXT NOT NULL
+    );
+    CREATE INDEX entity_logs_by_entity ON entity_logs (endpoint_id, entity_name, kind, timestamp_ms);
+    """,
 ]
 
 

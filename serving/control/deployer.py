@@ -63,8 +63,12 @@ class Deployer:
             return  # deleted or superseded meanwhile
         failed = False
         for entity in config["served_entities"]:
+            def log(line: str, entity=entity) -> None:
+                self.store.log(endpoint_id, entity["name"], "build", line)
+
+            log(f"deploying config version {version}: served entity {entity['name']!r}")
             try:
-                task = self._check_deployable(entity, config.get("_author"))
+                task = self._check_deployable(entity, config.get("_author"), log)
                 if task and config.get("_task") and task != config["_task"]:
                     raise InvalidParameterValue(
                         f"served entity {entity['name']!r} serves {task} but the endpoint serves {config['_task']}; "
@@ -72,20 +76,25 @@ class Deployer:
                 if task and not config.get("_task"):
                     config["_task"] = task
                 entity["state"] = {"deployment": "DEPLOYMENT_READY", "deployment_state_message": ""}
+                log(f"DEPLOYMENT_READY ({task or config.get('_task') or 'task known at first use'})")
             except Exception as exc:  # every failure becomes the entity's state, never a crash
                 failed = True
                 message = exc.message if hasattr(exc, "message") else f"{type(exc).__name__}: {exc}"
                 entity["state"] = {"deployment": "DEPLOYMENT_FAILED", "deployment_state_message": message}
+                log(f"DEPLOYMENT_FAILED: {message}")
         self.store.finish_deployment(endpoint_id, version, config, failed)
 
-    def _check_deployable(self, entity: dict[str, Any], author: str | None) -> str | None:
+    def _check_deployable(self, entity: dict[str, Any], author: str | None, log) -> str | None:
         """Raise if the entity cannot serve; return its task when only deployment can tell it."""
         # Secrets may have been deleted, or their author's READ revoked, since the request. (Configs
         # stored before authors were recorded name their entity's creator.)
         author_principal = self.auth.principal_named(author or entity.get("creator") or "")
         for field, reference in references(entity):
             self.secrets.check_reference(reference, f"served entity {entity['name']!r} {field}", author_principal)
+            log(f"{field}: secret reference {reference} readable by {author_principal.user_name!r}")
         if "external_model" in entity:
+            external = entity["external_model"]
+            log(f"external model {external['name']!r} at provider {external['provider']!r}, task {external['task']}")
             return None
         name = entity["entity_name"]
         path = self.validator.local_model_path(name)
@@ -93,9 +102,14 @@ class Deployer:
             config = json.loads((path / "config.json").read_text())  # a broken directory fails here
             if not isinstance(config, dict) or "model_type" not in config and "architectures" not in config:
                 raise InvalidParameterValue(f"{str(path / 'config.json')!r} is not a model config")
-            return detect_task(path)
+            task = detect_task(path)
+            log(f"model {name!r}: {config.get('model_type', 'unknown type')} files at {path}, serves {task}; its engine "
+                f"starts on the first request")
+            return task
         from serving.control.mlflow_models import prepare_model_version
 
+        log(f"MLflow model {name!r} version {entity.get('entity_version')}: copying its artifacts")
         prepared = prepare_model_version(name, entity.get("entity_version"), self.home)
         entity["_local_path"] = prepared["path"]  # the copied model: an engine directory or a pyfunc model
+        log(f"copied to {prepared['path']}; serves {prepared['task']}")
         return prepared["task"]

@@ -29,7 +29,14 @@ from serving.control.db import Database
 from serving.control.deployer import Deployer
 from serving.control.secrets import SEALED, SecretStore  # noqa: F401  (SEALED: the data plane unseals values)
 from serving.control.store import SYSTEM_PREFIX, EndpointStore, ServingConfig, missing
-from serving.control.validation import LOCAL_THROUGHPUT_CHUNK, SYSTEM_CATALOG, ConfigValidator
+from serving.control.validation import (
+    LOCAL_THROUGHPUT_CHUNK,
+    SYSTEM_CATALOG,
+    ConfigValidator,
+    check_supported_config,
+    check_supported_create,
+    check_supported_gateway,
+)
 from serving.control.views import EndpointViews, system_view
 from serving.control.wire import (
     AccessControlList,
@@ -104,6 +111,7 @@ class EndpointService:
     def create(self, body: Any, principal: Principal = EMBEDDED) -> dict[str, Any]:
         self.auth.require_entitlement(principal, CREATE_ENDPOINTS, "create serving endpoints")
         request = _parsed(CreateEndpoint, body)
+        check_supported_create(request)
         if request.name.startswith(SYSTEM_PREFIX):
             raise InvalidParameterValue(
                 f"endpoint name {request.name!r} is reserved: names starting with {SYSTEM_PREFIX!r} belong to the bundled models")
@@ -117,7 +125,7 @@ class EndpointService:
                 request.description,
                 [r.model_dump(exclude_none=True) for r in request.rate_limits] if request.rate_limits else None,
                 request.ai_gateway.model_dump(exclude_none=True) if request.ai_gateway else None,
-                [(tag.key, tag.value) for tag in request.tags or []])
+                [(tag.key, tag.value) for tag in request.tags or []], request.budget_policy_id)
             self.auth.set_acl(con, endpoint_id, [(principal.user_name, "CAN_MANAGE")], replace=True)
         self.deployer.deploy(endpoint_id, 1)
         return self.get(request.name, principal)
@@ -125,6 +133,7 @@ class EndpointService:
     def update_config(self, name: str, body: Any, principal: Principal = EMBEDDED) -> dict[str, Any]:
         self._refuse_system(name, "update")
         config = _parsed(EndpointConfig, body)
+        check_supported_config(config, name)
         row = self.store.row(name)
         self.auth.require(principal, row["id"], name, "CAN_MANAGE")
         # Every secret reference is checked again with the updater's rights: a manager who may not
@@ -179,6 +188,7 @@ class EndpointService:
     def put_ai_gateway(self, name: str, body: Any, principal: Principal = EMBEDDED) -> dict[str, Any]:
         self._refuse_system(name, "configure")
         gateway = _parsed(AiGatewayConfig, body)
+        check_supported_gateway(gateway)
         self._set_column(name, principal, "ai_gateway_json", gateway.model_dump(exclude_none=True))
         return gateway.model_dump(exclude_none=True)
 
@@ -193,7 +203,25 @@ class EndpointService:
         self.store.register_local_model(name, directory, task)
         return {"name": name, "path": str(directory), "task": task}
 
+    def entity_logs(self, name: str, entity_name: str, kind: str, principal: Principal = EMBEDDED) -> str:
+        """A served entity's build log (deployment steps) or server log (engine starts, failures)."""
+        view = self.get(name, principal)  # CAN_VIEW, and a 404 for an unknown endpoint
+        entities = [e["name"] for config in (view.get("config"), view.get("pending_config")) if config
+                    for e in config["served_entities"]]
+        if entity_name not in entities:
+            raise ResourceDoesNotExist(f"endpoint {name!r} has no served entity {entity_name!r}; its entities: "
+                                       f"{', '.join(dict.fromkeys(entities))}")
+        return self.store.logs(view["id"], entity_name, kind)
+
     # -- permissions -------------------------------------------------------------------------
+
+    def permission_levels(self, endpoint_id: str, principal: Principal = EMBEDDED) -> dict[str, Any]:
+        row = self._row_by_id(endpoint_id)
+        self.auth.require(principal, endpoint_id, row["name"], "CAN_VIEW")
+        described = {"CAN_VIEW": "Can view the endpoint, its config, logs and metrics",
+                     "CAN_QUERY": "Can view and query the endpoint",
+                     "CAN_MANAGE": "Can view, query, update, delete and manage permissions of the endpoint"}
+        return {"permission_levels": [{"permission_level": level, "description": text} for level, text in described.items()]}
 
     def permissions(self, endpoint_id: str, principal: Principal = EMBEDDED) -> dict[str, Any]:
         row = self._row_by_id(endpoint_id)

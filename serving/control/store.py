@@ -111,15 +111,17 @@ class EndpointStore:
 
     def insert(self, con, endpoint_id: str, name: str, creator: str, stored: dict[str, Any], route_optimized: bool,
                description: str | None, rate_limits: list[dict[str, Any]] | None, ai_gateway: dict[str, Any] | None,
-               tags: list[tuple[str, str | None]]) -> None:
+               tags: list[tuple[str, str | None]], budget_policy_id: str | None = None) -> None:
         """A new endpoint whose first config is pending (inside the caller's transaction)."""
         now = now_ms()
         con.execute(
             "INSERT INTO endpoints (id, name, creator, creation_timestamp, last_updated_timestamp, state_ready, "
             "state_config_update, config_json, pending_config_json, config_version, route_optimized, description, "
-            "rate_limits_json, ai_gateway_json) VALUES (?, ?, ?, ?, ?, 'NOT_READY', 'IN_PROGRESS', NULL, ?, 1, ?, ?, ?, ?)",
+            "rate_limits_json, ai_gateway_json, budget_policy_id) "
+            "VALUES (?, ?, ?, ?, ?, 'NOT_READY', 'IN_PROGRESS', NULL, ?, 1, ?, ?, ?, ?, ?)",
             (endpoint_id, name, creator, now, now, json.dumps(stored), int(route_optimized), description,
-             json.dumps(rate_limits) if rate_limits else None, json.dumps(ai_gateway) if ai_gateway else None),
+             json.dumps(rate_limits) if rate_limits else None, json.dumps(ai_gateway) if ai_gateway else None,
+             budget_policy_id),
         )
         con.execute("INSERT INTO endpoint_config_history VALUES (?, 1, ?, 'IN_PROGRESS', ?)", (endpoint_id, json.dumps(stored), now))
         for key, value in tags:
@@ -173,6 +175,25 @@ class EndpointStore:
         assert column in ("rate_limits_json", "ai_gateway_json")  # never a caller-chosen column
         with self.db.write() as con:
             con.execute(f"UPDATE endpoints SET {column} = ?, last_updated_timestamp = ? WHERE id = ?", (value, now_ms(), endpoint_id))
+
+    # -- entity logs (the logs and build-logs routes) ----------------------------------------
+
+    def log(self, endpoint_id: str, entity_name: str, kind: str, line: str) -> None:
+        """One line of a served entity's build (deployment) or server (engine) log."""
+        with self.db.write() as con:
+            con.execute("INSERT INTO entity_logs VALUES (?, ?, ?, ?, ?)", (endpoint_id, entity_name, kind, now_ms(), line))
+            # a log is for reading the recent past: keep its last 1,000 lines
+            con.execute("DELETE FROM entity_logs WHERE rowid IN (SELECT rowid FROM entity_logs WHERE endpoint_id = ? AND "
+                        "entity_name = ? AND kind = ? ORDER BY timestamp_ms DESC, rowid DESC LIMIT -1 OFFSET 1000)",
+                        (endpoint_id, entity_name, kind))
+
+    def logs(self, endpoint_id: str, entity_name: str, kind: str) -> str:
+        import time as clock
+
+        rows = self.db.read().execute("SELECT timestamp_ms, line FROM entity_logs WHERE endpoint_id = ? AND entity_name = ? "
+                                      "AND kind = ? ORDER BY timestamp_ms, rowid", (endpoint_id, entity_name, kind))
+        return "".join(f"{clock.strftime('%Y-%m-%dT%H:%M:%S', clock.gmtime(r['timestamp_ms'] / 1000))}."
+                       f"{r['timestamp_ms'] % 1000:03d}Z {r['line']}\n" for r in rows)
 
     # -- local models (``sqlinfer models register``) -----------------------------------------
 

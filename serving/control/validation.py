@@ -137,3 +137,77 @@ class ConfigValidator:
             return resolve_model(bundled).path
         local = self.store.local_model(name)
         return local[0] if local else None
+
+
+# -- fields sqlinfer refuses by name rather than accepting and ignoring --------------------------
+
+def _gpu_visible() -> bool:
+    import os
+
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/dxg")
+
+
+def check_supported_config(config: EndpointConfig, endpoint_name: str, where: str = "config") -> None:
+    """Refuse what a served-entity config asks for that sqlinfer would otherwise silently not do."""
+    from serving.errors import NotImplementedFeature
+
+    if config.name is not None and config.name != endpoint_name:
+        raise InvalidParameterValue(f"{where}.name = {config.name!r} must be the endpoint's name {endpoint_name!r} "
+                                    f"(or left out)")
+    refused: list[str] = []
+    if config.served_models is not None:
+        refused.append(f"{where}.served_models (the legacy form): send served_entities with entity_name/entity_version")
+    if config.auto_capture_config is not None:
+        refused.append(f"{where}.auto_capture_config (legacy inference tables): use ai_gateway.inference_table_config, "
+                       f"which sqlinfer implements")
+    for index, entity in enumerate(config.served_entities or []):
+        at = f"{where}.served_entities[{index}]"
+        if entity.environment_vars:
+            refused.append(f"{at}.environment_vars: sqlinfer's engines are shared per model and run in the server "
+                           f"process, so per-entity environment variables cannot be applied; remove them")
+        if entity.instance_profile_arn:
+            refused.append(f"{at}.instance_profile_arn: AWS instance profiles do not exist here; remove it")
+        if entity.min_provisioned_concurrency is not None or entity.max_provisioned_concurrency is not None:
+            refused.append(f"{at}.min/max_provisioned_concurrency: sqlinfer does not reserve concurrency; use "
+                           f"scale_to_zero_enabled and rate limits")
+        if entity.workload_type and entity.workload_type.startswith(("GPU", "MULTIGPU")) and not _gpu_visible():
+            raise InvalidParameterValue(f"{at}.workload_type = {entity.workload_type!r} needs a GPU, and this server has "
+                                        f"none (see `sqlinfer doctor`); use CPU or leave it out")
+    if refused:
+        raise NotImplementedFeature("not implemented by sqlinfer, refused rather than ignored: " + "; ".join(refused))
+
+
+def check_supported_gateway(gateway: Any, where: str = "ai_gateway") -> None:
+    """Guardrails and rate limits by group or service principal arrive with groups and service
+    principals; until then they are refused, not stored as if they worked."""
+    from serving.errors import NotImplementedFeature
+
+    refused = []
+    if gateway is None:
+        return
+    if gateway.guardrails is not None:
+        refused.append(f"{where}.guardrails: guardrails are not enforced yet; remove them")
+    for index, limit in enumerate(gateway.rate_limits or []):
+        if limit.key in ("user_group", "service_principal"):
+            refused.append(f"{where}.rate_limits[{index}].key = {limit.key!r}: only 'user' and 'endpoint' limits hold "
+                           f"here so far")
+    if refused:
+        raise NotImplementedFeature("not implemented by sqlinfer, refused rather than ignored: " + "; ".join(refused))
+
+
+def check_supported_create(request: Any) -> None:
+    from serving.errors import NotImplementedFeature
+
+    refused = []
+    if request.route_optimized:
+        refused.append("route_optimized: route-optimized endpoints are queried with OAuth data-plane tokens, which "
+                       "sqlinfer does not issue; leave it false (every endpoint is queried at /serving-endpoints/<name>)")
+    if request.telemetry_config is not None:
+        refused.append("telemetry_config: use ai_gateway.usage_tracking_config and inference_table_config")
+    notifications = request.email_notifications
+    if notifications is not None and (notifications.on_update_failure or notifications.on_update_success):
+        refused.append("email_notifications: sqlinfer sends no e-mail; watch state.config_update instead")
+    if refused:
+        raise NotImplementedFeature("not implemented by sqlinfer, refused rather than ignored: " + "; ".join(refused))
+    check_supported_config(request.config, request.name)
+    check_supported_gateway(request.ai_gateway)

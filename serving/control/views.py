@@ -68,6 +68,8 @@ class EndpointViews:
             view["ai_gateway"] = json.loads(row["ai_gateway_json"])
         if row["description"]:
             view["description"] = row["description"]
+        if row["budget_policy_id"]:
+            view["budget_policy_id"] = row["budget_policy_id"]
         view["id"] = row["id"]
         view["permission_level"] = self.auth.level(principal, row["id"]) or "CAN_VIEW"
         view["route_optimized"] = bool(row["route_optimized"])

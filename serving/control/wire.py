@@ -173,16 +173,25 @@ class ExternalModel(Strict):
         return self
 
 
+WORKLOAD_TYPES = ("CPU", "CPU_MEDIUM", "CPU_LARGE", "GPU_SMALL", "GPU_MEDIUM", "GPU_LARGE", "GPU_XLARGE", "GPU_XLARGE_8",
+                  "MULTIGPU_MEDIUM")
+
+
 class ServedEntity(Strict):
     name: str | None = None
     external_model: ExternalModel | None = None
     entity_name: str | None = None
     entity_version: str | None = None
     workload_size: str | None = None
-    workload_type: str | None = None
+    workload_type: Literal[WORKLOAD_TYPES] | None = None  # type: ignore[valid-type]
     scale_to_zero_enabled: bool = False
     min_provisioned_throughput: int | None = Field(default=None, ge=0, le=10**9)
     max_provisioned_throughput: int | None = Field(default=None, ge=0, le=10**9)
+    provisioned_model_units: int | None = Field(default=None, ge=0, le=10**6)
+    burst_scaling_enabled: bool | None = None
+    # Declared so that they are refused by name (NOT_IMPLEMENTED), never ignored: see validation.
+    min_provisioned_concurrency: int | None = Field(default=None, ge=0, le=10**6)
+    max_provisioned_concurrency: int | None = Field(default=None, ge=0, le=10**6)
     environment_vars: dict[str, str] | None = Field(default=None, max_length=100)
     instance_profile_arn: str | None = None
 
@@ -246,11 +255,21 @@ class TrafficConfig(Strict):
 
 
 class EndpointConfig(Strict):
-    served_entities: list[ServedEntity] = Field(min_length=1)
+    # Databricks' EndpointCoreConfigInput.name: the endpoint's own name (the SDK sends it); when
+    # given it must be that name.
+    name: str | None = None
+    served_entities: list[ServedEntity] | None = Field(default=None, min_length=1)
     traffic_config: TrafficConfig | None = None
+    # Declared so that they are refused by name (NOT_IMPLEMENTED): see serving.control.validation.
+    served_models: list[dict[str, Any]] | None = None
+    auto_capture_config: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _rules(self) -> "EndpointConfig":
+        if self.served_entities is None:
+            if self.served_models is not None:
+                return self  # refused as not implemented, by name, after parsing
+            raise ValueError("served_entities: is required (a list of the models this endpoint serves)")
         entities = self.served_entities
         if len(entities) > MAX_SERVED_ENTITIES:
             raise ValueError(f"an endpoint has at most {MAX_SERVED_ENTITIES} served entities, got {len(entities)}")
@@ -316,12 +335,33 @@ class FallbackConfig(Strict):
     enabled: bool = False
 
 
+class PiiBehavior(Strict):
+    behavior: Literal["BLOCK", "MASK", "NONE"] | None = None
+
+
+class GuardrailParameters(Strict):
+    invalid_keywords: list[str] | None = Field(default=None, max_length=1000)
+    pii: PiiBehavior | None = None
+    safety: bool | None = None
+    valid_topics: list[str] | None = Field(default=None, max_length=1000)
+
+
+class Guardrails(Strict):
+    input: GuardrailParameters | None = None
+    output: GuardrailParameters | None = None
+
+
 class AiGatewayConfig(Strict):
     rate_limits: list[RateLimit] | None = Field(default=None, max_length=20)
     usage_tracking_config: UsageTrackingConfig | None = None
     inference_table_config: InferenceTableConfig | None = None
     fallback_config: FallbackConfig | None = None
-    guardrails: dict[str, Any] | None = None
+    guardrails: Guardrails | None = None
+
+
+class EmailNotifications(Strict):
+    on_update_failure: list[str] | None = Field(default=None, max_length=100)
+    on_update_success: list[str] | None = Field(default=None, max_length=100)
 
 
 class CreateEndpoint(Strict):
@@ -332,7 +372,9 @@ class CreateEndpoint(Strict):
     route_optimized: bool | None = False
     ai_gateway: AiGatewayConfig | None = None
     description: str | None = None
-    budget_policy_id: str | None = None
+    budget_policy_id: str | None = Field(default=None, max_length=255)
+    email_notifications: EmailNotifications | None = None
+    telemetry_config: dict[str, Any] | None = None  # refused by name (NOT_IMPLEMENTED)
 
     @field_validator("name")
     @classmethod

@@ -21,7 +21,7 @@ from engine.errors import InvalidParameterValue
 from engine.types import Choice, EmbeddingResult, GenerationResult, PredictionResult, SamplingOptions, StreamDelta, Task
 
 ResultCallback = Callable[[int, Any], None]
-Conversation = Sequence[dict[str, str]]
+Conversation = Sequence[dict[str, Any]]  # OpenAI messages: role, content, and tool_calls / tool_call_id
 
 
 class Backend(ABC):
@@ -62,7 +62,7 @@ class Backend(ABC):
         choice = result.choices[0] if result.choices else None
         yield StreamDelta(text=result.text or "", finish_reason=choice.finish_reason if choice else "stop",
                           prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                          served_entity=result.served_entity)
+                          served_entity=result.served_entity, tool_calls=choice.tool_calls if choice else ())
 
     def embedding_dimension(self) -> int | None:
         """Vector length for embedding backends, known without running a model; else None."""
@@ -117,12 +117,14 @@ class LocalEngineBackend(Backend):
     that many idle seconds and starts again on the next request. None keeps it loaded.
     """
 
-    def __init__(self, model: str, task: Task, engine_config: Any = None, idle_timeout: float | None = None):
+    def __init__(self, model: str, task: Task, engine_config: Any = None, idle_timeout: float | None = None,
+                 events: Callable[[str], None] | None = None):
         self.model = model
         self.task = task
         self._engine_config = engine_config
         self._idle_timeout = idle_timeout
         self._engine: Any = None
+        self._events = events  # the served entity's server log (engine starts, failures)
 
     @property
     def engine(self) -> Any:
@@ -132,12 +134,38 @@ class LocalEngineBackend(Backend):
             engine = get_engine(self.model, self._engine_config)
             engine.scale_to_zero_after(self._idle_timeout)
             self._engine = engine
-        return self._engine
+        return self._started(self._engine)
+
+    def _started(self, engine: Any) -> Any:
+        """The engine, started now if it is not running, with its start in the entity's log."""
+        if engine.is_running or self._events is None:
+            return engine
+        import time
+
+        from engine.errors import SqlinferError
+
+        self._events(f"starting the local engine for {self.model}" + (" (after scaling to zero)" if engine.scaled_to_zero_count else ""))
+        began = time.perf_counter()
+        try:
+            engine.start()
+        except SqlinferError as exc:
+            self._events(f"the engine failed to start: {exc.message}")
+            raise
+        self._events(f"engine ready in {time.perf_counter() - began:.1f} s: {engine.start_line}")
+        return engine
 
     def chat(self, conversations, options, on_result=None):
         if self.task == "llm/v1/completions":
             raise self._unsupported("chat")
-        return self.engine.chat(conversations, options, on_result)
+        if not _has_tools(conversations, options):
+            return self.engine.chat(conversations, options, on_result)
+        from serving.data import local_tools
+
+        rendered, engine_options, plan = local_tools.prepare(conversations, options)
+        results = local_tools.finish(self.engine.chat(rendered, engine_options), plan)
+        for index, result in enumerate(results if on_result is not None else ()):
+            on_result(index, result)
+        return results
 
     def complete(self, prompts, options, on_result=None):
         return self.engine.complete(prompts, options, on_result)
@@ -148,6 +176,8 @@ class LocalEngineBackend(Backend):
     def stream(self, request, options, chat):
         if chat and self.task == "llm/v1/completions":
             raise self._unsupported("chat")
+        if chat and _has_tools([request], options):  # a tool call is answered whole, then streamed as one piece
+            return Backend.stream(self, request, options, chat)
         return self.engine.stream(request, options, chat)
 
     def embedding_dimension(self) -> int | None:
@@ -172,6 +202,11 @@ class LocalEngineBackend(Backend):
 
     def release(self) -> None:
         """The engine is shared per model directory by every endpoint of the process: keep it."""
+
+
+def _has_tools(conversations: Sequence[Conversation], options: SamplingOptions) -> bool:
+    """Whether a chat request involves tools: offered now, or called earlier in the conversation."""
+    return bool(options.tools) or any(m.get("tool_calls") or m.get("role") == "tool" for c in conversations for m in c)
 
 
 class EchoBackend(Backend):

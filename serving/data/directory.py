@@ -163,7 +163,13 @@ def add_system_endpoints(directory: EndpointDirectory, recorder=None) -> None:
         from serving.data.routing import TaggedBackend, scale_to_zero_seconds
 
         idle = scale_to_zero_seconds({"scale_to_zero_enabled": True})  # as their endpoint view says
-        backend: Backend = TaggedBackend(model.name, LocalEngineBackend(model.name, model.task, idle_timeout=idle))
+        events = None
+        if recorder is not None:
+            from serving.control.store import EndpointStore
+
+            store = EndpointStore(recorder.db)
+            events = lambda line: store.log(SYSTEM_PREFIX + model.name, model.name, "server", line)  # noqa: E731
+        backend: Backend = TaggedBackend(model.name, LocalEngineBackend(model.name, model.task, idle_timeout=idle, events=events))
         if recorder is not None:
             from serving.data.usage import UsageRecordingBackend
 

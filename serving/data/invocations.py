@@ -19,9 +19,24 @@ from engine.types import CUSTOM_TASK, SamplingOptions
 from serving.data.client import ServingClient
 from serving.errors import InvalidParameterValue, row_error
 
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "n", "seed")
-BOOKKEEPING_FIELDS = ("model", "user", "client_request_id", "usage_context", "stream", "stream_options", "extra_params")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "n", "seed", "frequency_penalty", "presence_penalty",
+                   "logit_bias")
+CHAT_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "max_completion_tokens")
+BOOKKEEPING_FIELDS = ("model", "user", "client_request_id", "usage_context", "stream", "stream_options", "extra_params",
+                      "metadata", "store")
 INPUT_FIELD = {"llm/v1/chat": "messages", "llm/v1/completions": "prompt", "llm/v1/embeddings": "input"}
+# Current OpenAI chat fields that sqlinfer refuses by name (NOT_IMPLEMENTED) rather than ignores.
+REFUSED_FIELDS = {
+    "reasoning_effort": "no served model reasons; leave it out",
+    "service_tier": "there are no service tiers here; leave it out",
+    "modalities": "only text is served; leave it out",
+    "audio": "only text is served; leave it out",
+    "prediction": "predicted outputs are not supported; leave it out",
+    "web_search_options": "no web search here; leave it out",
+    "verbosity": "not supported; leave it out",
+    "functions": "the legacy functions API: send tools instead",
+    "function_call": "the legacy functions API: send tool_choice instead",
+}
 
 
 def invoke(client: ServingClient, endpoint: str, body: dict[str, Any], expected_task: str | None = None) -> tuple[dict[str, Any], str | None]:
@@ -33,9 +48,19 @@ def invoke(client: ServingClient, endpoint: str, body: dict[str, Any], expected_
         raise InvalidParameterValue(f"endpoint {endpoint!r} serves {task}; this route is for {expected_task}")
     if task == CUSTOM_TASK:
         return _predictions(client, endpoint, body)
+    refused = [f"{name} ({REFUSED_FIELDS[name]})" for name in REFUSED_FIELDS if body.get(name) is not None]
+    if body.get("store"):
+        refused.append("store: true (completions are not stored for later retrieval; send false or leave it out)")
+    if refused:
+        from serving.errors import NotImplementedFeature
+
+        raise NotImplementedFeature("not implemented by sqlinfer, refused rather than ignored: " + "; ".join(refused))
+    body = {k: v for k, v in body.items() if not (k in REFUSED_FIELDS and v is None)}
     input_field = INPUT_FIELD[task]
     allowed = {input_field, *BOOKKEEPING_FIELDS} | (
         {"encoding_format"} if task == "llm/v1/embeddings" else {*SAMPLING_FIELDS, "logprobs", "top_logprobs", "response_format"})
+    if task == "llm/v1/chat":
+        allowed |= set(CHAT_FIELDS)
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise InvalidParameterValue(
@@ -80,15 +105,23 @@ def _stream(client, endpoint, task, body, options) -> StreamingAnswer:
         first, last = True, None
         for delta in client.stream(endpoint, request, options, chat):
             last = delta
-            if not delta.text and not delta.finish_reason and not first:
+            if not delta.text and not delta.finish_reason and not delta.tool_calls and not first:
                 continue
             if chat:
                 piece = {"content": delta.text} | ({"role": "assistant"} if first else {})
+                if delta.tool_calls:
+                    piece = {"content": delta.text or None, "tool_calls": [c.openai(i) for i, c in enumerate(delta.tool_calls)]} \
+                        | ({"role": "assistant"} if first else {})
                 choice = {"index": 0, "delta": piece, "finish_reason": delta.finish_reason, "logprobs": None}
             else:
                 choice = {"index": 0, "text": delta.text, "finish_reason": delta.finish_reason, "logprobs": None}
             first = False
-            yield shell | {"choices": [choice]}, delta.served_entity
+            chunk = shell | {"choices": [choice]}
+            if delta.finish_reason and not include_usage:
+                # Clients that never ask for stream_options (ChatDatabricks) read usage from any
+                # chunk: the finishing one carries it. Asked for, it comes in its own chunk instead.
+                chunk["usage"] = _usage(delta.prompt_tokens, delta.completion_tokens)
+            yield chunk, delta.served_entity
         if include_usage and last is not None:
             yield shell | {"choices": [], "usage": _usage(last.prompt_tokens, last.completion_tokens)}, last.served_entity
 
@@ -116,6 +149,15 @@ def _predictions(client, endpoint, body) -> tuple[dict[str, Any], str | None]:
 
 def _options(body: dict[str, Any]) -> SamplingOptions:
     values = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+    limit = body.get("max_completion_tokens")
+    if limit is not None:  # OpenAI's current name for max_tokens (langchain-openai sends only this one)
+        if values.get("max_tokens") not in (None, limit):
+            raise InvalidParameterValue(f"max_tokens = {values['max_tokens']} and max_completion_tokens = {limit} "
+                                        f"disagree; send one of them")
+        values["max_tokens"] = limit
+    for name in ("tools", "tool_choice", "parallel_tool_calls"):
+        if body.get(name) is not None:
+            values[name] = body[name]
     if body.get("logprobs"):
         values["logprobs"] = int(body.get("top_logprobs") or (body["logprobs"] if not isinstance(body["logprobs"], bool) else 1))
     response_format = body.get("response_format")
@@ -135,19 +177,39 @@ def _options(body: dict[str, Any]) -> SamplingOptions:
         raise InvalidParameterValue(describe_validation_error(exc)) from None
 
 
-def _messages(messages: Any) -> list[dict[str, str]]:
+def _messages(messages: Any) -> list[dict[str, Any]]:
+    """OpenAI chat messages, checked and normalised: ``developer`` is a system turn, content parts
+    are joined to their text, and tool calls (assistant) and tool results (``tool``) are kept."""
     if not isinstance(messages, list) or not messages:
         raise InvalidParameterValue("messages must be a non-empty list of {role, content} objects")
     cleaned = []
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-            raise InvalidParameterValue(f"messages[{index}].role must be system, user or assistant")
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise InvalidParameterValue(f"messages[{index}].role must be system, developer, user, assistant or tool, "
+                                        f"got {role!r}")
         content = message.get("content")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
             content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
-            raise InvalidParameterValue(f"messages[{index}].content must be a string")
-        cleaned.append({"role": message["role"], "content": content})
+            raise InvalidParameterValue(f"messages[{index}].content must be a string or a list of text parts")
+        turn: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
+        if calls:
+            if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                      and isinstance(c["function"].get("name"), str) for c in calls):
+                raise InvalidParameterValue(f"messages[{index}].tool_calls must be a list of "
+                                            f"{{id, type: function, function: {{name, arguments}}}}")
+            turn["tool_calls"] = [{"id": c.get("id") or f"call_{i}", "type": "function",
+                                   "function": {"name": c["function"]["name"], "arguments": c["function"].get("arguments") or "{}"}}
+                                  for i, c in enumerate(calls)]
+        if role == "tool":
+            if not isinstance(message.get("tool_call_id"), str):
+                raise InvalidParameterValue(f"messages[{index}].tool_call_id is required for a tool message")
+            turn["tool_call_id"] = message["tool_call_id"]
+        cleaned.append(turn)
     return cleaned
 
 
@@ -162,10 +224,17 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _message(choice: Any) -> dict[str, Any]:
+    """An answer as OpenAI's assistant message: text, or tool calls (then ``content`` is null)."""
+    if choice.tool_calls:
+        return {"role": "assistant", "content": choice.text or None, "tool_calls": [c.openai() for c in choice.tool_calls]}
+    return {"role": "assistant", "content": choice.text}
+
+
 def _chat(client, endpoint, messages, options) -> tuple[dict[str, Any], str | None]:
     [result] = client.chat(endpoint, [messages], options)
     _raise_row_error(result)
-    choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+    choices = [{"index": i, "message": _message(c), "finish_reason": c.finish_reason,
                 "logprobs": _logprobs(c)} for i, c in enumerate(result.choices)]
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": endpoint, "choices": choices,

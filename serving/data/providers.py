@@ -13,6 +13,7 @@ are off: this module owns the retry policy, so ``Retry-After`` and budgets are h
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import threading
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from engine import cancellation
-from engine.types import Choice, EmbeddingResult, GenerationResult, SamplingOptions, StreamDelta, Task, TokenLogprob
+from engine.types import Choice, EmbeddingResult, GenerationResult, SamplingOptions, StreamDelta, Task, TokenLogprob, ToolCall
 from serving.data.backends import Backend, ResultCallback
 
 
@@ -192,10 +193,19 @@ class OpenAICompatibleBackend(ProviderBackend):
         return self._map(prompts, one, lambda e, status: GenerationResult(error=e, error_status=status), on_result)
 
     def stream(self, request, options, chat):
-        """Token by token from the provider (``stream=True``); usage from its final chunk."""
+        """Token by token from the provider (``stream=True``); usage from its final chunk.
+
+        With tools, the answer is asked for whole and streamed as one piece (a tool call arrives
+        complete). An upstream that answers a streaming request with plain JSON instead of
+        server-sent events still has its whole answer streamed: nothing is lost.
+        """
         import openai
 
         from serving.errors import TemporarilyUnavailable, row_error
+
+        if chat and options.tools:
+            yield from Backend.stream(self, request, options, chat)
+            return
 
         kwargs = _openai_kwargs(options, chat) | {"stream": True, "stream_options": {"include_usage": True}}
         if chat:
@@ -208,6 +218,15 @@ class OpenAICompatibleBackend(ProviderBackend):
             raise row_error(f"the model could not answer: {exc}", exc.status or 503) from None
         prompt_tokens = completion_tokens = 0
         finish = None
+        content_type = response.response.headers.get("content-type", "")
+        if "text/event-stream" not in content_type:  # the upstream ignored stream=true and answered JSON
+            with response:
+                whole = _generation(json.loads(response.response.read()), chat)
+            choice = whole.choices[0] if whole.choices else Choice(text="", finish_reason="stop")
+            yield StreamDelta(text=choice.text)
+            yield StreamDelta(finish_reason=choice.finish_reason or "stop", prompt_tokens=whole.prompt_tokens,
+                              completion_tokens=whole.completion_tokens)
+            return
         try:
             with response:
                 for chunk in response:
@@ -269,6 +288,14 @@ def _openai_kwargs(options: SamplingOptions, chat: bool = True) -> dict[str, Any
     if options.json_schema is not None and chat:
         kwargs["response_format"] = {"type": "json_schema",
                                      "json_schema": {"name": "response", "schema": options.json_schema}}
+    for name in ("frequency_penalty", "presence_penalty", "logit_bias"):
+        if getattr(options, name) is not None:
+            kwargs[name] = getattr(options, name)
+    if chat and options.tools:  # passed through as sent: the provider calls the tools
+        kwargs["tools"] = list(options.tools)
+        for name in ("tool_choice", "parallel_tool_calls"):
+            if getattr(options, name) is not None:
+                kwargs[name] = getattr(options, name)
     return kwargs
 
 
@@ -276,13 +303,17 @@ def _generation(response: dict[str, Any], chat: bool) -> GenerationResult:
     """An OpenAI ``chat.completion`` / ``text_completion`` JSON object as a GenerationResult."""
     choices = []
     for choice in sorted(response.get("choices") or (), key=lambda c: c.get("index", 0)):
-        text = ((choice.get("message") or {}).get("content") or "") if chat else (choice.get("text") or "")
+        message = choice.get("message") or {}
+        text = (message.get("content") or "") if chat else (choice.get("text") or "")
+        calls = tuple(ToolCall(id=c.get("id") or "", name=(c.get("function") or {}).get("name") or "",
+                               arguments=(c.get("function") or {}).get("arguments") or "{}")
+                      for c in message.get("tool_calls") or () if chat)
         logprobs = None
         content = (choice.get("logprobs") or {}).get("content") if chat else None
         if content:
             logprobs = tuple(TokenLogprob(t["token"], t["logprob"], tuple((a["token"], a["logprob"]) for a in t.get("top_logprobs") or ()))
                              for t in content)
-        choices.append(Choice(text=text, finish_reason=choice.get("finish_reason"), logprobs=logprobs))
+        choices.append(Choice(text=text, finish_reason=choice.get("finish_reason"), logprobs=logprobs, tool_calls=calls))
     usage = response.get("usage") or {}
     return GenerationResult(choices=tuple(choices), prompt_tokens=usage.get("prompt_tokens") or 0,
                             completion_tokens=usage.get("completion_tokens") or 0)
@@ -328,15 +359,57 @@ class AnthropicBackend(ProviderBackend):
                 kwargs[name] = getattr(options, name)
         if options.stop:
             kwargs["stop_sequences"] = list(options.stop)
+        if options.tools and options.tool_choice != "none":
+            kwargs.update(_anthropic_tools(options))
 
         def one(messages):
-            system = "\n".join(m["content"] for m in messages if m["role"] == "system")
-            turns = [m for m in messages if m["role"] != "system"]
+            system = "\n".join(m.get("content") or "" for m in messages if m["role"] == "system")
+            turns = _anthropic_turns([m for m in messages if m["role"] != "system"])
             extra = {"system": system} if system else {}
             response = self._call(lambda sdk: sdk.messages.create(model=self.model, messages=turns, **kwargs, **extra))
             text = "".join(block.text for block in response.content if getattr(block, "type", "") == "text")
-            finish = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}.get(response.stop_reason, response.stop_reason)
-            return GenerationResult(choices=(Choice(text=text, finish_reason=finish),),
+            calls = tuple(ToolCall(id=block.id, name=block.name, arguments=json.dumps(block.input))
+                          for block in response.content if getattr(block, "type", "") == "tool_use")
+            finish = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                      "tool_use": "tool_calls"}.get(response.stop_reason, response.stop_reason)
+            return GenerationResult(choices=(Choice(text=text, finish_reason=finish, tool_calls=calls),),
                                     prompt_tokens=response.usage.input_tokens, completion_tokens=response.usage.output_tokens)
 
         return self._map(conversations, one, lambda e, status: GenerationResult(error=e, error_status=status), on_result)
+
+
+def _anthropic_tools(options: SamplingOptions) -> dict[str, Any]:
+    """OpenAI function tools and tool_choice in the Messages API's terms."""
+    tools = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
+              "input_schema": t["function"].get("parameters") or {"type": "object", "properties": {}}}
+             for t in options.tools or () if t.get("type", "function") == "function"]
+    choice = options.tool_choice or "auto"
+    if isinstance(choice, dict):
+        mapped: dict[str, Any] = {"type": "tool", "name": (choice.get("function") or {}).get("name")}
+    else:
+        mapped = {"type": {"auto": "auto", "required": "any"}.get(choice, "auto")}
+    if options.parallel_tool_calls is False:
+        mapped["disable_parallel_tool_use"] = True
+    return {"tools": tools, "tool_choice": mapped}
+
+
+def _anthropic_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI turns as Anthropic's: an assistant's tool calls become tool_use blocks, and the tool
+    results that follow become tool_result blocks of one user turn (Anthropic has no tool role)."""
+    turns: list[dict[str, Any]] = []
+    for message in messages:
+        if message["role"] == "tool":
+            block = {"type": "tool_result", "tool_use_id": message.get("tool_call_id"), "content": message.get("content") or ""}
+            if turns and turns[-1]["role"] == "user" and isinstance(turns[-1]["content"], list) \
+                    and all(b.get("type") == "tool_result" for b in turns[-1]["content"]):
+                turns[-1]["content"].append(block)
+            else:
+                turns.append({"role": "user", "content": [block]})
+        elif message["role"] == "assistant" and message.get("tool_calls"):
+            blocks: list[dict[str, Any]] = [{"type": "text", "text": message["content"]}] if message.get("content") else []
+            blocks += [{"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
+                        "input": json.loads(c["function"].get("arguments") or "{}")} for c in message["tool_calls"]]
+            turns.append({"role": "assistant", "content": blocks})
+        else:
+            turns.append({"role": message["role"], "content": message.get("content") or ""})
+    return turns

@@ -26,6 +26,7 @@ class _Query(BaseModel):
 
 class _Sampling(_Query):
     max_tokens: int | None = None
+    max_completion_tokens: int | None = Field(default=None, description="OpenAI's current name for max_tokens")
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
@@ -36,9 +37,30 @@ class _Sampling(_Query):
     response_format: dict[str, Any] | None = None
     stream: bool | None = None
     stream_options: dict[str, Any] | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    metadata: dict[str, Any] | None = Field(default=None, description="accepted, not used")
+    store: bool | None = Field(default=None, description="false only: completions are not stored")
+    # Refused by name (NOT_IMPLEMENTED) when given, with the reason; see serving.data.invocations.
+    reasoning_effort: Any = None
+    service_tier: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    verbosity: Any = None
 
 
-class ChatRequest(_Sampling):
+class _Tools(BaseModel):
+    tools: list[dict[str, Any]] | None = Field(default=None, description="OpenAI function tools")
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: Any = None  # the legacy functions API: refused by name
+    function_call: Any = None
+
+
+class ChatRequest(_Sampling, _Tools):
     """``POST /serving-endpoints/chat/completions`` (OpenAI chat completions)."""
 
     model: str = Field(description="the endpoint name")
@@ -61,7 +83,7 @@ class EmbeddingRequest(_Query):
     stream: bool | None = None
 
 
-class InvocationRequest(_Sampling):
+class InvocationRequest(_Sampling, _Tools):
     """``POST /serving-endpoints/{name}/invocations``: one of ``messages`` (chat), ``prompt``
     (completions), ``input`` (embeddings), or a custom model's ``dataframe_split`` /
     ``dataframe_records`` / ``instances`` / ``inputs`` (+ ``params``)."""
@@ -80,3 +102,29 @@ class InvocationRequest(_Sampling):
 def body_of(request: BaseModel) -> dict[str, Any]:
     """A validated body as the plain dict ``invoke`` reads (only the fields the client sent)."""
     return request.model_dump(exclude_unset=True)
+
+
+class ResponsesRequest(BaseModel):
+    """``POST /serving-endpoints/responses`` (OpenAI's Responses API, answered by the chat path)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="the endpoint name")
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    stream: bool | None = None
+    text: dict[str, Any] | None = Field(default=None, description="{format: text | json_object | json_schema}")
+    metadata: dict[str, Any] | None = None
+    user: str | None = None
+    store: bool | None = Field(default=None, description="false only: responses are not stored")
+    truncation: str | None = Field(default=None, description="accepted; a prompt longer than the context fails")
+    # Refused by name (NOT_IMPLEMENTED) when given: conversation state is not kept on the server.
+    previous_response_id: str | None = None
+    conversation: Any = None
+    reasoning: dict[str, Any] | None = None

@@ -96,7 +96,8 @@ class TrafficSplitBackend(Backend):
             backend.release()
 
 
-def entity_backend(service: EndpointService, entity: dict[str, Any], task: Task, author: str | None = None) -> Backend:
+def entity_backend(service: EndpointService, entity: dict[str, Any], task: Task, author: str | None = None,
+                   endpoint_id: str | None = None) -> Backend:
     """The backend for one stored served entity; ``author`` last changed the config."""
     if "external_model" in entity:
         return external_backend(service, entity["external_model"], task, author or entity.get("creator") or "")
@@ -110,7 +111,8 @@ def entity_backend(service: EndpointService, entity: dict[str, Any], task: Task,
             f"served entity {entity['name']!r} ({entity['entity_name']!r}) has no local model directory; "
             f"update the endpoint config so it is deployed again"
         )
-    return LocalEngineBackend(str(path), task, idle_timeout=scale_to_zero_seconds(entity))
+    events = (lambda line: service.store.log(endpoint_id, entity["name"], "server", line)) if endpoint_id else None
+    return LocalEngineBackend(str(path), task, idle_timeout=scale_to_zero_seconds(entity), events=events)
 
 
 def scale_to_zero_seconds(entity: dict[str, Any]) -> float | None:
@@ -172,9 +174,11 @@ def _provider_backend(external: dict[str, Any], task: Task, secret: Callable[[An
     raise InvalidParameterValue(f"provider {provider!r} cannot be called by this build yet")
 
 
-def endpoint_backend(service: EndpointService, config: dict[str, Any], fallback: bool = False) -> Backend:
+def endpoint_backend(service: EndpointService, config: dict[str, Any], fallback: bool = False,
+                     endpoint_id: str | None = None) -> Backend:
     task = config["_task"]
-    backends = {entity["name"]: entity_backend(service, entity, task, config.get("_author")) for entity in config["served_entities"]}
+    backends = {entity["name"]: entity_backend(service, entity, task, config.get("_author"), endpoint_id)
+                for entity in config["served_entities"]}
     routes = [(route.get("served_entity_name") or route["served_model_name"], route["traffic_percentage"])
               for route in config["traffic_config"]["routes"]]
     built = [(name, weight, backends[name]) for name, weight in routes if weight > 0]
@@ -380,7 +384,7 @@ class StoredEndpointResolver:
             raise InvalidParameterValue(f"endpoint {name!r} has no task yet; wait until its config is deployed")
 
         def build() -> Backend:
-            backend = endpoint_backend(self.service, config, serving.fallback)
+            backend = endpoint_backend(self.service, config, serving.fallback, serving.endpoint_id)
             limits = limits_from(serving.rate_limits)
             if limits:
                 backend = RateLimitedBackend(backend, self.limiter, serving.endpoint_id, name, limits)

@@ -132,22 +132,48 @@ class UsageRecorder:
         return [dict(row) for row in self.db.read().execute(query + " ORDER BY timestamp_ms, request_id", args)]
 
     def prometheus(self, endpoint_name: str) -> str:
+        """One endpoint's requests, errors, latency, tokens (from the usage table, every process)
+        and requests in flight (this process), as Prometheus text."""
         self.flush()
         con = self.db.read()
-        lines = [
-            "# HELP sqlinfer_endpoint_requests_total Requests answered, by served entity, source and status.",
-            "# TYPE sqlinfer_endpoint_requests_total counter",
-        ]
-        for row in con.execute(
+        rows = con.execute(
             "SELECT served_entity, source, status_code, count(*) AS n, sum(input_tokens) AS i, sum(output_tokens) AS o, "
             "sum(latency_ms) AS l FROM usage WHERE endpoint_name = ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3", (endpoint_name,)
-        ).fetchall():
-            labels = f'endpoint="{endpoint_name}",served_entity="{row["served_entity"] or ""}",source="{row["source"]}",status="{row["status_code"]}"'
-            lines.append(f"sqlinfer_endpoint_requests_total{{{labels}}} {row['n']}")
-            lines.append(f"sqlinfer_endpoint_input_tokens_total{{{labels}}} {row['i'] or 0}")
-            lines.append(f"sqlinfer_endpoint_output_tokens_total{{{labels}}} {row['o'] or 0}")
-            lines.append(f"sqlinfer_endpoint_latency_ms_sum{{{labels}}} {row['l'] or 0:.1f}")
+        ).fetchall()
+        series = {
+            "requests_total": ("counter", "Requests answered, by served entity, source and status.", lambda r: r["n"]),
+            "errors_total": ("counter", "Requests answered with a status of 400 or more.",
+                             lambda r: r["n"] if r["status_code"] >= 400 else 0),
+            "input_tokens_total": ("counter", "Prompt tokens of the requests.", lambda r: r["i"] or 0),
+            "output_tokens_total": ("counter", "Generated tokens of the requests.", lambda r: r["o"] or 0),
+            "latency_ms_sum": ("counter", "Sum of request latencies in milliseconds (a SQL batch's rows share it).",
+                               lambda r: round(r["l"] or 0, 1)),
+            "latency_ms_count": ("counter", "Requests the latency sum covers.", lambda r: r["n"]),
+        }
+        lines = []
+        for suffix, (kind, text, value) in series.items():
+            name = f"sqlinfer_endpoint_{suffix}"
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            for row in rows:
+                labels = (f'endpoint="{endpoint_name}",served_entity="{row["served_entity"] or ""}",source="{row["source"]}",'
+                          f'status="{row["status_code"]}"')
+                lines.append(f"{name}{{{labels}}} {value(row)}")
+        with _IN_FLIGHT_LOCK:
+            in_flight = _IN_FLIGHT.get(endpoint_name, 0)
+        lines += ["# HELP sqlinfer_endpoint_requests_in_flight Requests this server process is answering now.",
+                  "# TYPE sqlinfer_endpoint_requests_in_flight gauge",
+                  f'sqlinfer_endpoint_requests_in_flight{{endpoint="{endpoint_name}"}} {in_flight}']
         return "\n".join(lines) + "\n"
+
+
+_IN_FLIGHT: dict[str, int] = {}
+_IN_FLIGHT_LOCK = threading.Lock()
+
+
+def _in_flight(endpoint_name: str, change: int) -> None:
+    """Requests of an endpoint being answered by this process right now (the in-flight gauge)."""
+    with _IN_FLIGHT_LOCK:
+        _IN_FLIGHT[endpoint_name] = _IN_FLIGHT.get(endpoint_name, 0) + change
 
 
 class UsageRecordingBackend(DelegatingBackend):
@@ -161,12 +187,15 @@ class UsageRecordingBackend(DelegatingBackend):
 
     def _recorded(self, items: Sequence[Any], call: Callable[[], list[Any]], describe: Callable[[Any], Any]) -> list[Any]:
         started = time.perf_counter()
+        _in_flight(self.endpoint_name, len(items))
         try:
             results = call()
         except SqlinferError as exc:  # refused as a whole (e.g. 429): recorded with that status
             refused = _Refused(error=exc.message, status=exc.http_status)
             self._write(items, [refused] * len(items), (time.perf_counter() - started) * 1000, describe)
             raise
+        finally:
+            _in_flight(self.endpoint_name, -len(items))
         self._write(items, results, (time.perf_counter() - started) * 1000, describe)
         return results
 
@@ -180,7 +209,7 @@ class UsageRecordingBackend(DelegatingBackend):
             request_id = uuid.uuid4().hex
             rows.append((request_id, now, self.endpoint_name, self.endpoint_id, result.served_entity, current_user.get(), source,
                          result.prompt_tokens, getattr(result, "completion_tokens", 0),
-                         getattr(result, "status", 500 if result.error else 200),
+                         getattr(result, "status", None) or ((result.error_status or 500) if result.error else 200),
                          round(latency_ms, 3), context.get("client_request_id"), usage_context, result.error))
             if self.log_payloads:
                 answer = {"error": result.error} if getattr(result, "status", None) else describe(result)
@@ -202,6 +231,14 @@ class UsageRecordingBackend(DelegatingBackend):
     def stream(self, request, options, chat):
         started, text, last = time.perf_counter(), [], None
         describe = lambda r: {"choices": [c.text for c in r.choices], "error": r.error}  # noqa: E731
+        _in_flight(self.endpoint_name, 1)
+        try:
+            yield from self._stream(request, options, chat, started, text, describe)
+        finally:
+            _in_flight(self.endpoint_name, -1)
+
+    def _stream(self, request, options, chat, started, text, describe):
+        last = None
         try:
             for delta in self.inner.stream(request, options, chat):
                 text.append(delta.text)
