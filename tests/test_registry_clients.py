@@ -36,8 +36,12 @@ def test_the_mlflow_deployments_client_works_unchanged(mlflow_client, server, ga
         "{{secrets/my_scope/my_openai_api_key}}"
     assert "openai_endpoint" in [e["name"] for e in mlflow_client.list_endpoints()]
 
-    mlflow_client.create_endpoint(config={"name": "local-chat", "config": local_entity()})
+    mlflow_client.create_endpoint(config={"name": "local-chat", "config": local_entity(workload_type="CPU"),
+                                          "description": "via mlflow", "budget_policy_id": "bp-7"})
     server.service.wait_for_deployments()
+    read = mlflow_client.get_endpoint("local-chat")  # every field it set, read back unchanged
+    assert read["description"] == "via mlflow" and read["budget_policy_id"] == "bp-7"
+    assert read["config"]["served_entities"][0]["workload_type"] == "CPU"
     gate.clear()  # hold the deployment: the update must answer while the old config still serves
     updated = mlflow_client.update_endpoint_config("local-chat", config=local_entity(name="second"))
     assert updated["pending_config"]["config_version"] == 2 and updated["config"]["config_version"] == 1

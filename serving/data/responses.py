@@ -14,6 +14,7 @@ server (``previous_response_id``, ``store: true``) is not kept, and is refused b
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from typing import Any, Iterator
@@ -139,8 +140,9 @@ def respond_stream(client: ServingClient, endpoint: str, body: dict[str, Any]) -
     def events() -> Iterator[tuple[dict[str, Any], str | None]]:
         number = iter(range(1_000_000))
         served = None
-        yield {"type": "response.created", "sequence_number": next(number), "response": response}, None
-        yield {"type": "response.in_progress", "sequence_number": next(number), "response": response}, None
+        # Events are serialized later, on another thread: each carries a copy of the response as it is now.
+        yield {"type": "response.created", "sequence_number": next(number), "response": copy.deepcopy(response)}, None
+        yield {"type": "response.in_progress", "sequence_number": next(number), "response": copy.deepcopy(response)}, None
         item = _message_item("", status="in_progress")
         text, last, opened = [], None, False
         for delta in client.stream(endpoint, messages, options, True):
@@ -148,7 +150,7 @@ def respond_stream(client: ServingClient, endpoint: str, body: dict[str, Any]) -
             if delta.text:
                 if not opened:  # the message item opens with its first text (a pure tool call has none)
                     yield {"type": "response.output_item.added", "sequence_number": next(number), "output_index": 0,
-                           "item": item}, served
+                           "item": copy.deepcopy(item)}, served
                     yield {"type": "response.content_part.added", "sequence_number": next(number), "item_id": item["id"],
                            "output_index": 0, "content_index": 0,
                            "part": {"type": "output_text", "text": "", "annotations": []}}, served
@@ -178,6 +180,6 @@ def respond_stream(client: ServingClient, endpoint: str, body: dict[str, Any]) -
         if finished == "length":
             response["incomplete_details"] = {"reason": "max_output_tokens"}
         kind = "response.incomplete" if finished == "length" else "response.completed"
-        yield {"type": kind, "sequence_number": next(number), "response": response}, served
+        yield {"type": kind, "sequence_number": next(number), "response": copy.deepcopy(response)}, served
 
     return StreamingAnswer(events())
