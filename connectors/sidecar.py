@@ -33,6 +33,7 @@ from engine.errors import TemporarilyUnavailable
 from engine.model_store import sqlinfer_home
 
 START_TIMEOUT = 180.0  # the server answers /health in seconds; engines start later, on first use
+TOKEN_LIFETIME = 30 * 86400  # the sidecar's loopback admin token; revoked when the sidecar stops
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ def ensure(home: Path | None = None) -> Sidecar:
 def _start(folder: Path, home: Path) -> Sidecar:
     from serving.control.service import EndpointService
 
-    _, token = EndpointService(home).auth.create_token("sidecar", is_admin=True, comment="sqlinfer sidecar (loopback)")
+    token_id, token = EndpointService(home).auth.create_token("sidecar", is_admin=True, comment="sqlinfer sidecar (loopback)",
+                                                              lifetime_seconds=TOKEN_LIFETIME)
     port = _free_port()
     log = open(folder / "serve.log", "ab")
     environment = os.environ | {"SQLINFER_HOME": str(home)}
@@ -104,7 +106,7 @@ def _start(folder: Path, home: Path) -> Sidecar:
     staging = folder / "state.json.tmp"
     descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as handle:
-        json.dump({"pid": process.pid, "url": url, "token": token}, handle)
+        json.dump({"pid": process.pid, "url": url, "token": token, "token_id": token_id}, handle)
     os.replace(staging, state)
     return Sidecar(process.pid, url, token)
 
@@ -112,7 +114,20 @@ def _start(folder: Path, home: Path) -> Sidecar:
 def stop(home: Path | None = None) -> bool:
     """Stop this host's sidecar and the engines it started; False if none was running."""
     found = running(home)
-    (directory(home) / "state.json").unlink(missing_ok=True)
+    state = directory(home) / "state.json"
+    try:
+        token_id = json.loads(state.read_text()).get("token_id")
+    except (OSError, ValueError):
+        token_id = None
+    state.unlink(missing_ok=True)
+    if token_id:
+        from engine.errors import SqlinferError
+        from serving.control.service import EndpointService
+
+        try:
+            EndpointService(home or sqlinfer_home()).auth.revoke_token(token_id)
+        except SqlinferError:  # revoked already
+            pass
     if found is None:
         return False
     try:

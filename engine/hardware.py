@@ -1,7 +1,7 @@
 """What this machine computes fast, and the engine defaults that follow from it.
 
 Why this module exists: on CPUs the dtype decides the speed, in opposite directions. On a 2-core
-AMD EPYC with AVX2 only, bfloat16 is emulated and the demo ran ~7x slower than in float32; on an
+AMD EPYC with AVX2 only, bfloat16 is emulated and the engine ran 5.1x slower than in float32; on an
 Intel Xeon with AMX, float32 was 3.7x slower than bfloat16. Likewise vLLM's automatic CPU thread
 binding keeps one core for its scheduler, which on a 2-core machine halves the compute (measured:
 the demo's scoring query took 65.9 s with one bound core and 38.2 s with both). So no dtype or
@@ -80,7 +80,7 @@ def choose_dtype(cpu: CpuFacts) -> Choice:
                                   f"(float32 measured 3.7x slower on an AMX Xeon)")
     expected = "bf16" if cpu.architecture in ("aarch64", "arm64") else "avx512_bf16 or amx_bf16"
     return Choice("float32", f"{cpu.model_name} has no native bf16 arithmetic (no {expected}), so bfloat16 would be "
-                             f"emulated (measured ~7x slower than float32 on an AVX2-only AMD EPYC)")
+                             f"emulated (measured 5.1x slower than float32 on an AVX2-only AMD EPYC)")
 
 
 def choose_threads_bind(cpu: CpuFacts) -> Choice:

@@ -196,6 +196,7 @@ class LocalEngine:
             self.start_line = EngineReport.for_this_machine(self.config).line(self.model.name)
             log.info("%s", self.start_line)
             self._starting = True
+            token = cancellation.CANCEL.set(None)  # a start runs to the end: cancelled, its engine would be orphaned
             try:
                 with _child_process_env(self.config.process_env()):
                     self._llm = self._loop.run(_create_async_llm(args))
@@ -208,6 +209,7 @@ class LocalEngine:
                 ) from exc
             finally:
                 self._starting = False
+                cancellation.CANCEL.reset(token)
             self._tokenizer = self._llm.get_tokenizer()
             self._max_model_len = int(self._llm.vllm_config.model_config.max_model_len)
             self._last_used = time.monotonic()

@@ -45,6 +45,7 @@ def test_sql_reads_csv_files_without_models(tmp_path):
     assert "pear" in result.stdout and "2" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.engine
 def test_sql_runs_ai_query_on_the_local_model(tmp_path):
     csv = tmp_path / "questions.csv"

@@ -156,3 +156,27 @@ def test_the_local_engine_calls_a_named_tool_with_valid_arguments(sdk, chat_engi
     assert choice.finish_reason == "tool_calls", choice
     [call] = choice.message.tool_calls
     assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+
+
+def test_malformed_tool_fields_are_the_callers_mistake(admin):
+    ask = {"model": "system-echo", "messages": [{"role": "user", "content": "x"}]}
+    bad_tool = admin.post("/serving-endpoints/chat/completions", json=ask | {"tools": [{"type": "function"}]})
+    assert bad_tool.status_code == 400 and "tools[0] must be" in bad_tool.json()["error"]["message"]
+    bad_arguments = admin.post("/serving-endpoints/chat/completions", json=ask | {"messages": [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+                                                               "function": {"name": "f", "arguments": "{not json"}}]},
+        {"role": "user", "content": "x"}]})
+    assert bad_arguments.status_code == 400 and "arguments are a JSON object as text" in bad_arguments.json()["error"]["message"]
+    bad_format = admin.post("/serving-endpoints/chat/completions",
+                            json=ask | {"response_format": {"type": "json_schema", "json_schema": {"schema": "nope"}}})
+    assert bad_format.status_code == 400 and "must be a JSON Schema object" in bad_format.json()["error"]["message"]
+    too_much_context = admin.post("/serving-endpoints/chat/completions", json=ask | {"usage_context": {"k": "v" * 5000}})
+    assert too_much_context.status_code == 400 and "usage_context is larger than 4096 bytes" in too_much_context.json()["error"]["message"]
+
+
+def test_custom_model_params_are_part_of_an_answers_key():
+    from serving.data.result_store import answer_keys
+
+    rows = [{"x": 1}]
+    assert answer_keys("iris", "v1", "predict", None, rows) == answer_keys("iris", "v1", "predict", None, rows, None)
+    assert answer_keys("iris", "v1", "predict", None, rows, {"threshold": 0.5}) != answer_keys("iris", "v1", "predict", None, rows)

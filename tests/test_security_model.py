@@ -161,3 +161,43 @@ def test_the_egress_allow_list_refuses_urls_outside_it(server, admin, bob, liste
     again = admin.post("/serving-endpoints/out/invocations", json=query)
     assert again.status_code == 403 and "egress allow-list" in again.json()["message"], again.text
     assert len(listener.calls) == 1
+
+
+def test_an_unknown_system_name_reveals_no_other_endpoint(server, admin, bob):
+    admin.post("/api/2.0/serving-endpoints", json={"name": "secret-project", "config": {"served_entities": [
+        {"entity_name": "smollm2-135m-instruct"}]}}).raise_for_status()
+    for response in (bob.post("/serving-endpoints/system-nope/invocations", json={"messages": [{"role": "user", "content": "x"}]}),
+                     bob.post("/serving-endpoints/chat/completions", json={"model": "system-nope", "messages": [{"role": "user", "content": "x"}]}),
+                     bob.get("/api/2.0/sqlinfer/endpoints/system-nope")):
+        assert response.status_code == 404, response.text
+        assert "secret-project" not in response.text and "system-nope" in response.text
+
+
+def test_changing_a_config_needs_the_entitlement_too(server, admin, bob):
+    admin.post("/api/2.0/serving-endpoints", json={"name": "shared", "config": {"served_entities": [
+        {"entity_name": "smollm2-135m-instruct"}]}}).raise_for_status()
+    endpoint = wait_until_settled(admin, "shared")
+    admin.patch(f"/api/2.0/permissions/serving-endpoints/{endpoint['id']}",
+                json={"access_control_list": [{"user_name": "carol", "permission_level": "CAN_MANAGE"}]}).raise_for_status()
+    with server.client(server.service.auth.create_token("carol")[1]) as carol:
+        refused = carol.put("/api/2.0/serving-endpoints/shared/config",
+                            json={"served_entities": [{"entity_name": "system.ai.smollm2-135m-instruct"}]})
+        assert refused.status_code == 403 and "'create-serving-endpoints' entitlement" in refused.json()["message"]
+        assert carol.patch("/api/2.0/serving-endpoints/shared/tags", json={"add_tags": [{"key": "k"}]}).status_code == 200
+
+
+def test_the_default_openai_url_is_inside_the_allow_list_or_refused(server, admin, monkeypatch):
+    monkeypatch.setenv("SQLINFER_EGRESS_ALLOW", "10.0.0.0/8")
+    refused = admin.post("/api/2.0/serving-endpoints", json={"name": "default-base", "config": {"served_entities": [{
+        "external_model": {"name": "gpt-x", "provider": "openai", "task": "llm/v1/chat",
+                           "openai_config": {"openai_api_key": "{{secrets/my_scope/my_openai_api_key}}"}}}]}})
+    assert refused.status_code == 403 and "'https://api.openai.com/v1'" in refused.json()["message"]
+
+
+def test_a_token_never_outlives_the_token_that_made_it(server):
+    import time
+
+    _, short = server.service.auth.create_token("temp", lifetime_seconds=60)
+    with server.client(short) as client:
+        made = client.post("/api/2.0/token/create", json={"comment": "longer?"}).json()
+    assert 0 < made["token_info"]["expiry_time"] <= (time.time() + 61) * 1000

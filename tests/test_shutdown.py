@@ -35,6 +35,7 @@ def gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 @pytest.mark.engine
 def test_interpreter_exit_stops_the_engine_quietly(tmp_path):
     script = tmp_path / "use_engine.py"

@@ -55,6 +55,9 @@ async def _lifespan(app: FastAPI):
         await run_in_threadpool(engine_module.shutdown_all)
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class _CountRequests:
     """Requests by method and status for /metrics. Plain ASGI: Starlette's BaseHTTPMiddleware costs a
     task and a stream copy per request, a measurable share of the gateway's overhead."""
@@ -68,7 +71,8 @@ class _CountRequests:
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
-                key = (scope["method"], message["status"])
+                method = scope["method"] if scope["method"] in _METHODS else "OTHER"  # no series per invented method
+                key = (method, message["status"])
                 self.counts[key] = self.counts.get(key, 0) + 1
             await send(message)
 

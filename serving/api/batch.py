@@ -53,6 +53,8 @@ def router() -> APIRouter:
     def options_of(body: BatchRequest) -> SamplingOptions | None:
         if body.kind not in ("chat", "complete"):
             return None
+        if (body.options or {}).get("tools"):
+            raise InvalidParameterValue("options.tools: a SQL batch answers text; send tool calls to the chat routes")
         try:
             return SamplingOptions(**(body.options or {}))
         except ValueError as exc:

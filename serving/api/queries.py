@@ -41,9 +41,14 @@ log = logging.getLogger("sqlinfer.rest")
 
 
 def may_query(request: Request, who: Principal, name: str) -> None:
-    if not name.startswith(SYSTEM_PREFIX):  # every user may query the system endpoints
-        service = request.app.state.service
-        service.auth.require(who, service.endpoint_id(name), name, "CAN_QUERY")
+    """CAN_QUERY on ``name``; every user may query the system endpoints. An unknown name is a 404
+    that names no other endpoint (the in-process message lists them; a REST caller may not see them)."""
+    if name.startswith(SYSTEM_PREFIX):
+        if not request.app.state.query_client.directory.is_registered(name):
+            raise ResourceDoesNotExist(f"endpoint {name!r} does not exist; list endpoints with GET /api/2.0/serving-endpoints")
+        return
+    service = request.app.state.service
+    service.auth.require(who, service.endpoint_id(name), name, "CAN_QUERY")
 
 
 def router() -> APIRouter:

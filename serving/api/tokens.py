@@ -25,9 +25,15 @@ def router() -> APIRouter:
 
     @api.post("/create", summary="Create a token for the caller")
     def create_token(body: CreateToken, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        import time
+
         auth = request.app.state.service.auth
+        lifetime = body.lifetime_seconds
+        if who.expires_at_ms is not None:  # a token never outlives the token that made it
+            remaining = max(1, int(who.expires_at_ms / 1000 - time.time()))
+            lifetime = min(lifetime or remaining, remaining)
         token_id, value = auth.create_token(who.user_name, is_admin=who.is_admin, comment=body.comment,
-                                            lifetime_seconds=body.lifetime_seconds)
+                                            lifetime_seconds=lifetime)
         [info] = [t for t in auth.list_tokens(who.user_name) if t["id"] == token_id]
         return {"token_value": value, "token_info": _info(info)}
 

@@ -37,6 +37,7 @@ RESERVED_USER_NAMES = ("embedded", "system", "users")
 class Principal:
     user_name: str
     is_admin: bool = False
+    expires_at_ms: int | None = None  # when the token it came with expires (None: never)
 
 
 EMBEDDED = Principal("embedded", is_admin=True)
@@ -97,7 +98,7 @@ class Auth:
         ).fetchone()
         if row is None or (row["expiry_time"] is not None and row["expiry_time"] <= time.time() * 1000):
             raise Unauthenticated("invalid, expired or revoked token")
-        return Principal(row["user_name"], bool(row["is_admin"]))
+        return Principal(row["user_name"], bool(row["is_admin"]), row["expiry_time"])
 
     def principal_named(self, user_name: str) -> Principal:
         """The principal a stored name stands for now (an admin if any of its tokens is one):

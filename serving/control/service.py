@@ -132,6 +132,8 @@ class EndpointService:
 
     def update_config(self, name: str, body: Any, principal: Principal = EMBEDDED) -> dict[str, Any]:
         self._refuse_system(name, "update")
+        # A new config makes the server call out anew (URLs, keys): the same entitlement as creating.
+        self.auth.require_entitlement(principal, CREATE_ENDPOINTS, "change the config of serving endpoints")
         config = _parsed(EndpointConfig, body)
         check_supported_config(config, name)
         row = self.store.row(name)

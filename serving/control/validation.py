@@ -55,6 +55,8 @@ def provider_urls(external: dict[str, Any]) -> list[tuple[str, str]]:
             url = (external.get(config_name) or {}).get(field)
             if url:
                 found.append((f"{config_name}.{field}", url))
+    if external.get("provider") == "openai" and not (external.get("openai_config") or {}).get("openai_api_base"):
+        found.append(("openai_config.openai_api_base (default)", "https://api.openai.com/v1"))
     return found
 
 

@@ -513,7 +513,7 @@ class BatchRequest(Strict):
 
     endpoint: str = Field(min_length=1, max_length=255)
     kind: Literal["chat", "complete", "embed", "predict"]
-    requests: list[Any]
+    requests: list[Any] = Field(max_length=100_000)
     options: dict[str, Any] | None = None
     params: dict[str, Any] | None = None
     stream: bool = False  # NDJSON, one line per answer as it completes (serving.data.batch_wire)

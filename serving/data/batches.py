@@ -32,7 +32,7 @@ def run_batch(client: InProcessClient, store: ResultStore | None, endpoint: str,
     """Answer ``requests``: stored answers at once (``from_store``), the rest in one backend call."""
     version = client.config_version(endpoint)
     keyed = store is not None and version is not None and is_deterministic(kind, options or SamplingOptions())
-    keys = answer_keys(endpoint, version, kind, options, requests) if keyed else []
+    keys = answer_keys(endpoint, version, kind, options, requests, params) if keyed else []
     pending = list(range(len(requests)))
     if keyed:
         stored = store.get_many(keys)

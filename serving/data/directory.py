@@ -75,6 +75,11 @@ class EndpointDirectory:
                 )
             self._endpoints[name] = Endpoint(name, task, factory, description, cache_version=cache_version)
 
+    def is_registered(self, name: str) -> bool:
+        """Whether ``name`` is registered in memory (the system endpoints, test doubles)."""
+        with self._lock:
+            return name in self._endpoints
+
     def unregister(self, name: str) -> None:
         with self._lock:
             endpoint = self._endpoints.pop(name, None)

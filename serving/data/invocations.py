@@ -47,6 +47,8 @@ def invoke(client: ServingClient, endpoint: str, body: dict[str, Any], expected_
     if expected_task is not None and task != expected_task:
         raise InvalidParameterValue(f"endpoint {endpoint!r} serves {task}; this route is for {expected_task}")
     if task == CUSTOM_TASK:
+        if body.get("stream"):
+            raise InvalidParameterValue(f"{endpoint!r} is a custom model: it answers at once; remove stream")
         return _predictions(client, endpoint, body)
     refused = [f"{name} ({REFUSED_FIELDS[name]})" for name in REFUSED_FIELDS if body.get(name) is not None]
     if body.get("store"):
@@ -158,13 +160,21 @@ def _options(body: dict[str, Any]) -> SamplingOptions:
     for name in ("tools", "tool_choice", "parallel_tool_calls"):
         if body.get(name) is not None:
             values[name] = body[name]
+    if values.get("tools") is not None:
+        from serving.data.local_tools import check_tools
+
+        check_tools(values["tools"])
     if body.get("logprobs"):
         values["logprobs"] = int(body.get("top_logprobs") or (body["logprobs"] if not isinstance(body["logprobs"], bool) else 1))
     response_format = body.get("response_format")
     if response_format:
         kind = response_format.get("type") if isinstance(response_format, dict) else None
         if kind == "json_schema":
-            values["json_schema"] = (response_format.get("json_schema") or {}).get("schema") or {}
+            spec = response_format.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, (dict, type(None))):
+                raise InvalidParameterValue("response_format.json_schema.schema must be a JSON Schema object")
+            values["json_schema"] = schema or {}
         elif kind == "json_object":
             values["json_schema"] = {"type": "object"}
         elif kind != "text":
@@ -190,7 +200,7 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
                                         f"got {role!r}")
         content = message.get("content")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+            content = "".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
         calls = message.get("tool_calls") if role == "assistant" else None
         if content is None and calls:
             content = ""
@@ -199,9 +209,11 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
         turn: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
         if calls:
             if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
-                                                      and isinstance(c["function"].get("name"), str) for c in calls):
+                                                      and isinstance(c["function"].get("name"), str)
+                                                      and _json_object_text(c["function"].get("arguments")) for c in calls):
                 raise InvalidParameterValue(f"messages[{index}].tool_calls must be a list of "
-                                            f"{{id, type: function, function: {{name, arguments}}}}")
+                                            f"{{id, type: function, function: {{name, arguments}}}} whose arguments are "
+                                            f"a JSON object as text")
             turn["tool_calls"] = [{"id": c.get("id") or f"call_{i}", "type": "function",
                                    "function": {"name": c["function"]["name"], "arguments": c["function"].get("arguments") or "{}"}}
                                   for i, c in enumerate(calls)]
@@ -211,6 +223,17 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
             turn["tool_call_id"] = message["tool_call_id"]
         cleaned.append(turn)
     return cleaned
+
+
+def _json_object_text(arguments: Any) -> bool:
+    import json
+
+    if arguments is None:
+        return True
+    try:
+        return isinstance(arguments, str) and isinstance(json.loads(arguments), dict)
+    except ValueError:
+        return False
 
 
 def _raise_row_error(result: Any) -> None:

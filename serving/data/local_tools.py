@@ -40,6 +40,13 @@ class Plan:
     names: tuple[str, ...] = ()
 
 
+def check_tools(tools: Any) -> None:
+    """Refuse tools that are not OpenAI function tools, naming the bad one (before any call)."""
+    if not isinstance(tools, (list, tuple)):
+        raise InvalidParameterValue("tools must be a list of {\"type\": \"function\", \"function\": {...}} objects")
+    _functions(tools)
+
+
 def _functions(tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     functions = []
     for index, tool in enumerate(tools):

@@ -130,6 +130,9 @@ class ProviderBackend(Backend):
                 result = one(item)
             except ProviderError as exc:  # a dropped connection or timeout counts as 503
                 result = failed(str(exc), exc.status or 503)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not the API's shape (bad JSON, a field missing)
+                result = failed(self._scrub(f"the provider's answer is not the expected API shape ({type(exc).__name__}: "
+                                            f"{str(exc)[:200]})"), 502)
             if on_result is not None:
                 on_result(index, result)
             return result

@@ -8,9 +8,13 @@ looked up: :func:`serving.data.invocations.invoke` checks that, and the values' 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_CONTEXT_BYTES = 4096
+MAX_ITEMS = 10_000  # messages, prompts or texts in one real-time request
 
 
 class _Query(BaseModel):
@@ -18,10 +22,18 @@ class _Query(BaseModel):
 
     # bookkeeping: accepted, never sent to a model
     model: str | None = Field(default=None, description="the endpoint name (OpenAI routes)")
-    user: str | None = None
-    client_request_id: str | None = Field(default=None, description="recorded in the usage table")
-    usage_context: dict[str, Any] | None = Field(default=None, description="recorded in the usage table")
+    user: str | None = Field(default=None, max_length=256)
+    client_request_id: str | None = Field(default=None, max_length=256, description="recorded in the usage table")
+    usage_context: dict[str, Any] | None = Field(default=None, max_length=64, description="recorded in the usage table")
     extra_params: dict[str, Any] | None = None
+
+    @field_validator("usage_context")
+    @classmethod
+    def _bounded_context(cls, value: Any) -> Any:
+        # copied into the usage row of every request of the body: kept small
+        if value is not None and len(json.dumps(value, default=str)) > MAX_CONTEXT_BYTES:
+            raise ValueError(f"usage_context is larger than {MAX_CONTEXT_BYTES} bytes as JSON; send a smaller one")
+        return value
 
 
 class _Sampling(_Query):
@@ -64,21 +76,21 @@ class ChatRequest(_Sampling, _Tools):
     """``POST /serving-endpoints/chat/completions`` (OpenAI chat completions)."""
 
     model: str = Field(description="the endpoint name")
-    messages: list[dict[str, Any]]
+    messages: list[dict[str, Any]] = Field(max_length=MAX_ITEMS)
 
 
 class CompletionRequest(_Sampling):
     """``POST /serving-endpoints/completions`` (OpenAI completions)."""
 
     model: str = Field(description="the endpoint name")
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(max_length=MAX_ITEMS)
 
 
 class EmbeddingRequest(_Query):
     """``POST /serving-endpoints/embeddings`` (OpenAI embeddings)."""
 
     model: str = Field(description="the endpoint name")
-    input: str | list[str]
+    input: str | list[str] = Field(max_length=MAX_ITEMS)
     encoding_format: str | None = None
     stream: bool | None = None
 

@@ -55,7 +55,11 @@ def _chat_body(body: dict[str, Any]) -> dict[str, Any]:
         chat["max_tokens"] = body["max_output_tokens"]
     if body.get("tools"):
         chat["tools"] = [_chat_tool(tool, index) for index, tool in enumerate(body["tools"])]
-    form = ((body.get("text") or {}).get("format") or {})
+    text = body.get("text") or {}
+    form = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(form, (dict, type(None))):
+        raise InvalidParameterValue("text.format must be an object: {type: text | json_object | json_schema, ...}")
+    form = form or {}
     if form.get("type") == "json_schema":
         chat["response_format"] = {"type": "json_schema", "json_schema": {"name": form.get("name", "response"),
                                                                           "schema": form.get("schema") or {}}}
@@ -71,7 +75,7 @@ def _input_item(item: Any, index: int) -> list[dict[str, Any]]:
     if kind == "message":
         content = item.get("content")
         if isinstance(content, list):
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+            content = "".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
         return [{"role": item.get("role", "user"), "content": content or ""}]
     if kind == "function_call":
         return [{"role": "assistant", "content": None, "tool_calls": [{
@@ -121,7 +125,9 @@ def respond(client: ServingClient, endpoint: str, body: dict[str, Any]) -> tuple
     chat = _chat_body(body)
     [result] = client.chat(endpoint, [_messages(chat["messages"])], _options(chat))
     _raise_row_error(result)
-    choice = result.choices[0]
+    from engine.types import Choice
+
+    choice = result.choices[0] if result.choices else Choice(text="", finish_reason="stop")
     response = _shell(endpoint, body, "completed" if choice.finish_reason != "length" else "incomplete")
     if choice.finish_reason == "length":
         response["incomplete_details"] = {"reason": "max_output_tokens"}

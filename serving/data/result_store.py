@@ -46,7 +46,7 @@ def request_key(endpoint: str, version: str, options: Any, schema: str | None, r
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def answer_keys(endpoint: str, version: str, kind: str, options: Any, requests: Any) -> list[str]:
+def answer_keys(endpoint: str, version: str, kind: str, options: Any, requests: Any, params: Any = None) -> list[str]:
     """The store keys of ``requests`` of one kind sent with ``options`` (a SamplingOptions).
 
     One definition for every side: the SQL functions (running and explaining) and the server
@@ -55,6 +55,8 @@ def answer_keys(endpoint: str, version: str, kind: str, options: Any, requests: 
     generating = kind in ("chat", "complete") and options is not None
     sampling = options.model_dump(mode="json", exclude_none=True) if generating else None
     schema = json.dumps(options.json_schema, sort_keys=True) if generating and options.json_schema is not None else None
+    if params:  # a custom model's params change its answers (none: the keys the SQL functions use)
+        sampling = {"params": params}
     return [request_key(endpoint, version, sampling, schema, r) for r in requests]
 
 
