@@ -203,6 +203,38 @@ def _cmd_users(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_groups(args: argparse.Namespace) -> int:
+    principals = _service().auth.principals
+    if args.action == "create":
+        principals.create_group(_need(args.group, "a group name"), args.members)
+    elif args.action in ("add", "remove"):
+        members = _need(args.members, "one or more members (user names or application ids)")
+        principals.change_members(_need(args.group, "a group name"), **{args.action: members})
+    elif args.action == "delete":
+        principals.delete_group(principals.group_named(_need(args.group, "a group name")).id)
+        print(f"deleted group {args.group}")
+        return 0
+    for group in principals.groups() if args.action == "list" else [principals.group_named(args.group)]:
+        print(f"{group.name}: {', '.join(group.members) or '(no members)'}")
+    return 0
+
+
+def _cmd_service_principals(args: argparse.Namespace) -> int:
+    auth = _service().auth
+    if args.action == "create":
+        sp = auth.principals.create_service_principal(_need(args.name, "a display name"))
+        print(f"{sp.application_id}  {sp.display_name} (id {sp.id})")
+    elif args.action == "token":
+        sp = auth.principals.service_principal_by_application(_need(args.name, "the application id"))
+        _, token = auth.create_token(sp.application_id, comment=f"service principal {sp.display_name}")
+        print(token)
+        print(f"token for service principal {sp.display_name} ({sp.application_id}); shown only once", file=sys.stderr)
+    else:
+        for sp in auth.principals.service_principals():
+            print(f"{sp.application_id}  {sp.display_name}")
+    return 0
+
+
 def _cmd_tokens(args: argparse.Namespace) -> int:
     auth = _service().auth
     if args.action == "create":
@@ -344,6 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
     users.add_argument("user")
     users.add_argument("entitlement", nargs="?", help="entitle/revoke: create-serving-endpoints")
     users.set_defaults(handler=_cmd_users)
+
+    groups = commands.add_parser("groups", help="groups: permissions and rate limits for several users at once")
+    groups.add_argument("action", choices=("list", "show", "create", "add", "remove", "delete"))
+    groups.add_argument("group", nargs="?")
+    groups.add_argument("members", nargs="*", help="create/add/remove: user names or service principals' application ids")
+    groups.set_defaults(handler=_cmd_groups)
+
+    principals = commands.add_parser("service-principals", help="application identities and their tokens")
+    principals.add_argument("action", choices=("list", "create", "token"))
+    principals.add_argument("name", nargs="?", help="create: a display name; token: the application id")
+    principals.set_defaults(handler=_cmd_service_principals)
 
     tokens = commands.add_parser("tokens", help="API tokens")
     tokens.add_argument("action", choices=("create", "list", "revoke"))

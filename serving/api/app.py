@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.api import batch, endpoints, ops, permissions, queries, secrets, tokens
+from serving.api import batch, endpoints, ops, permissions, queries, scim, secrets, tokens
 from serving.api.guard import Guard, error_response
 from serving.control.service import EndpointService
 from serving.control.wire import describe_errors
@@ -95,8 +95,9 @@ def create_app(service: EndpointService | None = None, owns_process: bool = Fals
     app.state.result_store = default_store()  # answers of SQL batches (serving.data.batches)
     app.state.request_counts = {}
 
-    for family in (endpoints, permissions, secrets, tokens, queries, batch):
+    for family in (endpoints, permissions, secrets, tokens, scim, queries, batch):
         app.include_router(family.router())
+    app.include_router(scim.token_management_router())
     app.include_router(ops.router(started=time.time()))
 
     # Outermost first: count every response (401s included), then guard everything behind it.

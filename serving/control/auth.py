@@ -3,7 +3,9 @@
 Tokens are random bearer strings (``sqli_...``) shown once at creation and stored only as a
 SHA-256 hash. Permissions are Databricks' levels on one endpoint, ordered
 ``CAN_VIEW < CAN_QUERY < CAN_MANAGE``; an endpoint's creator gets CAN_MANAGE, admins may do
-everything, and every authenticated user may view and query the system endpoints.
+everything, and every authenticated user may view and query the system endpoints. A level granted
+to a group (``serving.control.principals``) holds for its members while they are members; the
+strongest of a principal's direct and group levels counts.
 
 Creating endpoints is an entitlement (``create-serving-endpoints``): admins have it, other users
 only when it is granted (``sqlinfer users entitle NAME create-serving-endpoints``), because an
@@ -23,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 
 from serving.control.db import Database
+from serving.control.principals import ALL_USERS, GROUP_PREFIX, PrincipalDirectory
 from serving.errors import InvalidParameterValue, PermissionDenied, ResourceDoesNotExist, Unauthenticated
 
 LEVELS = ("CAN_VIEW", "CAN_QUERY", "CAN_MANAGE")
@@ -50,6 +53,7 @@ def _hash(token: str) -> str:
 class Auth:
     def __init__(self, db: Database):
         self._db = db
+        self.principals = PrincipalDirectory(db)
 
     # -- tokens ------------------------------------------------------------------------------
 
@@ -58,6 +62,8 @@ class Auth:
         """A new token for ``user_name``: (token id, token value). The value is not stored."""
         if not user_name or any(c.isspace() for c in user_name) or len(user_name) > 255:
             raise InvalidParameterValue(f"user name {user_name!r} must be 1-255 characters without spaces")
+        if user_name.startswith(GROUP_PREFIX):
+            raise InvalidParameterValue(f"user name {user_name!r} may not start with {GROUP_PREFIX!r} (it names groups in ACLs)")
         if user_name in RESERVED_USER_NAMES:
             raise InvalidParameterValue(f"user name {user_name!r} is reserved ({', '.join(RESERVED_USER_NAMES)}); choose another")
         token = "sqli_" + secrets.token_urlsafe(32)
@@ -133,12 +139,14 @@ class Auth:
     # -- permissions -------------------------------------------------------------------------
 
     def level(self, principal: Principal, endpoint_id: str) -> str | None:
+        """The strongest level ``principal`` holds on the endpoint: directly, or through a group."""
         if principal.is_admin:
             return "CAN_MANAGE"
-        row = self._db.read().execute(
-            "SELECT level FROM permissions WHERE endpoint_id = ? AND principal = ?", (endpoint_id, principal.user_name)
-        ).fetchone()
-        return row["level"] if row else None
+        names = [principal.user_name] + [GROUP_PREFIX + g for g in self.principals.groups_of(principal.user_name)]
+        rows = self._db.read().execute(
+            f"SELECT level FROM permissions WHERE endpoint_id = ? AND principal IN ({', '.join('?' * len(names))})",
+            (endpoint_id, *names)).fetchall()
+        return max((row["level"] for row in rows), key=LEVELS.index, default=None)
 
     def require(self, principal: Principal, endpoint_id: str, endpoint_name: str, needed: str) -> None:
         have = self.level(principal, endpoint_id)

@@ -160,6 +160,29 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX entity_logs_by_entity ON entity_logs (endpoint_id, entity_name, kind, timestamp_ms);
     """,
+    # 8: governance: groups and their members, service principals (tokens that belong to an
+    # application), and what a guardrail did to a request (serving.data.guardrails)
+    """
+    CREATE TABLE groups (
+        name TEXT PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        creation_timestamp INTEGER NOT NULL
+    );
+    CREATE TABLE group_members (
+        group_name TEXT NOT NULL REFERENCES groups (name) ON DELETE CASCADE,
+        member TEXT NOT NULL,          -- a user name or a service principal's application id
+        PRIMARY KEY (group_name, member)
+    );
+    CREATE INDEX group_members_by_member ON group_members (member);
+    CREATE TABLE service_principals (
+        application_id TEXT PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        display_name TEXT NOT NULL,
+        active INTEGER NOT NULL DEFAULT 1,
+        creation_timestamp INTEGER NOT NULL
+    );
+    ALTER TABLE usage ADD COLUMN guardrail TEXT;   -- e.g. input.pii BLOCK (email)
+    """,
 ]
 
 

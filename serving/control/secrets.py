@@ -159,15 +159,17 @@ class SecretStore:
     # -- permissions -------------------------------------------------------------------------
 
     def permission(self, principal: Principal, scope: str, con=None) -> str | None:
-        """The strongest permission ``principal`` holds on ``scope`` (directly or as one of
-        ``users``); None when none, or when the scope does not exist."""
+        """The strongest permission ``principal`` holds on ``scope`` (directly, as one of ``users``
+        or through a group); None when none, or when the scope does not exist."""
         con = con or self._db.read()
         if not con.execute("SELECT 1 FROM secret_scopes WHERE name = ?", (scope,)).fetchone():
             return None
         if principal.is_admin:
             return "MANAGE"
-        rows = con.execute("SELECT permission FROM secret_acls WHERE scope = ? AND principal IN (?, ?)",
-                           (scope, principal.user_name, ALL_USERS)).fetchall()
+        # directly, as one of every user, or through a group it is a member of (as in Databricks)
+        rows = con.execute("SELECT permission FROM secret_acls WHERE scope = ? AND (principal IN (?, ?) OR principal IN "
+                           "(SELECT group_name FROM group_members WHERE member = ?))",
+                           (scope, principal.user_name, ALL_USERS, principal.user_name)).fetchall()
         held = [PERMISSIONS.index(row["permission"]) for row in rows]
         return PERMISSIONS[max(held)] if held else None
 

@@ -26,6 +26,7 @@ from typing import Any
 from engine.model_store import BUNDLED_MODELS, detect_task, sqlinfer_home
 from serving.control.auth import CREATE_ENDPOINTS, EMBEDDED, Auth, Principal
 from serving.control.db import Database
+from serving.control.principals import GROUP_PREFIX
 from serving.control.deployer import Deployer
 from serving.control.secrets import SEALED, SecretStore  # noqa: F401  (SEALED: the data plane unseals values)
 from serving.control.store import SYSTEM_PREFIX, EndpointStore, ServingConfig, missing
@@ -112,6 +113,7 @@ class EndpointService:
         self.auth.require_entitlement(principal, CREATE_ENDPOINTS, "create serving endpoints")
         request = _parsed(CreateEndpoint, body)
         check_supported_create(request)
+        self._check_limit_principals(request.ai_gateway)
         if request.name.startswith(SYSTEM_PREFIX):
             raise InvalidParameterValue(
                 f"endpoint name {request.name!r} is reserved: names starting with {SYSTEM_PREFIX!r} belong to the bundled models")
@@ -191,6 +193,7 @@ class EndpointService:
         self._refuse_system(name, "configure")
         gateway = _parsed(AiGatewayConfig, body)
         check_supported_gateway(gateway)
+        self._check_limit_principals(gateway)
         self._set_column(name, principal, "ai_gateway_json", gateway.model_dump(exclude_none=True))
         return gateway.model_dump(exclude_none=True)
 
@@ -234,10 +237,35 @@ class EndpointService:
         request = _parsed(AccessControlList, body)
         row = self._row_by_id(endpoint_id)
         self.auth.require(principal, endpoint_id, row["name"], "CAN_MANAGE")
-        entries = [(e.user_name, e.permission_level) for e in request.access_control_list]
+        entries = [(self._acl_principal(e), e.permission_level) for e in request.access_control_list]
         with self.db.write() as con:
             self.auth.set_acl(con, endpoint_id, entries, replace=replace)
         return self.views.acl(endpoint_id)
+
+    def _check_limit_principals(self, gateway: Any) -> None:
+        """A limit for a group or service principal that does not exist would hold for nobody."""
+        for index, limit in enumerate((gateway.rate_limits if gateway else None) or []):
+            if limit.key == "user_group" and not self.auth.principals.exists(limit.principal):
+                raise InvalidParameterValue(f"ai_gateway.rate_limits[{index}].principal: {limit.principal!r} is not a "
+                                            f"group; create it first (`sqlinfer groups create {limit.principal}`)")
+            if limit.key == "service_principal" and not self.auth.principals.is_service_principal(limit.principal):
+                raise InvalidParameterValue(f"ai_gateway.rate_limits[{index}].principal: {limit.principal!r} is not a "
+                                            f"service principal's application_id; list them with GET "
+                                            f"/api/2.0/preview/scim/v2/ServicePrincipals")
+
+    def _acl_principal(self, entry: Any) -> str:
+        """How an ACL entry's principal is stored: users and service principals by name, groups
+        as ``group:NAME``; a group or service principal must exist (a typo would grant nothing)."""
+        principals = self.auth.principals
+        if entry.group_name is not None:
+            if not principals.exists(entry.group_name):
+                raise InvalidParameterValue(f"group_name {entry.group_name!r} is not a group; create it first "
+                                            f"(`sqlinfer groups create {entry.group_name}`)")
+            return GROUP_PREFIX + entry.group_name
+        if entry.service_principal_name is not None:
+            principals.service_principal_by_application(entry.service_principal_name)
+            return entry.service_principal_name
+        return entry.user_name
 
     # -- model optimization info -------------------------------------------------------------
 

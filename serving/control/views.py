@@ -14,6 +14,7 @@ from typing import Any
 from engine.model_store import BUNDLED_MODELS
 from engine.types import CUSTOM_TASK
 from serving.control.auth import Auth, Principal
+from serving.control.principals import GROUP_PREFIX
 from serving.control.secrets import SEALED
 from serving.control.store import SYSTEM_PREFIX, EndpointStore
 from serving.control.validation import SYSTEM_CATALOG, ConfigValidator
@@ -86,10 +87,16 @@ class EndpointViews:
             "object_id": f"/serving-endpoints/{endpoint_id}",
             "object_type": "serving-endpoint",
             "access_control_list": [
-                {"user_name": user, "all_permissions": [{"permission_level": level, "inherited": False}]}
-                for user, level in self.auth.acl(endpoint_id)
+                {self._acl_field(name): name.removeprefix(GROUP_PREFIX),
+                 "all_permissions": [{"permission_level": level, "inherited": False}]}
+                for name, level in self.auth.acl(endpoint_id)
             ],
         }
+
+    def _acl_field(self, name: str) -> str:
+        if name.startswith(GROUP_PREFIX):
+            return "group_name"
+        return "service_principal_name" if self.auth.principals.is_service_principal(name) else "user_name"
 
     def _show_engine_states(self, config: dict[str, Any], shown: dict[str, Any]) -> None:
         engine_module = sys.modules.get("engine.vllm_engine")  # no engine was ever loaded otherwise

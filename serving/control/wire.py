@@ -317,6 +317,10 @@ class RateLimit(Strict):
     def _rules(self) -> "RateLimit":
         if self.calls is None and self.tokens is None:
             raise ValueError("a rate limit needs calls, tokens, or both")
+        if self.key == "endpoint" and self.principal is not None:
+            raise ValueError(f"principal {self.principal!r}: an 'endpoint' limit holds for everyone; remove principal")
+        if self.key in ("user_group", "service_principal") and not self.principal:
+            raise ValueError(f"key {self.key!r} needs principal: the group's name or the service principal's application_id")
         return self
 
 
@@ -353,6 +357,14 @@ class Guardrails(Strict):
 
 class AiGatewayConfig(Strict):
     rate_limits: list[RateLimit] | None = Field(default=None, max_length=20)
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _group_limits(cls, value: Any) -> Any:
+        groups = [limit.principal for limit in value or [] if limit.key == "user_group"]
+        if len(set(groups)) > 5:  # Databricks' limit
+            raise ValueError(f"at most 5 groups may have their own rate limits, got {len(set(groups))}")
+        return value
     usage_tracking_config: UsageTrackingConfig | None = None
     inference_table_config: InferenceTableConfig | None = None
     fallback_config: FallbackConfig | None = None
@@ -403,8 +415,10 @@ class AccessControlEntry(Strict):
 
     @model_validator(mode="after")
     def _rules(self) -> "AccessControlEntry":
-        if self.user_name is None:
-            raise ValueError("user_name is required (groups and service principals are not supported here)")
+        given = [f for f in ("user_name", "group_name", "service_principal_name") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError(f"an entry names exactly one of user_name, group_name or service_principal_name "
+                             f"(got {', '.join(given) or 'none'})")
         return self
 
 

@@ -1,7 +1,14 @@
 """Rate limits that hold for REST queries and SQL jobs alike, across processes.
 
 An endpoint's limits come from ``ai_gateway.rate_limits`` and the legacy ``rate_limits``:
-``calls`` and/or ``tokens`` per ``minute``, keyed by ``endpoint`` (everyone together) or ``user``.
+``calls`` and/or ``tokens`` per ``minute``, keyed as in Databricks' AI Gateway:
+
+* ``endpoint``: everyone together, always;
+* ``user`` without ``principal``: the default, each caller its own budget;
+* ``user`` or ``service_principal`` with ``principal``: that caller's own budget, replacing the
+  default and any group limit;
+* ``user_group`` with ``principal``: one budget shared by the group's members, replacing the
+  default; a caller in several limited groups is refused only when every one of them is spent.
 Counters live in the registry's SQLite database in fixed one-minute windows, and admission is
 one ``BEGIN IMMEDIATE`` transaction (check and count together), so several server workers, the
 CLI and notebooks share one budget instead of each keeping its own.
@@ -35,15 +42,55 @@ limit_mode: contextvars.ContextVar[str] = contextvars.ContextVar("sqlinfer_limit
 class Limit:
     calls: int | None
     tokens: int | None
-    key: str  # "endpoint" or "user"
+    key: str  # endpoint, user, user_group or service_principal
+    principal: str | None = None  # who a custom limit is for (a user, group or application id)
 
-    def principal(self, user: str) -> str:
-        return user if self.key == "user" else "*"
+
+@dataclass(frozen=True)
+class Counted:
+    """One limit and the counter row it is checked against (``*``, a caller, or ``group:NAME``)."""
+
+    limit: Limit
+    counter: str
+
+
+@dataclass(frozen=True)
+class Applicable:
+    """The limits one caller is held to: all of ``required``, and one of the ``groups`` (if any)."""
+
+    required: tuple[Counted, ...]
+    groups: tuple[tuple[Counted, ...], ...]  # per limited group: its limits
+
+    def __bool__(self) -> bool:
+        return bool(self.required or self.groups)
+
+
+@dataclass(frozen=True)
+class Admission:
+    admitted: int
+    wait_seconds: float
+    counters: tuple[Counted, ...]  # what the admitted calls were counted on (tokens are charged there)
 
 
 def limits_from(rate_limits: Sequence[dict[str, Any]]) -> list[Limit]:
-    return [Limit(r.get("calls"), r.get("tokens"), r.get("key", "user")) for r in rate_limits
-            if r.get("key", "user") in ("user", "endpoint")]
+    return [Limit(r.get("calls"), r.get("tokens"), r.get("key", "user"), r.get("principal")) for r in rate_limits]
+
+
+def applicable(limits: Sequence[Limit], user: str, groups: Sequence[str]) -> Applicable:
+    """Which of an endpoint's limits hold for ``user`` (a member of ``groups``), Databricks' way."""
+    required = [Counted(limit, "*") for limit in limits if limit.key == "endpoint"]
+    own = [Counted(limit, user) for limit in limits
+           if limit.key in ("user", "service_principal") and limit.principal == user]
+    by_group: dict[str, list[Counted]] = {}
+    for limit in limits:
+        if limit.key == "user_group" and limit.principal in groups:
+            by_group.setdefault(limit.principal, []).append(Counted(limit, "group:" + limit.principal))
+    if own:
+        return Applicable(tuple(required + own), ())
+    if by_group:
+        return Applicable(tuple(required), tuple(tuple(group) for group in by_group.values()))
+    default = [Counted(limit, user) for limit in limits if limit.key == "user" and limit.principal is None]
+    return Applicable(tuple(required + default), ())
 
 
 class RateLimiter:
@@ -55,32 +102,45 @@ class RateLimiter:
         start = int(now // WINDOW_SECONDS) * WINDOW_SECONDS
         return start, start + WINDOW_SECONDS - now
 
-    def acquire(self, endpoint_id: str, limits: Sequence[Limit], user: str, wanted: int) -> tuple[int, float]:
-        """Admit up to ``wanted`` calls now: (admitted, seconds until the next window)."""
+    def groups_of(self, user: str) -> list[str]:
+        rows = self.db.read().execute("SELECT group_name FROM group_members WHERE member = ?", (user,)).fetchall()
+        return [row["group_name"] for row in rows]
+
+    def acquire(self, endpoint_id: str, limits: Applicable, wanted: int) -> Admission:
+        """Admit up to ``wanted`` calls now, counted on the caller's counters (one transaction)."""
         window, remaining = self._window()
         with self.db.write() as con:
-            admitted = wanted
-            for limit in limits:
-                row = con.execute("SELECT calls, tokens FROM rate_usage WHERE endpoint_id = ? AND principal = ? AND window_start = ?",
-                                  (endpoint_id, limit.principal(user), window)).fetchone()
-                calls, tokens = (row["calls"], row["tokens"]) if row else (0, 0)
-                if limit.tokens is not None and tokens >= limit.tokens:
-                    admitted = 0
-                if limit.calls is not None:
-                    admitted = min(admitted, max(0, limit.calls - calls))
-            if admitted:
-                for principal in {limit.principal(user) for limit in limits}:
-                    self._add(con, endpoint_id, principal, window, calls=admitted)
-            con.execute("DELETE FROM rate_usage WHERE window_start < ?", (window - 2 * WINDOW_SECONDS,))
-        return admitted, remaining
+            def room(counted: Sequence[Counted]) -> int:
+                admitted = wanted
+                for item in counted:
+                    row = con.execute("SELECT calls, tokens FROM rate_usage WHERE endpoint_id = ? AND principal = ? "
+                                      "AND window_start = ?", (endpoint_id, item.counter, window)).fetchone()
+                    calls, tokens = (row["calls"], row["tokens"]) if row else (0, 0)
+                    if item.limit.tokens is not None and tokens >= item.limit.tokens:
+                        admitted = 0
+                    if item.limit.calls is not None:
+                        admitted = min(admitted, max(0, item.limit.calls - calls))
+                return admitted
 
-    def charge_tokens(self, endpoint_id: str, limits: Sequence[Limit], user: str, tokens: int) -> None:
-        if not tokens or not any(limit.tokens is not None for limit in limits):
+            admitted, counters = room(limits.required), list(limits.required)
+            if limits.groups:  # the limited group with the most room left carries the calls
+                best = max(limits.groups, key=room)
+                admitted = min(admitted, room(best))
+                counters += best
+            if admitted:
+                for counter in {item.counter for item in counters}:
+                    self._add(con, endpoint_id, counter, window, calls=admitted)
+            con.execute("DELETE FROM rate_usage WHERE window_start < ?", (window - 2 * WINDOW_SECONDS,))
+        return Admission(admitted, remaining, tuple(counters))
+
+    def charge_tokens(self, endpoint_id: str, counters: Sequence[Counted], tokens: int) -> None:
+        charged = {item.counter for item in counters if item.limit.tokens is not None}
+        if not tokens or not charged:
             return
         window, _ = self._window()
         with self.db.write() as con:
-            for principal in {limit.principal(user) for limit in limits if limit.tokens is not None}:
-                self._add(con, endpoint_id, principal, window, tokens=tokens)
+            for counter in charged:
+                self._add(con, endpoint_id, counter, window, tokens=tokens)
 
     @staticmethod
     def _add(con, endpoint_id: str, principal: str, window: int, calls: int = 0, tokens: int = 0) -> None:
@@ -100,13 +160,21 @@ class RateLimitedBackend(DelegatingBackend):
         self.limiter, self.endpoint_id, self.endpoint_name = limiter, endpoint_id, endpoint_name
         self.limits, self._sleep = list(limits), sleep
 
+    def _caller_limits(self) -> Applicable:
+        user = current_user.get()
+        groups = self.limiter.groups_of(user) if any(limit.key == "user_group" for limit in self.limits) else []
+        return applicable(self.limits, user, groups)
+
     def _admitted(self, items: Sequence[Any], call: Callable[[list[Any], ResultCallback | None], list[Any]],
                   on_result: ResultCallback | None) -> list[Any]:
-        user = current_user.get()
+        limits = self._caller_limits()
+        if not limits:
+            return call(list(items), on_result)
         results: list[Any] = [None] * len(items)
         pending = list(range(len(items)))
         while pending:
-            admitted, wait = self.limiter.acquire(self.endpoint_id, self.limits, user, len(pending))
+            admission = self.limiter.acquire(self.endpoint_id, limits, len(pending))
+            admitted, wait = admission.admitted, admission.wait_seconds
             if admitted == 0:
                 if limit_mode.get() == "refuse":
                     raise RequestLimitExceeded(
@@ -123,7 +191,7 @@ class RateLimitedBackend(DelegatingBackend):
 
             answers = call([items[i] for i in batch], forward if on_result else None)
             used = sum(a.prompt_tokens + getattr(a, "completion_tokens", 0) for a in answers)
-            self.limiter.charge_tokens(self.endpoint_id, self.limits, user, used)
+            self.limiter.charge_tokens(self.endpoint_id, admission.counters, used)
             for position, answer in zip(batch, answers):
                 results[position] = answer
         return results
@@ -138,10 +206,14 @@ class RateLimitedBackend(DelegatingBackend):
         return self._admitted(texts, lambda part, cb: self.inner.embed(part, cb), on_result)
 
     def stream(self, request, options, chat):
-        user = current_user.get()
+        limits = self._caller_limits()
+        if not limits:
+            yield from self.inner.stream(request, options, chat)
+            return
         while True:
-            admitted, wait = self.limiter.acquire(self.endpoint_id, self.limits, user, 1)
-            if admitted:
+            admission = self.limiter.acquire(self.endpoint_id, limits, 1)
+            wait = admission.wait_seconds
+            if admission.admitted:
                 break
             if limit_mode.get() == "refuse":
                 raise RequestLimitExceeded(
@@ -154,7 +226,7 @@ class RateLimitedBackend(DelegatingBackend):
                 yield last
         finally:
             if last is not None:
-                self.limiter.charge_tokens(self.endpoint_id, self.limits, user, last.prompt_tokens + last.completion_tokens)
+                self.limiter.charge_tokens(self.endpoint_id, admission.counters, last.prompt_tokens + last.completion_tokens)
 
     def predict(self, rows, params=None, on_result=None):
         return self._admitted(rows, lambda part, cb: self.inner.predict(part, params, cb), on_result)

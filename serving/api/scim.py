@@ -1,0 +1,183 @@
+"""``/api/2.0/preview/scim/v2/Groups`` and ``/ServicePrincipals``, and tokens for service principals.
+
+Databricks' SCIM shapes, so ``WorkspaceClient().groups`` / ``.service_principals`` work unchanged.
+Any authenticated caller may list and read groups and service principals (as in Databricks);
+creating, changing and deleting them, and minting a service principal's tokens
+(``POST /api/2.0/token-management/on-behalf-of/tokens``), need an admin. A member's ``value``
+is a user name or a service principal's application id.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.api.guard import JsonRoute, admin, principal
+from serving.control.principals import Group, ServicePrincipal
+from serving.errors import InvalidParameterValue
+
+GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
+SP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:ServicePrincipal"
+LIST_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
+PATCH_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+
+
+class _Scim(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MemberRef(_Scim):
+    value: str = Field(min_length=1, max_length=255)
+    display: str | None = None
+    ref: str | None = Field(default=None, alias="$ref")
+
+
+class CreateGroup(_Scim):
+    displayName: str
+    members: list[MemberRef] | None = Field(default=None, max_length=10_000)
+    schemas: list[str] | None = None
+    entitlements: list[dict[str, Any]] | None = None  # refused by name when not empty
+    roles: list[dict[str, Any]] | None = None
+    externalId: str | None = None
+
+
+class PatchOperation(_Scim):
+    op: Literal["add", "remove", "replace", "Add", "Remove", "Replace"]
+    path: str | None = None
+    value: Any = None
+
+
+class PatchGroup(_Scim):
+    Operations: list[PatchOperation] = Field(max_length=1000)
+    schemas: list[str] | None = None
+
+
+class CreateServicePrincipal(_Scim):
+    displayName: str
+    active: bool | None = True
+    applicationId: str | None = None  # Azure's; sqlinfer assigns its own
+    schemas: list[str] | None = None
+    entitlements: list[dict[str, Any]] | None = None
+    externalId: str | None = None
+
+
+class OnBehalfOfToken(_Scim):
+    application_id: str
+    lifetime_seconds: int | None = Field(default=None, ge=1, le=10 * 365 * 86400)
+    comment: str | None = Field(default=None, max_length=1000)
+
+
+def _group(group: Group) -> dict[str, Any]:
+    return {"id": group.id, "displayName": group.name, "schemas": [GROUP_SCHEMA],
+            "members": [{"value": member, "display": member} for member in group.members]}
+
+
+def _sp(sp: ServicePrincipal) -> dict[str, Any]:
+    return {"id": sp.id, "applicationId": sp.application_id, "displayName": sp.display_name, "active": sp.active,
+            "schemas": [SP_SCHEMA]}
+
+
+def _listed(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"schemas": [LIST_SCHEMA], "totalResults": len(resources), "startIndex": 1,
+            "itemsPerPage": len(resources), "Resources": resources}
+
+
+def _members_in_path(path: str | None) -> str | None:
+    """``members[value eq "alice"]`` -> ``alice`` (SCIM's filter for one member)."""
+    if path and path.startswith("members[value eq ") and path.endswith("]"):
+        return path[len("members[value eq "):-1].strip().strip('"')
+    return None
+
+
+def router() -> APIRouter:
+    api = APIRouter(prefix="/api/2.0/preview/scim/v2", tags=["groups and service principals"],
+                    dependencies=[Depends(principal)], route_class=JsonRoute)
+
+    def directory(request: Request):
+        return request.app.state.service.auth.principals
+
+    @api.get("/Groups", summary="List groups")
+    def list_groups(request: Request) -> dict[str, Any]:
+        return _listed([_group(g) for g in directory(request).groups()])
+
+    @api.post("/Groups", status_code=201, summary="Create a group (admins)", dependencies=[Depends(admin)])
+    def create_group(body: CreateGroup, request: Request) -> dict[str, Any]:
+        if body.entitlements or body.roles:
+            raise InvalidParameterValue("entitlements and roles: grant entitlements to users with `sqlinfer users entitle`; "
+                                        "groups carry permissions and rate limits only")
+        return _group(directory(request).create_group(body.displayName, [m.value for m in body.members or []]))
+
+    @api.get("/Groups/{group_id}", summary="Get a group")
+    def get_group(group_id: str, request: Request) -> dict[str, Any]:
+        return _group(directory(request).group(group_id))
+
+    @api.patch("/Groups/{group_id}", summary="Add or remove members (admins)", dependencies=[Depends(admin)])
+    def patch_group(group_id: str, body: PatchGroup, request: Request) -> dict[str, Any]:
+        group = directory(request).group(group_id)
+        add, remove = [], []
+        for index, operation in enumerate(body.Operations):
+            op = operation.op.lower()
+            one = _members_in_path(operation.path)
+            values = operation.value if isinstance(operation.value, list) else [operation.value] if operation.value else []
+            refs = [v.get("value") if isinstance(v, dict) else None for v in values]
+            if op == "remove" and one is not None:
+                remove.append(one)
+            elif op in ("add", "remove") and operation.path == "members" and refs and all(isinstance(r, str) for r in refs):
+                (add if op == "add" else remove).extend(refs)
+            elif op == "replace" and operation.path == "members" and all(isinstance(r, str) for r in refs):
+                remove.extend(m for m in group.members if m not in refs)
+                add.extend(refs)
+            else:
+                raise InvalidParameterValue(
+                    f"Operations[{index}]: sqlinfer changes members only: {{op: add|remove|replace, path: members, "
+                    f"value: [{{value: NAME}}]}} or {{op: remove, path: 'members[value eq \"NAME\"]'}}")
+        return _group(directory(request).change_members(group.name, add=add, remove=remove))
+
+    @api.delete("/Groups/{group_id}", status_code=204, summary="Delete a group (admins)", dependencies=[Depends(admin)])
+    def delete_group(group_id: str, request: Request) -> Response:
+        directory(request).delete_group(group_id)
+        return Response(status_code=204)
+
+    @api.get("/ServicePrincipals", summary="List service principals")
+    def list_sps(request: Request) -> dict[str, Any]:
+        return _listed([_sp(sp) for sp in directory(request).service_principals()])
+
+    @api.post("/ServicePrincipals", status_code=201, summary="Create a service principal (admins)",
+              dependencies=[Depends(admin)])
+    def create_sp(body: CreateServicePrincipal, request: Request) -> dict[str, Any]:
+        if body.applicationId is not None:
+            raise InvalidParameterValue(f"applicationId {body.applicationId!r}: sqlinfer assigns the application id; "
+                                        f"leave it out")
+        return _sp(directory(request).create_service_principal(body.displayName))
+
+    @api.get("/ServicePrincipals/{sp_id}", summary="Get a service principal")
+    def get_sp(sp_id: str, request: Request) -> dict[str, Any]:
+        return _sp(directory(request).service_principal(sp_id))
+
+    @api.delete("/ServicePrincipals/{sp_id}", status_code=204, summary="Delete a service principal and its tokens (admins)",
+                dependencies=[Depends(admin)])
+    def delete_sp(sp_id: str, request: Request) -> Response:
+        directory(request).delete_service_principal(sp_id)
+        return Response(status_code=204)
+
+    return api
+
+
+def token_management_router() -> APIRouter:
+    api = APIRouter(prefix="/api/2.0/token-management", tags=["tokens"], dependencies=[Depends(admin)],
+                    route_class=JsonRoute)
+
+    @api.post("/on-behalf-of/tokens", summary="Mint a token for a service principal (admins)")
+    def on_behalf_of(body: OnBehalfOfToken, request: Request) -> dict[str, Any]:
+        auth = request.app.state.service.auth
+        sp = auth.principals.service_principal_by_application(body.application_id)
+        token_id, value = auth.create_token(sp.application_id, comment=body.comment, lifetime_seconds=body.lifetime_seconds)
+        [info] = [t for t in auth.list_tokens(sp.application_id) if t["id"] == token_id]
+        return {"token_value": value, "token_info": {
+            "token_id": token_id, "creation_time": info["creation_timestamp"],
+            "expiry_time": info["expiry_time"] if info["expiry_time"] is not None else -1, "comment": info["comment"] or "",
+            "owner_id": sp.id, "created_by_username": request.state.principal.user_name}}
+
+    return api
