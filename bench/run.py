@@ -22,6 +22,7 @@ BENCHMARKS = [
     ("SQL function overhead (DuckDB, Spark)", ["bench_sql_functions.py"]),
     ("Spark vs DuckDB on the same engine", ["bench_spark_vs_duckdb.py"]),
     ("prefix-aware ordering", ["bench_prefix_order.py"]),
+    ("provisioned throughput under a pay-per-token flood", ["bench_provisioned.py"]),
 ]
 
 

@@ -35,6 +35,20 @@ class InvalidParameterValue(SqlinferError):
     http_status = 400
 
 
+class GuardrailBlocked(SqlinferError):
+    """An AI Gateway guardrail of the endpoint (``ai_gateway.guardrails``) refused a request or an
+    answer: PII under ``pii.behavior: BLOCK``, or an invalid keyword. The message names the kind of
+    PII (or the keyword) and where it was found, never the PII itself. ``guardrail`` is what the
+    usage table records, e.g. ``input.pii BLOCK (email)``."""
+
+    error_code = "GUARDRAIL_BLOCKED"
+    http_status = 400
+
+    def __init__(self, message: str, guardrail: str | None = None):
+        super().__init__(message)
+        self.guardrail = guardrail
+
+
 class ResourceDoesNotExist(SqlinferError):
     """A named endpoint, model, scope or key does not exist."""
 
@@ -98,3 +112,11 @@ class EngineError(SqlinferError):
 
     error_code = "ENGINE_UNAVAILABLE"
     http_status = 503
+
+
+class ResourceExhausted(SqlinferError):
+    """Capacity this machine does not have: a provisioned entity asks for more CPU cores (model
+    units) than are free. Databricks' code and status for exhausted capacity."""
+
+    error_code = "RESOURCE_EXHAUSTED"
+    http_status = 429

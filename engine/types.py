@@ -107,6 +107,8 @@ class GenerationResult:
     error_status: int | None = None  # HTTP-like status of a failure (429, 5xx: worth a fallback)
     cached_tokens: int = 0  # prompt tokens the engine took from its prefix cache instead of computing
     from_store: bool = False  # answered from a result store: nothing was sent or paid for it
+    error_code: str | None = None  # the failure's error class when it is not implied by its status (GUARDRAIL_BLOCKED)
+    guardrail: str | None = None  # what an AI Gateway guardrail did to this row (usage), e.g. "input.pii MASK (email)"
 
     @property
     def text(self) -> str | None:
@@ -121,6 +123,8 @@ class EmbeddingResult:
     served_entity: str | None = None
     error_status: int | None = None
     from_store: bool = False
+    error_code: str | None = None  # as GenerationResult's
+    guardrail: str | None = None  # as GenerationResult's
 
 
 @dataclass(frozen=True)
@@ -149,3 +153,4 @@ class StreamDelta:
     completion_tokens: int = 0
     served_entity: str | None = None
     tool_calls: tuple[ToolCall, ...] = ()  # whole calls (sqlinfer streams a tool call as one piece)
+    guardrail: str | None = None  # what an AI Gateway guardrail did to the request (usage), as GenerationResult's

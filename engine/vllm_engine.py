@@ -101,6 +101,8 @@ class _EventLoopThread:
 
 
 _ENGINES: dict[tuple[str, str], "LocalEngine"] = {}
+# Provisioned entities' engines, by owner: bound to cores of their own (engine.reservations).
+_DEDICATED: dict[str, "LocalEngine"] = {}
 _ENGINES_LOCK = threading.Lock()
 _REQUEST_IDS = itertools.count()
 
@@ -108,9 +110,13 @@ _REQUEST_IDS = itertools.count()
 class LocalEngine:
     """A lazily started vLLM engine for one model; thread-safe; batches submitted whole."""
 
-    def __init__(self, model: ModelInfo, config: EngineConfig | None = None):
+    def __init__(self, model: ModelInfo, config: EngineConfig | None = None, cores: tuple[int, ...] | None = None):
         self.model = model
         self.config = config or EngineConfig.for_this_machine()
+        # Dedicated engines compute on these cores only; shared ones (None) on the unreserved cores.
+        self.cores = cores
+        self.bound_cpus: tuple[int, ...] | None = None  # what the running engine was bound to
+        self._rebind = False  # a shared engine runs on cores a provisioned engine reserved since
         self._llm: Any = None
         self._loop = _EventLoopThread(f"sqlinfer-engine-{model.name}")
         self._tokenizer: Any = None
@@ -173,6 +179,14 @@ class LocalEngine:
                 self._last_used = time.monotonic()
 
     def _scale_to_zero_if_idle(self, now: float) -> bool:
+        if self._rebind and self._llm is not None:
+            with self._use_lock:
+                if not self._active:
+                    log.info("restarting %s off the cores reserved for provisioned engines", self.model.name)
+                    self._rebind = False
+                    self.close()  # the next call starts it on the unreserved cores
+                    return True
+            return False
         if self._pinned or self._idle_timeout is None or self._llm is None:
             return False
         with self._use_lock:
@@ -197,8 +211,9 @@ class LocalEngine:
             log.info("%s", self.start_line)
             self._starting = True
             token = cancellation.CANCEL.set(None)  # a start runs to the end: cancelled, its engine would be orphaned
+            env = self._binding_env()
             try:
-                with _child_process_env(self.config.process_env()):
+                with _child_process_env(env):
                     self._llm = self._loop.run(_create_async_llm(args))
             except Exception as exc:  # vLLM raises many types; the user needs one clear story
                 raise EngineError(
@@ -214,6 +229,32 @@ class LocalEngine:
             self._max_model_len = int(self._llm.vllm_config.model_config.max_model_len)
             self._last_used = time.monotonic()
             _register_atexit()
+
+    def _binding_env(self) -> dict[str, str]:
+        """The engine's child-process environment, with its threads bound to the cores it may use:
+        its reserved cores if it is dedicated, else the unreserved ones when anything is reserved
+        (unless the user chose a binding; then theirs is kept)."""
+        from engine import reservations
+        from engine.hardware import _cpu_list
+
+        env = self.config.process_env()
+        user_chose = self.config.reasons().get("cpu_threads_bind", "").startswith("set ") or \
+            "VLLM_CPU_OMP_THREADS_BIND" in os.environ
+        if self.cores is not None:
+            self.bound_cpus = self.cores
+            return env | {"VLLM_CPU_OMP_THREADS_BIND": _cpu_list(self.cores)}
+        current = reservations.split()
+        if current.reserved and not user_chose and current.shared:
+            self.bound_cpus = current.shared
+            return env | {"VLLM_CPU_OMP_THREADS_BIND": _cpu_list(current.shared)}
+        self.bound_cpus = current.all_cores
+        return env
+
+    def rebind_when_idle(self) -> None:
+        """Restart on the unreserved cores as soon as no call is running (a provisioned engine
+        reserved cores this shared engine computes on)."""
+        self._rebind = True
+        _REAPER.start()
 
     def close(self) -> None:
         """Shut the engine down; the next request starts it again (used for scale-to-zero)."""
@@ -565,6 +606,39 @@ def get_engine(model: str, config: EngineConfig | None = None) -> LocalEngine:
         return engine
 
 
+def dedicated_engine(model: str, owner: str, cores: tuple[int, ...], config: EngineConfig | None = None) -> LocalEngine:
+    """The engine of a provisioned served entity (``owner``), on ``cores`` of its own. An owner
+    whose cores changed gets a new engine (the old one is closed)."""
+    info = resolve_model(model)
+    with _ENGINES_LOCK:
+        engine = _DEDICATED.get(owner)
+        if engine is not None and engine.cores == cores and engine.model.path == info.path:
+            return engine
+        _DEDICATED[owner] = LocalEngine(info, config, cores=cores)
+    if engine is not None:
+        engine.close()
+    return _DEDICATED[owner]
+
+
+def close_dedicated(owner: str) -> None:
+    with _ENGINES_LOCK:
+        engine = _DEDICATED.pop(owner, None)
+    if engine is not None:
+        engine.close()
+
+
+def _shared_engines_off_reserved_cores() -> None:
+    """After a reservation: shared engines running on a reserved core restart when idle."""
+    from engine import reservations
+
+    reserved = {core for cores in reservations.split().reserved.values() for core in cores}
+    with _ENGINES_LOCK:
+        engines = list(_ENGINES.values())
+    for engine in engines:
+        if engine.is_running and engine.bound_cpus and reserved & set(engine.bound_cpus):
+            engine.rebind_when_idle()
+
+
 def engine_states() -> dict[str, str]:
     """The state of every engine of this process, by model directory."""
     with _ENGINES_LOCK:
@@ -589,7 +663,7 @@ class _Reaper:
         while True:
             time.sleep(self.period)
             with _ENGINES_LOCK:
-                engines = list(_ENGINES.values())
+                engines = list(_ENGINES.values()) + list(_DEDICATED.values())
             for engine in engines:
                 try:
                     engine._scale_to_zero_if_idle(time.monotonic())
@@ -603,7 +677,7 @@ _REAPER = _Reaper()
 def shutdown_all() -> None:
     """Stop every engine of this process and the loop they run on."""
     with _ENGINES_LOCK:
-        engines = list(_ENGINES.values())
+        engines = list(_ENGINES.values()) + list(_DEDICATED.values())
     for engine in engines:
         engine.close()
         engine._loop.stop()
@@ -617,3 +691,12 @@ def _register_atexit() -> None:
     if not _ATEXIT_REGISTERED:
         _ATEXIT_REGISTERED = True
         atexit.register(shutdown_all)
+
+
+def _listen_to_reservations() -> None:
+    from engine import reservations
+
+    reservations.on_change(_shared_engines_off_reserved_cores)
+
+
+_listen_to_reservations()

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from engine.errors import (  # noqa: F401  (re-exported: the serving layer's one import site)
     EngineError,
+    GuardrailBlocked,
     InvalidParameterValue,
     ModelUnavailable,
     NotImplementedFeature,
     ResourceAlreadyExists,
     ResourceConflict,
     ResourceDoesNotExist,
+    ResourceExhausted,
     SqlinferError,
     TemporarilyUnavailable,
 )
@@ -84,13 +86,15 @@ class SecretKeyUnavailable(SqlinferError):
     http_status = 503
 
 
-def row_error(message: str, status: int | None) -> SqlinferError:
-    """A failed answer as the error its status calls for.
+def row_error(message: str, status: int | None, code: str | None = None) -> SqlinferError:
+    """A failed answer as the error its code or status calls for.
 
-    429: the caller's (or provider's) rate limit; 401/403: the provider refused our credentials;
-    5xx: the provider or engine could not answer (retriable); other 4xx or unknown: the request
-    itself was refused.
+    ``GUARDRAIL_BLOCKED`` (a row an AI Gateway guardrail refused): that class; 429: the caller's (or
+    provider's) rate limit; 401/403: the provider refused our credentials; 5xx: the provider or
+    engine could not answer (retriable); other 4xx or unknown: the request itself was refused.
     """
+    if code == GuardrailBlocked.error_code:
+        return GuardrailBlocked(message)
     if status == 429:
         return RequestLimitExceeded(message)
     if status in (401, 403):

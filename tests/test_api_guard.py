@@ -22,7 +22,7 @@ ROUTES = {
     ("POST", "/api/2.0/serving-endpoints"): ("", {"name": "new", "config": local_entity()}, 403),
     ("GET", "/api/2.0/serving-endpoints"): ("", None, 200),
     ("GET", "/api/2.0/serving-endpoints/get-model-optimization-info/{model}/{version}"):
-        ("/smollm2-135m-instruct/1", None, 200),
+        ("/all-minilm-l6-v2/1", None, 200),  # a chat model would measure its throughput (test_provisioned.py)
     ("GET", "/api/2.0/serving-endpoints/{name}"): (f"/{OWNED}", None, 403),
     ("GET", "/api/2.0/serving-endpoints/{name}/served-models/{served_model}/logs"):
         (f"/{OWNED}/served-models/smollm2-135m-instruct/logs", None, 403),
@@ -55,6 +55,17 @@ ROUTES = {
     ("POST", "/api/2.0/secrets/acls/delete"): ("", {"scope": "my_scope", "principal": "admin@example.com"}, 404),
     ("GET", "/api/2.0/secrets/acls/get"): ("?scope=my_scope&principal=user", None, 404),
     ("GET", "/api/2.0/secrets/acls/list"): ("?scope=my_scope", None, 404),
+    ("GET", "/api/2.0/preview/scim/v2/Groups"): ("", None, 200),
+    ("POST", "/api/2.0/preview/scim/v2/Groups"): ("", {"displayName": "mine"}, 403),
+    ("GET", "/api/2.0/preview/scim/v2/Groups/{group_id}"): ("/nope", None, 404),
+    ("PATCH", "/api/2.0/preview/scim/v2/Groups/{group_id}"):
+        ("/nope", {"Operations": [{"op": "add", "path": "members", "value": [{"value": "user"}]}]}, 403),
+    ("DELETE", "/api/2.0/preview/scim/v2/Groups/{group_id}"): ("/nope", None, 403),
+    ("GET", "/api/2.0/preview/scim/v2/ServicePrincipals"): ("", None, 200),
+    ("POST", "/api/2.0/preview/scim/v2/ServicePrincipals"): ("", {"displayName": "bot"}, 403),
+    ("GET", "/api/2.0/preview/scim/v2/ServicePrincipals/{sp_id}"): ("/nope", None, 404),
+    ("DELETE", "/api/2.0/preview/scim/v2/ServicePrincipals/{sp_id}"): ("/nope", None, 403),
+    ("POST", "/api/2.0/token-management/on-behalf-of/tokens"): ("", {"application_id": "nope"}, 403),
     ("POST", "/api/2.0/token/create"): ("", {"comment": "mine"}, 200),
     ("GET", "/api/2.0/token/list"): ("", None, 200),
     ("POST", "/api/2.0/token/delete"): ("", {"token_id": "someone-elses"}, 404),

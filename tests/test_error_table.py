@@ -4,7 +4,8 @@
 Rows tested elsewhere, with the same exactness: UNAUTHENTICATED, PERMISSION_DENIED, REQUEST_TOO_LARGE,
 INTERNAL_ERROR and the OpenAI error shape (test_api_guard.py), SECRET_KEY_UNAVAILABLE
 (test_secret_key.py), ENGINE_UNAVAILABLE (test_fallback.py, it needs an engine start), and
-TEMPORARILY_UNAVAILABLE for an unreachable --server (test_cli.py).
+TEMPORARILY_UNAVAILABLE for an unreachable --server (test_cli.py), GUARDRAIL_BLOCKED
+(test_guardrails.py), RESOURCE_EXHAUSTED (test_provisioned.py).
 """
 
 from __future__ import annotations

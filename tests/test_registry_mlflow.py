@@ -160,8 +160,7 @@ def test_an_mlflow_transformers_model_is_served_by_the_engine_and_scales_to_zero
     monkeypatch.setenv("SQLINFER_MLFLOW_REGISTRY_URI", mlflow_registry)
     monkeypatch.setenv("SQLINFER_SCALE_TO_ZERO_IDLE_SECONDS", "2")
     admin.post("/api/2.0/serving-endpoints", json={"name": "uc-chat", "config": {"served_entities": [
-        {"entity_name": mlflow_chat_model, "entity_version": "1", "min_provisioned_throughput": 0,
-         "max_provisioned_throughput": 100, "scale_to_zero_enabled": True}]}}).raise_for_status()
+        {"entity_name": mlflow_chat_model, "entity_version": "1", "scale_to_zero_enabled": True}]}}).raise_for_status()
     endpoint = wait_until_settled(admin, "uc-chat")
     assert endpoint["state"]["ready"] == "READY" and endpoint["task"] == "llm/v1/chat", endpoint
 

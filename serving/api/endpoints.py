@@ -65,6 +65,7 @@ def router() -> APIRouter:
     @api.delete("/{name}", summary="Delete an endpoint")
     def delete_endpoint(name: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
         service(request).delete(name, who)
+        request.app.state.query_client.directory.forget(name)
         return {}
 
     @api.put("/{name}/config", summary="Update the served entities and traffic")

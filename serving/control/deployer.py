@@ -27,6 +27,11 @@ from serving.control.validation import ConfigValidator, references
 from serving.errors import InvalidParameterValue
 
 
+def provisioned_units(entity: dict[str, Any]) -> int | None:
+    units = entity.get("provisioned_model_units")
+    return int(units) if units else None
+
+
 class Deployer:
     def __init__(self, store: EndpointStore, secrets: SecretStore, auth: Auth, validator: ConfigValidator, home: Path,
                  gate: threading.Event | None = None):
@@ -84,6 +89,38 @@ class Deployer:
                 log(f"DEPLOYMENT_FAILED: {message}")
         self.store.finish_deployment(endpoint_id, version, config, failed)
 
+    def _provision(self, entity: dict[str, Any], name: str, path: Path, task: str, log) -> None:
+        """Model units from the request and this machine's measured chunk; recorded in the entity
+        for the data plane (its own engine on that many cores, admitted at that rate)."""
+        from engine import reservations, throughput
+
+        if task not in ("llm/v1/chat", "llm/v1/completions"):
+            raise InvalidParameterValue(f"served entity {entity['name']!r}: provisioned throughput is measured for chat "
+                                        f"and completions models; {name!r} serves {task}, serve it without it")
+        log(f"measuring the throughput of one model unit (one CPU core) for {name!r} on this machine (once; cached)")
+        measured = throughput.measure(str(path))
+        chunk = measured.chunk_size
+        log(f"throughput_chunk_size {chunk} tokens/s per model unit ({measured.tokens_per_second} measured on one core "
+            f"of {measured.cpu_model}, {measured.dtype})")
+        units = provisioned_units(entity)
+        if units is None:
+            for field in ("min_provisioned_throughput", "max_provisioned_throughput"):
+                value = entity.get(field)
+                if value and value % chunk:
+                    raise InvalidParameterValue(
+                        f"served entity {entity['name']!r} {field} = {value} must be a multiple of {chunk}, the model's "
+                        f"throughput_chunk_size on this machine (GET .../get-model-optimization-info/{name}/1)")
+            units = entity["max_provisioned_throughput"] // chunk
+        cores = reservations.machine_cores()
+        if units > len(cores) - 1:
+            raise InvalidParameterValue(
+                f"served entity {entity['name']!r} needs {units} model unit(s), one CPU core each; this machine has "
+                f"{len(cores)} core(s) and keeps one for pay-per-token traffic, so at most {max(len(cores) - 1, 0)}")
+        entity["_provisioned_units"] = units
+        entity["_provisioned_tokens_per_second"] = units * chunk
+        log(f"provisioned {units} model unit(s): {units * chunk} tokens/s on {units} reserved core(s); the entity's own "
+            f"engine starts on the first request")
+
     def _check_deployable(self, entity: dict[str, Any], author: str | None, log) -> str | None:
         """Raise if the entity cannot serve; return its task when only deployment can tell it."""
         # Secrets may have been deleted, or their author's READ revoked, since the request. (Configs
@@ -103,6 +140,9 @@ class Deployer:
             if not isinstance(config, dict) or "model_type" not in config and "architectures" not in config:
                 raise InvalidParameterValue(f"{str(path / 'config.json')!r} is not a model config")
             task = detect_task(path)
+            if provisioned_units(entity) is not None or entity.get("max_provisioned_throughput"):
+                self._provision(entity, name, path, task, log)
+                return task
             log(f"model {name!r}: {config.get('model_type', 'unknown type')} files at {path}, serves {task}; its engine "
                 f"starts on the first request")
             return task
@@ -112,4 +152,6 @@ class Deployer:
         prepared = prepare_model_version(name, entity.get("entity_version"), self.home)
         entity["_local_path"] = prepared["path"]  # the copied model: an engine directory or a pyfunc model
         log(f"copied to {prepared['path']}; serves {prepared['task']}")
+        if provisioned_units(entity) is not None or entity.get("max_provisioned_throughput"):
+            self._provision(entity, name, Path(prepared["path"]), prepared["task"], log)
         return prepared["task"]

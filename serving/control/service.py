@@ -31,7 +31,6 @@ from serving.control.deployer import Deployer
 from serving.control.secrets import SEALED, SecretStore  # noqa: F401  (SEALED: the data plane unseals values)
 from serving.control.store import SYSTEM_PREFIX, EndpointStore, ServingConfig, missing
 from serving.control.validation import (
-    LOCAL_THROUGHPUT_CHUNK,
     SYSTEM_CATALOG,
     ConfigValidator,
     check_supported_config,
@@ -276,8 +275,17 @@ class EndpointService:
                 f"model {model!r} version {version!r} is not a bundled or registered local model; "
                 f"register one with `sqlinfer models register NAME PATH`")
         config = json.loads((path / "config.json").read_text())
+        if detect_task(path) not in ("llm/v1/chat", "llm/v1/completions"):
+            return {"optimizable": False, "model_type": config.get("model_type", "unknown")}
+        from engine import reservations, throughput  # measured once on this machine (about a minute), then cached
+
+        measured = throughput.measure(str(path))
         return {"optimizable": True, "model_type": config.get("model_type", "unknown"),
-                "throughput_chunk_size": LOCAL_THROUGHPUT_CHUNK}
+                "throughput_chunk_size": measured.chunk_size,
+                "measurement": {"tokens_per_second_per_model_unit": measured.tokens_per_second,
+                                "model_unit": "one CPU core running the model's own engine",
+                                "cpu_model": measured.cpu_model, "dtype": measured.dtype,
+                                "machine_cores": len(reservations.machine_cores())}}
 
     # -- internals ---------------------------------------------------------------------------
 

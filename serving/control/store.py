@@ -8,6 +8,7 @@ database changes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -40,11 +41,16 @@ class ServingConfig:
     rate_limits: list[dict[str, Any]]
     log_payloads: bool  # ai_gateway.inference_table_config.enabled
     fallback: bool  # ai_gateway.fallback_config.enabled
+    guardrails: dict[str, Any] | None = None  # ai_gateway.guardrails, as stored (serving.data.guardrails)
 
     @property
     def cache_version(self) -> str:
-        """What stored answers of this endpoint are keyed by (the result store)."""
-        return f"{self.endpoint_id}:{self.version[0]}"
+        """What stored answers of this endpoint are keyed by (the result store): with guardrails, they
+        are part of it, so an answer stored before they changed is never served past them."""
+        if not self.guardrails:
+            return f"{self.endpoint_id}:{self.version[0]}"
+        digest = hashlib.sha256(json.dumps(self.guardrails, sort_keys=True).encode()).hexdigest()[:12]
+        return f"{self.endpoint_id}:{self.version[0]}:g{digest}"
 
 
 class EndpointStore:
@@ -103,6 +109,7 @@ class EndpointStore:
             rate_limits=json.loads(row["rate_limits_json"] or "[]") + (gateway.get("rate_limits") or []),
             log_payloads=bool((gateway.get("inference_table_config") or {}).get("enabled")),
             fallback=bool((gateway.get("fallback_config") or {}).get("enabled")),
+            guardrails=gateway.get("guardrails") or None,
         )
         self._serving_cache[(name, token[2])] = (token, answer)
         return answer

@@ -31,9 +31,6 @@ from serving.control.wire import EndpointConfig, ServedEntity
 from serving.errors import InvalidParameterValue, ResourceDoesNotExist
 
 SYSTEM_CATALOG = "system.ai."
-# Tokens per second one "chunk" of provisioned throughput buys for a local model. Measured on the
-# project's 2-core CPU machine: SmolLM2-135M generates ~110 tok/s with batching (design.md).
-LOCAL_THROUGHPUT_CHUNK = 100
 PROVIDER_URL_FIELDS = {"openai_config": ("openai_api_base",), "custom_provider_config": ("custom_provider_url",)}
 
 
@@ -113,13 +110,22 @@ class ConfigValidator:
                     f"{where}.entity_name {name!r} is not a bundled model ({', '.join(sorted(BUNDLED_MODELS))}), "
                     f"a registered local model ({', '.join(self.store.local_model_names()) or 'none'}), or an MLflow "
                     f"model named catalog.schema.model")
+        measured = self._measured_chunk(name) if entity.max_provisioned_throughput else None
         for field in ("min_provisioned_throughput", "max_provisioned_throughput"):
             value = getattr(entity, field)
-            if value is not None and value % LOCAL_THROUGHPUT_CHUNK:
+            # Checked here when this machine's chunk is known already; else when the deployment measures it.
+            if measured and value and value % measured:
                 raise InvalidParameterValue(
-                    f"{where}.{field} = {value} must be a multiple of {LOCAL_THROUGHPUT_CHUNK}, the model's "
-                    f"throughput_chunk_size (see GET .../get-model-optimization-info/{name}/{entity.entity_version or 1})")
+                    f"{where}.{field} = {value} must be a multiple of {measured}, the model's throughput_chunk_size "
+                    f"on this machine (see GET .../get-model-optimization-info/{name}/{entity.entity_version or 1})")
         return task
+
+    def _measured_chunk(self, name: str) -> int | None:
+        from engine import throughput
+
+        path = self.local_model_path(name)
+        found = throughput.cached(str(path)) if path is not None else None
+        return found.chunk_size if found else None
 
     def _seal(self, value: Any) -> Any:
         if isinstance(value, SecretStr):
@@ -187,12 +193,14 @@ def check_supported_gateway(gateway: Any, where: str = "ai_gateway") -> None:
     refused = []
     if gateway is None:
         return
-    if gateway.guardrails is not None:
-        refused.append(f"{where}.guardrails: guardrails are not enforced yet; remove them")
-    for index, limit in enumerate(gateway.rate_limits or []):
-        if limit.key in ("user_group", "service_principal"):
-            refused.append(f"{where}.rate_limits[{index}].key = {limit.key!r}: only 'user' and 'endpoint' limits hold "
-                           f"here so far")
+    for direction in ("input", "output"):  # pii and invalid_keywords are enforced (serving.data.guardrails)
+        params = getattr(gateway.guardrails, direction, None) if gateway.guardrails is not None else None
+        if params is not None and params.safety:
+            refused.append(f"{where}.guardrails.{direction}.safety: the safety filter needs a safety model, which "
+                           f"sqlinfer does not have; remove it (pii and invalid_keywords are enforced)")
+        if params is not None and params.valid_topics:
+            refused.append(f"{where}.guardrails.{direction}.valid_topics: topic moderation needs a safety model, which "
+                           f"sqlinfer does not have; remove it (pii and invalid_keywords are enforced)")
     if refused:
         raise NotImplementedFeature("not implemented by sqlinfer, refused rather than ignored: " + "; ".join(refused))
 

@@ -214,6 +214,10 @@ class ServedEntity(Strict):
                                   "max_provisioned_throughput", "environment_vars") if getattr(self, f) is not None]
             if extras:
                 raise ValueError(f"an external_model entity does not take {', '.join(extras)}")
+        if self.provisioned_model_units:
+            if provisioned or self.workload_size is not None or self.external_model is not None:
+                raise ValueError("provisioned_model_units is for a local entity and replaces workload_size and "
+                                 "min/max_provisioned_throughput: give one way of sizing it")
         if provisioned:
             if self.workload_size is not None:
                 raise ValueError("give either workload_size or min/max_provisioned_throughput, not both")

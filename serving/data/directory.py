@@ -80,6 +80,14 @@ class EndpointDirectory:
         with self._lock:
             return name in self._endpoints
 
+    def forget(self, name: str) -> None:
+        """Drop what was resolved for a stored endpoint (deleted or reconfigured): its backend lets
+        go of what it holds now (a provisioned engine's cores), not at the next query."""
+        with self._lock:
+            cached = self._resolved.pop(name, None)
+        if cached is not None and cached[1].backend is not None:
+            cached[1].backend.release()
+
     def unregister(self, name: str) -> None:
         with self._lock:
             endpoint = self._endpoints.pop(name, None)

@@ -240,6 +240,9 @@ def _raise_row_error(result: Any) -> None:
     """A failed answer as the REST error its status calls for."""
     if not result.error:
         return
+    code = getattr(result, "error_code", None)
+    if code is not None:  # refused by sqlinfer itself (a guardrail), not by the model: its message stands alone
+        raise row_error(result.error, getattr(result, "error_status", None), code)
     raise row_error(f"the model could not answer: {result.error}", getattr(result, "error_status", None))
 
 

@@ -27,6 +27,7 @@ from serving.data.backends import Backend, DelegatingBackend, LocalEngineBackend
 from serving.control.service import SEALED, SYSTEM_PREFIX, EndpointService
 from serving.errors import ResourceDoesNotExist, SqlinferError
 from serving.data.limits import RateLimitedBackend, RateLimiter, limits_from
+from serving.data.provisioned import DedicatedEngineBackend, ProvisionedBackend, Provisioning
 from serving.data.usage import UsageRecorder, UsageRecordingBackend
 
 
@@ -112,6 +113,10 @@ def entity_backend(service: EndpointService, entity: dict[str, Any], task: Task,
             f"update the endpoint config so it is deployed again"
         )
     events = (lambda line: service.store.log(endpoint_id, entity["name"], "server", line)) if endpoint_id else None
+    provisioning = Provisioning.of(entity)
+    if provisioning is not None:  # reserved capacity: an engine of its own, admitted at its rate
+        dedicated = DedicatedEngineBackend(str(path), task, f"{endpoint_id}/{entity['name']}", provisioning.units, events)
+        return ProvisionedBackend(dedicated, provisioning, entity["name"])
     return LocalEngineBackend(str(path), task, idle_timeout=scale_to_zero_seconds(entity), events=events)
 
 
@@ -388,6 +393,12 @@ class StoredEndpointResolver:
             limits = limits_from(serving.rate_limits)
             if limits:
                 backend = RateLimitedBackend(backend, self.limiter, serving.endpoint_id, name, limits)
+            if serving.guardrails:
+                # outside the rate limiter: a request a guardrail blocks is never sent, so it uses no
+                # calls; inside usage recording: the usage table records what the guardrail did
+                from serving.data.guardrails import GuardedBackend
+
+                backend = GuardedBackend(backend, serving.guardrails, name)
             return UsageRecordingBackend(backend, self.recorder, serving.endpoint_id, name, serving.log_payloads)
 
         return serving.version, config["_task"], build, serving.cache_version

@@ -2,10 +2,13 @@
 
 Each request records its id, endpoint, served entity, requester, source (``rest`` or ``sql``),
 input and output tokens, status code (200, or the failure's), latency, and the caller's
-``client_request_id`` and ``usage_context``. Rows of one SQL batch are written in one
-transaction and share the batch's latency (a batch is answered as a whole). With the endpoint's
+``client_request_id`` and ``usage_context``, and what an AI Gateway guardrail did to it
+(``guardrail``, e.g. ``input.pii MASK (email)``; ``serving.data.guardrails``). Rows of one SQL
+batch are written in one transaction and share the batch's latency (a batch is answered as a
+whole). With the endpoint's
 ``ai_gateway.inference_table_config.enabled``, request and response payloads are kept too, in
-``inference_payloads``.
+``inference_payloads`` (with PII masked where the endpoint's input guardrails look for it: what was
+sent and answered, never what a guardrail found).
 
 Read it from SQL as ``sqlinfer_usage`` (``sqlinfer sql "SELECT ... FROM sqlinfer_usage"``), or
 as Prometheus text at ``GET /serving-endpoints/{name}/metrics``.
@@ -36,7 +39,7 @@ log = logging.getLogger("sqlinfer.usage")
 request_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("sqlinfer_request_context", default={})
 
 COLUMNS = ("request_id", "timestamp_ms", "endpoint_name", "endpoint_id", "served_entity", "requester", "source",
-           "input_tokens", "output_tokens", "status_code", "latency_ms", "client_request_id", "usage_context", "error")
+           "input_tokens", "output_tokens", "status_code", "latency_ms", "client_request_id", "usage_context", "error", "guardrail")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class _Refused:
     served_entity: None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    guardrail: str | None = None
 
 
 class _PendingRows:
@@ -191,7 +195,7 @@ class UsageRecordingBackend(DelegatingBackend):
         try:
             results = call()
         except SqlinferError as exc:  # refused as a whole (e.g. 429): recorded with that status
-            refused = _Refused(error=exc.message, status=exc.http_status)
+            refused = _Refused(error=exc.message, status=exc.http_status, guardrail=getattr(exc, "guardrail", None))
             self._write(items, [refused] * len(items), (time.perf_counter() - started) * 1000, describe)
             raise
         finally:
@@ -210,11 +214,18 @@ class UsageRecordingBackend(DelegatingBackend):
             rows.append((request_id, now, self.endpoint_name, self.endpoint_id, result.served_entity, current_user.get(), source,
                          result.prompt_tokens, getattr(result, "completion_tokens", 0),
                          getattr(result, "status", None) or ((result.error_status or 500) if result.error else 200),
-                         round(latency_ms, 3), context.get("client_request_id"), usage_context, result.error))
+                         round(latency_ms, 3), context.get("client_request_id"), usage_context, result.error,
+                         getattr(result, "guardrail", None)))
             if self.log_payloads:
                 answer = {"error": result.error} if getattr(result, "status", None) else describe(result)
-                payloads.append((request_id, self.endpoint_name, now, json.dumps(item), json.dumps(answer)))
+                payloads.append((request_id, self.endpoint_name, now, json.dumps(self._as_logged(item)), json.dumps(answer)))
         self.recorder.record(rows, payloads)
+
+    def _as_logged(self, item: Any) -> Any:
+        """A request as the payload table keeps it: a guarded backend masks the PII its guardrails
+        look for (``GuardedBackend.redact_request``)."""
+        redact = getattr(self.inner, "redact_request", None)
+        return redact(item) if redact is not None else item
 
     def chat(self, conversations, options, on_result=None):
         return self._recorded(conversations, lambda: self.inner.chat(conversations, options, on_result),
@@ -245,7 +256,8 @@ class UsageRecordingBackend(DelegatingBackend):
                 last = delta
                 yield delta
         except SqlinferError as exc:
-            self._write([request], [_Refused(error=exc.message, status=exc.http_status)],
+            self._write([request], [_Refused(error=exc.message, status=exc.http_status,
+                                             guardrail=getattr(exc, "guardrail", None))],
                         (time.perf_counter() - started) * 1000, describe)
             raise
         except GeneratorExit:  # the client went away mid-stream (499, as nginx logs it)
@@ -255,7 +267,7 @@ class UsageRecordingBackend(DelegatingBackend):
         answered = GenerationResult(
             choices=(Choice(text="".join(text), finish_reason=last.finish_reason if last else None),),
             prompt_tokens=last.prompt_tokens if last else 0, completion_tokens=last.completion_tokens if last else 0,
-            served_entity=last.served_entity if last else None)
+            served_entity=last.served_entity if last else None, guardrail=last.guardrail if last else None)
         self._write([request], [answered], (time.perf_counter() - started) * 1000, describe)
 
     def predict(self, rows, params=None, on_result=None):
