@@ -133,12 +133,12 @@ class EndpointService:
 
     def update_config(self, name: str, body: Any, principal: Principal = EMBEDDED) -> dict[str, Any]:
         self._refuse_system(name, "update")
+        row = self.store.row(name)
+        self.auth.require(principal, row["id"], name, "CAN_MANAGE")
         # A new config makes the server call out anew (URLs, keys): the same entitlement as creating.
         self.auth.require_entitlement(principal, CREATE_ENDPOINTS, "change the config of serving endpoints")
         config = _parsed(EndpointConfig, body)
         check_supported_config(config, name)
-        row = self.store.row(name)
-        self.auth.require(principal, row["id"], name, "CAN_MANAGE")
         # Every secret reference is checked again with the updater's rights: a manager who may not
         # read a scope can neither keep its secret nor send it to a new URL.
         stored = self.validator.prepare(config, principal)
