@@ -5,10 +5,18 @@ cores its threads are bound to, so a provisioned entity's engine gets cores of i
 model unit) and the shared engines (pay-per-token, the ``system-*`` endpoints) are bound to the
 rest. One core always stays unreserved, so pay-per-token traffic is slowed by provisioning,
 never shut out. Reservations are per process: the server process that holds the engines.
+
+Binding the engines' compute threads is not all: the server's own threads (HTTP, the shared
+engines' front ends and scheduler processes) would still run on the reserved cores under a
+flood. So the whole server process is kept on the unreserved cores, except each dedicated
+engine's loop thread, which runs on (and spawns its engine processes on) the engine's own cores.
+(The other half of the isolation is in the REST layer: queries to a provisioned endpoint wait on
+threads of their own, ``serving.api.queries.query_threads``.)
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 
@@ -50,9 +58,9 @@ def reserve(owner: str, count: int) -> tuple[int, ...]:
         held = _RESERVED.get(owner)
         if held is not None and len(held) == count:
             return held
-        _RESERVED.pop(owner, None)
         cores = machine_cores()
-        taken = {core for cores_of in _RESERVED.values() for core in cores_of}
+        # the owner's own cores count as free for its new size; nothing changes unless it fits
+        taken = {core for other, cores_of in _RESERVED.items() if other != owner for core in cores_of}
         free = [core for core in cores if core not in taken]
         if count < 1 or count > len(free) - 1:
             others = len(taken)
@@ -82,6 +90,47 @@ def on_change(listener) -> None:
     """Call ``listener()`` after every reservation change (from the thread that made it)."""
     with _LOCK:
         _LISTENERS.append(listener)
+
+
+# Threads of this process that serve a dedicated engine (its event loop): they stay on its cores.
+_DEDICATED_THREADS: dict[int, tuple[int, ...]] = {}
+
+
+def pin_this_thread(cores: tuple[int, ...]) -> None:
+    """Run the calling thread (a dedicated engine's loop) on ``cores``; the engine processes it
+    spawns inherit them, so the engine's scheduler shares its reserved cores, not the flood's."""
+    import threading
+
+    os.sched_setaffinity(0, cores)
+    with _LOCK:
+        _DEDICATED_THREADS[threading.get_native_id()] = tuple(cores)
+
+
+def unpin_thread(native_id: int) -> None:
+    with _LOCK:
+        _DEDICATED_THREADS.pop(native_id, None)
+
+
+def keep_this_process_off_reserved_cores() -> None:
+    """Every other thread of this process (HTTP handlers, shared engines' loops, their future
+    processes) runs on the unreserved cores, or on all cores again when nothing is reserved.
+
+    Affinity is per thread on Linux and new threads inherit their creator's, so setting it on
+    every thread now covers the threads they start later too.
+    """
+    current = split()
+    target = set(current.shared if current.reserved else current.all_cores) or set(current.all_cores)
+    allowed = os.sched_getaffinity(0) | target
+    with _LOCK:
+        exempt = dict(_DEDICATED_THREADS)
+    for entry in os.scandir("/proc/self/task"):
+        tid = int(entry.name)
+        if tid in exempt:
+            continue
+        try:
+            os.sched_setaffinity(tid, target & allowed or target)
+        except OSError:  # the thread ended meanwhile
+            pass
 
 
 def free_units() -> int:

@@ -24,12 +24,16 @@ def _tokenizer(model_dir: str) -> Any:
 
 
 def count_tokens(model_dir: str, requests: Sequence[Any], kind: str) -> list[int]:
-    """Input tokens of each request: ``kind`` is chat (text = the user message), complete or embed."""
+    """Input tokens of each request: ``kind`` is chat (the user message's text, or a conversation:
+    a list of messages), complete or embed."""
     tokenizer = _tokenizer(model_dir)
     counts = []
     for request in requests:
         if kind == "chat":
-            text = tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False, add_generation_prompt=True)
+            # a user message's text (explain), or a whole conversation (what the engine is sent)
+            messages = [{"role": m.get("role", "user"), "content": m.get("content") if isinstance(m.get("content"), str) else ""}
+                        for m in request] if isinstance(request, list) else [{"role": "user", "content": request}]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             counts.append(len(tokenizer.encode(text, add_special_tokens=False)))
         elif kind == "embed":
             limit = getattr(tokenizer, "model_max_length", None) or 512

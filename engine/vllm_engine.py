@@ -103,6 +103,8 @@ class _EventLoopThread:
 _ENGINES: dict[tuple[str, str], "LocalEngine"] = {}
 # Provisioned entities' engines, by owner: bound to cores of their own (engine.reservations).
 _DEDICATED: dict[str, "LocalEngine"] = {}
+# Niceness of shared engines (and their processes) while provisioned engines hold reserved cores.
+SHARED_ENGINE_NICENESS = 10
 _ENGINES_LOCK = threading.Lock()
 _REQUEST_IDS = itertools.count()
 
@@ -179,7 +181,7 @@ class LocalEngine:
                 self._last_used = time.monotonic()
 
     def _scale_to_zero_if_idle(self, now: float) -> bool:
-        if self._rebind and self._llm is not None:
+        if self._rebind and self._llm is not None and self.cores is None:
             with self._use_lock:
                 if not self._active:
                     log.info("restarting %s off the cores reserved for provisioned engines", self.model.name)
@@ -207,14 +209,21 @@ class LocalEngine:
             args = self.config.engine_args(str(self.model.path), self.model.runner)
             from engine.report import EngineReport
 
+            env = self._binding_env()
             self.start_line = EngineReport.for_this_machine(self.config).line(self.model.name)
+            bound = env.get("VLLM_CPU_OMP_THREADS_BIND")
+            if bound and bound != self.config.cpu_threads_bind:  # provisioning moved it
+                owner = "its reserved cores (provisioned)" if self.cores is not None else "the unreserved cores"
+                self.start_line += f"; bound to CPUs {bound}, {owner}"
             log.info("%s", self.start_line)
             self._starting = True
             token = cancellation.CANCEL.set(None)  # a start runs to the end: cancelled, its engine would be orphaned
-            env = self._binding_env()
+            if self.cores is not None:
+                self._loop.run(_pin_loop_thread(self.cores))
+            niceness = SHARED_ENGINE_NICENESS if self.cores is None and reservations_exist() else 0
             try:
                 with _child_process_env(env):
-                    self._llm = self._loop.run(_create_async_llm(args))
+                    self._llm = self._loop.run(_create_async_llm(args, niceness))
             except Exception as exc:  # vLLM raises many types; the user needs one clear story
                 raise EngineError(
                     f"could not start the local engine for model {self.model.name!r} at "
@@ -529,11 +538,48 @@ def _child_process_env(settings: dict[str, str]) -> Iterator[None]:
                 _CHILD_ENV.notify_all()
 
 
-async def _create_async_llm(args: dict[str, Any]) -> Any:
+def reservations_exist() -> bool:
+    from engine import reservations
+
+    return bool(reservations.split().reserved)
+
+
+@contextlib.contextmanager
+def _spawning_niced(niceness: int) -> Iterator[None]:
+    """Spawn the engine's processes at a lower priority (Linux niceness is per thread and
+    inherited by the processes a thread starts), then give the loop thread its priority back.
+
+    Used for shared engines while cores are reserved: on the unreserved cores, the server's
+    threads (every endpoint's requests pass through them) and each engine's front end then run
+    before pay-per-token compute. Only the processes are niced: a niced front end would be
+    preempted while holding the interpreter lock and stall the whole server.
+    """
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    if niceness <= before:
+        yield
+        return
+    os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    try:
+        yield
+    finally:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, before)
+        except PermissionError:  # raising priority back needs CAP_SYS_NICE; the loop stays niced
+            log.warning("could not restore the priority of %s's loop thread", threading.current_thread().name)
+
+
+async def _pin_loop_thread(cores: tuple[int, ...]) -> None:
+    from engine import reservations
+
+    reservations.pin_this_thread(cores)
+
+
+async def _create_async_llm(args: dict[str, Any], niceness: int = 0) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+    with _spawning_niced(niceness):
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
 
 
 async def _shutdown_async_llm(llm: Any) -> None:
@@ -560,9 +606,11 @@ def _to_sampling_params(options: SamplingOptions, stream: bool = False) -> Any:
         kwargs["stop"] = list(options.stop)
     if options.json_schema is not None:
         kwargs["structured_outputs"] = StructuredOutputsParams(json=options.json_schema)
+    from vllm.exceptions import VLLMClientError
+
     try:
         return SamplingParams(**kwargs)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, VLLMClientError) as exc:  # e.g. n > 1 with greedy sampling
         raise InvalidParameterValue(f"invalid sampling options {options.model_dump(exclude_none=True)}: {exc}") from None
 
 
@@ -628,14 +676,17 @@ def close_dedicated(owner: str) -> None:
 
 
 def _shared_engines_off_reserved_cores() -> None:
-    """After a reservation: shared engines running on a reserved core restart when idle."""
+    """After a reservation changed: shared engines bound to other cores than the unreserved ones
+    now (on a reserved core, or kept off one that was freed) restart there when idle; one still
+    starting is checked once it has started."""
     from engine import reservations
 
-    reserved = {core for cores in reservations.split().reserved.values() for core in cores}
+    current = reservations.split()
+    wanted = set(current.shared if current.reserved else current.all_cores)
     with _ENGINES_LOCK:
         engines = list(_ENGINES.values())
     for engine in engines:
-        if engine.is_running and engine.bound_cpus and reserved & set(engine.bound_cpus):
+        if (engine.is_running or engine._starting) and engine.bound_cpus is not None and set(engine.bound_cpus) != wanted:
             engine.rebind_when_idle()
 
 
@@ -696,6 +747,7 @@ def _register_atexit() -> None:
 def _listen_to_reservations() -> None:
     from engine import reservations
 
+    reservations.on_change(reservations.keep_this_process_off_reserved_cores)
     reservations.on_change(_shared_engines_off_reserved_cores)
 
 

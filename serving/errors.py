@@ -16,6 +16,7 @@ from engine.errors import (  # noqa: F401  (re-exported: the serving layer's one
     InvalidParameterValue,
     ModelUnavailable,
     NotImplementedFeature,
+    RequestCancelled,
     ResourceAlreadyExists,
     ResourceConflict,
     ResourceDoesNotExist,

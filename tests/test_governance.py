@@ -182,3 +182,51 @@ def test_group_and_service_principal_limits_hold_across_two_server_processes(tmp
     assert team.count(200) == 7 and team.count(429) == 17  # one budget for m1 and m2, over both processes
     assert robot_statuses.count(200) == 4 and robot_statuses.count(429) == 8
     assert len(upstream.calls) == 11
+
+
+def test_scim_lists_page_and_filter_as_databricks_sdk_expects(server, admin):
+    for name in ("alpha", "beta", "gamma"):
+        admin.post(f"{SCIM}/Groups", json={"displayName": name}).raise_for_status()
+    first = admin.get(f"{SCIM}/Groups", params={"startIndex": 1, "count": 2}).json()
+    assert [g["displayName"] for g in first["Resources"]] == ["alpha", "beta"] and first["totalResults"] == 3
+    last = admin.get(f"{SCIM}/Groups", params={"startIndex": 3, "count": 2}).json()
+    assert [g["displayName"] for g in last["Resources"]] == ["gamma"]
+    assert admin.get(f"{SCIM}/Groups", params={"startIndex": 4}).json()["Resources"] == []  # the SDK stops here
+    found = admin.get(f"{SCIM}/Groups", params={"filter": 'displayName eq "beta"'}).json()
+    assert [g["displayName"] for g in found["Resources"]] == ["beta"] and found["totalResults"] == 1
+    bad = admin.get(f"{SCIM}/Groups", params={"filter": 'displayName co "a"'})
+    assert bad.status_code == 400 and "sqlinfer filters by displayName or id only" in bad.json()["message"]
+
+
+def test_a_name_is_either_a_users_or_a_groups(server, admin):
+    server.service.auth.create_token("erin")
+    clash = admin.post(f"{SCIM}/Groups", json={"displayName": "erin"})
+    assert clash.status_code == 409 and "'erin' is a user's name" in clash.json()["message"]
+    admin.post(f"{SCIM}/Groups", json={"displayName": "ops"}).raise_for_status()
+    from serving.errors import InvalidParameterValue
+
+    with pytest.raises(InvalidParameterValue, match="'ops' is a group's name"):
+        server.service.auth.create_token("ops")
+
+
+def test_a_limit_for_the_users_group_holds_for_everyone_together(server, admin, limited, upstream):
+    admin.put(f"/api/2.0/serving-endpoints/{limited}/ai-gateway", json={"rate_limits": [
+        {"calls": 2, "key": "user_group", "principal": "users", "renewal_period": "minute"}]}).raise_for_status()
+    grant(admin, limited, {"group_name": "users", "permission_level": "CAN_QUERY"})
+    start_of_a_window()
+    statuses = []
+    for user in ("u1", "u2", "u3"):
+        with server.client(server.service.auth.create_token(user)[1]) as client:
+            statuses.append(client.post(f"/serving-endpoints/{limited}/invocations", json=ASK).status_code)
+    assert statuses == [200, 200, 429]
+
+
+def test_legacy_limits_and_unknown_service_principals_are_refused_by_name(admin, limited, upstream):
+    body = external_endpoint("legacy", upstream.url)
+    body["rate_limits"] = [{"calls": 1, "key": "user_group", "principal": "x", "renewal_period": "minute"}]
+    refused = admin.post("/api/2.0/serving-endpoints", json=body)
+    assert refused.status_code == 400 and "rate_limits[0]: the legacy rate limits take" in refused.json()["message"]
+    endpoint_id = admin.get(f"/api/2.0/serving-endpoints/{limited}").json()["id"]
+    unknown = admin.patch(f"/api/2.0/permissions/serving-endpoints/{endpoint_id}", json={"access_control_list": [
+        {"service_principal_name": "no-such-app", "permission_level": "CAN_QUERY"}]})
+    assert unknown.status_code == 400 and "'no-such-app' is not a service principal's application_id" in unknown.text

@@ -279,3 +279,94 @@ def test_safety_and_valid_topics_are_refused_by_name(server, admin, upstream, gu
                                f"not implemented by sqlinfer, refused rather than ignored: {field}: {why}, which sqlinfer "
                                f"does not have; remove it (pii and invalid_keywords are enforced)"}
     assert "ai_gateway" not in admin.get("/api/2.0/serving-endpoints/refusing").json()  # nothing was stored
+
+
+# -- what else a request and an answer carry: parts, tool calls, tool definitions, sizes ---------
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_pii_split_across_content_parts_or_in_non_text_parts_is_blocked(server, admin, upstream):
+    guarded(server, admin, upstream, "parts", {"input": {"pii": {"behavior": "MASK"}, "invalid_keywords": ["secret"]}})
+    parts = [{"type": "text", "text": "write to alice.smith@"}, {"type": "text", "text": "example.com"}]
+    # the chat routes join a message's text parts first: the address is found, and masked
+    joined = admin.post("/serving-endpoints/parts/invocations", json={"messages": [{"role": "user", "content": parts}]})
+    assert joined.status_code == 200 and joined.json()["choices"][0]["message"]["content"] == "write to [EMAIL]"
+    assert upstream.calls[-1][1]["messages"] == [{"role": "user", "content": "write to [EMAIL]"}]
+    # a SQL batch sends the parts as they are (providers join them): PII across parts cannot be masked, so it blocks
+    batch = admin.post("/api/2.0/sqlinfer/batch", json={"endpoint": "parts", "kind": "chat", "requests": [
+        [{"role": "user", "content": parts}], [{"role": "user", "content": [{"type": "text", "text": "the sec"},
+                                                                             {"type": "text", "text": "ret plan"}]}]]})
+    [split, keyword] = batch.json()["results"]
+    assert split["error"] == ("input guardrail blocked the request: PII (email) spans the text parts of a message, where "
+                              "it cannot be masked; send the text in one part, or remove it")
+    assert keyword["error"].startswith("input guardrail blocked the request: an invalid keyword spans the text parts")
+    upstream.calls.clear()
+    image = admin.post("/api/2.0/sqlinfer/batch", json={"endpoint": "parts", "kind": "chat", "requests": [[
+        {"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}]]})
+    assert image.json()["results"][0]["error"] == (
+        "input guardrail blocked the request: messages[0].content has parts that are not text (images, audio or files "
+        "cannot be checked); send text parts only")
+    assert upstream.calls == []
+
+
+def test_tool_call_arguments_are_guarded_both_ways_and_tool_definitions_on_the_way_in(server, admin, upstream):
+    guarded(server, admin, upstream, "tools-out", {"input": {"pii": {"behavior": "BLOCK"}},
+                                                   "output": {"pii": {"behavior": "MASK"}}})
+
+    def answer(path: str, body: dict) -> dict:
+        reply = ScriptedOpenAIServer.answer(path, body)
+        call = {"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "notify": EMAIL})}}
+        reply["choices"][0]["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
+        reply["choices"][0]["finish_reason"] = "tool_calls"
+        return reply
+
+    upstream.answer = answer
+    answered = admin.post("/serving-endpoints/tools-out/invocations", json={**ask("weather in Paris"), "tools": [WEATHER_TOOL]})
+    assert answered.status_code == 200, answered.text
+    [call] = answered.json()["choices"][0]["message"]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris", "notify": "[EMAIL]"}
+    assert EMAIL not in answered.text
+    # an earlier call's arguments are part of the conversation sent on
+    earlier = {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "get_weather", "arguments": json.dumps({"city": "Paris", "card": CARD})}}]}
+    again = admin.post("/serving-endpoints/tools-out/invocations", json={"messages": [
+        {"role": "user", "content": "weather?"}, earlier, {"role": "tool", "tool_call_id": "c", "content": "sunny"}],
+        "tools": [WEATHER_TOOL]})
+    blocked(again, "input guardrail blocked the request: PII (card) found in messages[1].tool_calls[0].function.arguments; "
+                   "remove it or ask the endpoint's manager to use MASK")
+    leaky_tool = {"type": "function", "function": {"name": "mail", "description": f"mails {EMAIL}", "parameters": {}}}
+    refused = admin.post("/serving-endpoints/tools-out/invocations", json={**ask("hello"), "tools": [leaky_tool]})
+    blocked(refused, "input guardrail blocked the request: the tools' definitions hold PII (email); remove it from the "
+                     "tool descriptions")
+    assert len(upstream.calls) == 1
+
+
+def test_a_text_too_long_to_check_is_refused_not_sent(server, admin, upstream, monkeypatch):
+    monkeypatch.setenv("SQLINFER_GUARDRAIL_MAX_CHARS", "1000")
+    guarded(server, admin, upstream, "long", {"input": {"pii": {"behavior": "BLOCK"}}})
+    response = admin.post("/serving-endpoints/long/invocations", json=ask("a" * 1001))
+    blocked(response, "input guardrail blocked the request: its text is 1001 characters, more than the 1000 the "
+                      "guardrails check (SQLINFER_GUARDRAIL_MAX_CHARS); send it in smaller pieces")
+    assert upstream.calls == []
+
+
+def test_long_runs_of_address_characters_do_not_hide_an_address():
+    # a 64-character cap on the local part keeps the search linear; an address after such a run is still found
+    text = "a!" * 50_000 + " mail " + EMAIL
+    assert [(f.kind, text[f.start:f.end]) for f in find_pii(text)] == [("email", EMAIL)]
+
+
+def test_guardrails_are_refused_where_they_cannot_act(server, admin, upstream):
+    body = external_endpoint("vectors", upstream.url)
+    body["config"]["served_entities"][0]["external_model"]["task"] = "llm/v1/embeddings"
+    admin.post("/api/2.0/serving-endpoints", json=body).raise_for_status()
+    server.service.wait_for_deployments()
+    refused = admin.put("/api/2.0/serving-endpoints/vectors/ai-gateway",
+                        json={"guardrails": {"output": {"pii": {"behavior": "MASK"}}}})
+    assert refused.status_code == 400 and refused.json()["message"] == (
+        "ai_gateway.guardrails.output: 'vectors' answers embeddings, which hold no text to check; keep the input "
+        "guardrails only")

@@ -94,6 +94,7 @@ def create_app(service: EndpointService | None = None, owns_process: bool = Fals
     app.state.usage = UsageRecorder(service.db)
     app.state.result_store = default_store()  # answers of SQL batches (serving.data.batches)
     app.state.request_counts = {}
+    app.state.query_limiters = {}  # thread pools of queries (serving.api.queries.query_threads)
 
     for family in (endpoints, permissions, secrets, tokens, scim, queries, batch):
         app.include_router(family.router())

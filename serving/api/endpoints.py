@@ -38,7 +38,7 @@ def router() -> APIRouter:
 
     @api.get("/get-model-optimization-info/{model}/{version}", summary="Provisioned throughput chunk size of a model")
     def optimization_info(model: str, version: str, request: Request) -> dict[str, Any]:
-        return service(request).optimization_info(model, version)
+        return service(request).optimization_info(model, version, request.state.principal)
 
     @api.get("/{name}/served-models/{served_model}/logs", summary="A served entity's server log (CAN_VIEW)")
     def logs(name: str, served_model: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:

@@ -9,9 +9,11 @@ is a user name or a service principal's application id.
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.api.guard import JsonRoute, admin, principal
@@ -79,9 +81,24 @@ def _sp(sp: ServicePrincipal) -> dict[str, Any]:
             "schemas": [SP_SCHEMA]}
 
 
-def _listed(resources: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"schemas": [LIST_SCHEMA], "totalResults": len(resources), "startIndex": 1,
-            "itemsPerPage": len(resources), "Resources": resources}
+FILTER = re.compile(r'^\s*(\w+)\s+eq\s+"([^"]*)"\s*$')
+
+
+def _listed(resources: list[dict[str, Any]], filter: str | None, start_index: int, count: int | None,
+            filterable: tuple[str, ...]) -> dict[str, Any]:
+    """One SCIM page: ``filter`` (``<attribute> eq "<value>"``), then ``startIndex`` (1-based)
+    and ``count``. Clients page until a page comes back empty (databricks-sdk does)."""
+    if filter:
+        matched = FILTER.match(filter)
+        if matched is None or matched.group(1) not in filterable:
+            raise InvalidParameterValue(f"filter {filter!r}: sqlinfer filters by {' or '.join(filterable)} only, "
+                                        f"as '<attribute> eq \"<value>\"'")
+        attribute, value = matched.groups()
+        resources = [r for r in resources if str(r.get(attribute)) == value]
+    total = len(resources)
+    page = resources[start_index - 1:][:count] if count is not None else resources[start_index - 1:]
+    return {"schemas": [LIST_SCHEMA], "totalResults": total, "startIndex": start_index,
+            "itemsPerPage": len(page), "Resources": page}
 
 
 def _members_in_path(path: str | None) -> str | None:
@@ -99,8 +116,12 @@ def router() -> APIRouter:
         return request.app.state.service.auth.principals
 
     @api.get("/Groups", summary="List groups")
-    def list_groups(request: Request) -> dict[str, Any]:
-        return _listed([_group(g) for g in directory(request).groups()])
+    def list_groups(request: Request, filter: str | None = None, startIndex: int = Query(1, ge=1),
+                    count: int | None = Query(None, ge=0, le=10_000), attributes: str | None = None,
+                    excludedAttributes: str | None = None, sortBy: str | None = None,
+                    sortOrder: str | None = None) -> dict[str, Any]:
+        return _listed([_group(g) for g in directory(request).groups()], filter, startIndex, count,
+                       ("displayName", "id"))
 
     @api.post("/Groups", status_code=201, summary="Create a group (admins)", dependencies=[Depends(admin)])
     def create_group(body: CreateGroup, request: Request) -> dict[str, Any]:
@@ -141,8 +162,12 @@ def router() -> APIRouter:
         return Response(status_code=204)
 
     @api.get("/ServicePrincipals", summary="List service principals")
-    def list_sps(request: Request) -> dict[str, Any]:
-        return _listed([_sp(sp) for sp in directory(request).service_principals()])
+    def list_sps(request: Request, filter: str | None = None, startIndex: int = Query(1, ge=1),
+                 count: int | None = Query(None, ge=0, le=10_000), attributes: str | None = None,
+                 excludedAttributes: str | None = None, sortBy: str | None = None,
+                 sortOrder: str | None = None) -> dict[str, Any]:
+        return _listed([_sp(sp) for sp in directory(request).service_principals()], filter, startIndex, count,
+                       ("displayName", "applicationId", "id"))
 
     @api.post("/ServicePrincipals", status_code=201, summary="Create a service principal (admins)",
               dependencies=[Depends(admin)])
@@ -150,6 +175,9 @@ def router() -> APIRouter:
         if body.applicationId is not None:
             raise InvalidParameterValue(f"applicationId {body.applicationId!r}: sqlinfer assigns the application id; "
                                         f"leave it out")
+        if body.active is False or body.entitlements:
+            raise InvalidParameterValue("active: false and entitlements: a service principal is active from creation "
+                                        "(delete it to stop it) and gets entitlements with `sqlinfer users entitle`")
         return _sp(directory(request).create_service_principal(body.displayName))
 
     @api.get("/ServicePrincipals/{sp_id}", summary="Get a service principal")
@@ -173,7 +201,12 @@ def token_management_router() -> APIRouter:
     def on_behalf_of(body: OnBehalfOfToken, request: Request) -> dict[str, Any]:
         auth = request.app.state.service.auth
         sp = auth.principals.service_principal_by_application(body.application_id)
-        token_id, value = auth.create_token(sp.application_id, comment=body.comment, lifetime_seconds=body.lifetime_seconds)
+        lifetime = body.lifetime_seconds
+        maker = request.state.principal
+        if maker.expires_at_ms is not None:  # a token never outlives the token that made it
+            remaining = max(1, int(maker.expires_at_ms / 1000 - time.time()))
+            lifetime = min(lifetime or remaining, remaining)
+        token_id, value = auth.create_token(sp.application_id, comment=body.comment, lifetime_seconds=lifetime)
         [info] = [t for t in auth.list_tokens(sp.application_id) if t["id"] == token_id]
         return {"token_value": value, "token_info": {
             "token_id": token_id, "creation_time": info["creation_timestamp"],

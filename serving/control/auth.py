@@ -66,6 +66,9 @@ class Auth:
             raise InvalidParameterValue(f"user name {user_name!r} may not start with {GROUP_PREFIX!r} (it names groups in ACLs)")
         if user_name in RESERVED_USER_NAMES:
             raise InvalidParameterValue(f"user name {user_name!r} is reserved ({', '.join(RESERVED_USER_NAMES)}); choose another")
+        if self.principals.exists(user_name):
+            raise InvalidParameterValue(f"user name {user_name!r} is a group's name; ACLs name users and groups alike, "
+                                        f"so choose another")
         token = "sqli_" + secrets.token_urlsafe(32)
         token_id = uuid.uuid4().hex
         now = int(time.time() * 1000)

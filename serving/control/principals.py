@@ -67,6 +67,9 @@ class PrincipalDirectory:
                                         f"'_.@+-' and not {ALL_USERS!r} (every user's group)")
         group_id = uuid.uuid4().hex[:16]
         with self._db.write() as con:
+            if con.execute("SELECT 1 FROM tokens WHERE user_name = ? LIMIT 1", (name,)).fetchone():
+                # secret ACLs name users and groups alike: one name must not stand for both
+                raise ResourceAlreadyExists(f"displayName {name!r} is a user's name; give the group another name")
             if con.execute("SELECT 1 FROM groups WHERE name = ?", (name,)).fetchone():
                 raise ResourceAlreadyExists(f"group {name!r} already exists; add members with PATCH "
                                             f"/api/2.0/preview/scim/v2/Groups/<id> or `sqlinfer groups add {name} USER`")
@@ -110,6 +113,7 @@ class PrincipalDirectory:
             con.execute("DELETE FROM group_members WHERE group_name = ?", (group.name,))
             con.execute("DELETE FROM groups WHERE id = ?", (group_id,))
             con.execute("DELETE FROM permissions WHERE principal = ?", (GROUP_PREFIX + group.name,))
+            con.execute("DELETE FROM secret_acls WHERE principal = ?", (group.name,))  # a later namesake gets nothing
             _membership_changed(con)
 
     def _group(self, row) -> Group:
@@ -157,6 +161,8 @@ class PrincipalDirectory:
             con.execute("DELETE FROM tokens WHERE user_name = ?", (found.application_id,))
             con.execute("DELETE FROM group_members WHERE member = ?", (found.application_id,))
             con.execute("DELETE FROM permissions WHERE principal = ?", (found.application_id,))
+            con.execute("DELETE FROM secret_acls WHERE principal = ?", (found.application_id,))
+            con.execute("DELETE FROM entitlements WHERE principal = ?", (found.application_id,))
             con.execute("DELETE FROM service_principals WHERE id = ?", (sp_id,))
 
 

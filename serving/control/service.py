@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.model_store import BUNDLED_MODELS, detect_task, sqlinfer_home
+from engine.types import CUSTOM_TASK
 from serving.control.auth import CREATE_ENDPOINTS, EMBEDDED, Auth, Principal
 from serving.control.db import Database
 from serving.control.principals import GROUP_PREFIX
@@ -113,6 +114,7 @@ class EndpointService:
         request = _parsed(CreateEndpoint, body)
         check_supported_create(request)
         self._check_limit_principals(request.ai_gateway)
+        _check_legacy_limits(request.rate_limits or [])
         if request.name.startswith(SYSTEM_PREFIX):
             raise InvalidParameterValue(
                 f"endpoint name {request.name!r} is reserved: names starting with {SYSTEM_PREFIX!r} belong to the bundled models")
@@ -179,11 +181,7 @@ class EndpointService:
     def put_rate_limits(self, name: str, body: Any, principal: Principal = EMBEDDED) -> dict[str, Any]:
         self._refuse_system(name, "rate-limit")
         request = _parsed(PutRateLimits, body)
-        for limit in request.rate_limits:
-            if limit.calls is None or limit.tokens is not None or limit.key not in ("user", "endpoint"):
-                raise InvalidParameterValue(
-                    "the legacy rate-limits API takes {calls, key: user|endpoint, renewal_period: minute}; "
-                    "use PUT .../ai-gateway for token limits and other keys")
+        _check_legacy_limits(request.rate_limits)
         limits = [r.model_dump(exclude_none=True) for r in request.rate_limits]
         self._set_column(name, principal, "rate_limits_json", limits)
         return {"rate_limits": limits}
@@ -193,6 +191,7 @@ class EndpointService:
         gateway = _parsed(AiGatewayConfig, body)
         check_supported_gateway(gateway)
         self._check_limit_principals(gateway)
+        self._check_guardrails_can_act(name, gateway)
         self._set_column(name, principal, "ai_gateway_json", gateway.model_dump(exclude_none=True))
         return gateway.model_dump(exclude_none=True)
 
@@ -241,6 +240,18 @@ class EndpointService:
             self.auth.set_acl(con, endpoint_id, entries, replace=replace)
         return self.views.acl(endpoint_id)
 
+    def _check_guardrails_can_act(self, name: str, gateway: Any) -> None:
+        """Guardrails read text: refused where there is none to read, rather than accepted and idle."""
+        if gateway.guardrails is None:
+            return
+        task = json.loads(self.store.row(name)["config_json"] or "{}").get("_task")
+        if task == CUSTOM_TASK:
+            raise InvalidParameterValue(f"ai_gateway.guardrails: {name!r} serves a custom model, whose rows are not text; "
+                                        f"guardrails act on chat, completions and embeddings endpoints")
+        if task == "llm/v1/embeddings" and gateway.guardrails.output is not None:
+            raise InvalidParameterValue(f"ai_gateway.guardrails.output: {name!r} answers embeddings, which hold no text "
+                                        f"to check; keep the input guardrails only")
+
     def _check_limit_principals(self, gateway: Any) -> None:
         """A limit for a group or service principal that does not exist would hold for nobody."""
         for index, limit in enumerate((gateway.rate_limits if gateway else None) or []):
@@ -262,13 +273,16 @@ class EndpointService:
                                             f"(`sqlinfer groups create {entry.group_name}`)")
             return GROUP_PREFIX + entry.group_name
         if entry.service_principal_name is not None:
-            principals.service_principal_by_application(entry.service_principal_name)
+            if not principals.is_service_principal(entry.service_principal_name):
+                raise InvalidParameterValue(f"service_principal_name {entry.service_principal_name!r} is not a service "
+                                            f"principal's application_id; list them with GET "
+                                            f"/api/2.0/preview/scim/v2/ServicePrincipals")
             return entry.service_principal_name
         return entry.user_name
 
     # -- model optimization info -------------------------------------------------------------
 
-    def optimization_info(self, model: str, version: str) -> dict[str, Any]:
+    def optimization_info(self, model: str, version: str, principal: Principal = EMBEDDED) -> dict[str, Any]:
         path = self.validator.local_model_path(model)
         if path is None:
             raise ResourceDoesNotExist(
@@ -279,7 +293,12 @@ class EndpointService:
             return {"optimizable": False, "model_type": config.get("model_type", "unknown")}
         from engine import reservations, throughput  # measured once on this machine (about a minute), then cached
 
-        measured = throughput.measure(str(path))
+        measured = throughput.cached(str(path))
+        if measured is None:
+            # Measuring runs a one-core engine for about a minute: for those who may provision.
+            self.auth.require_entitlement(principal, CREATE_ENDPOINTS, f"measure {model!r}'s throughput on this machine "
+                                                                       f"(it is not measured yet)")
+            measured = throughput.measure(str(path))
         return {"optimizable": True, "model_type": config.get("model_type", "unknown"),
                 "throughput_chunk_size": measured.chunk_size,
                 "measurement": {"tokens_per_second_per_model_unit": measured.tokens_per_second,
@@ -305,3 +324,12 @@ class EndpointService:
             raise InvalidParameterValue(
                 f"cannot {action} {name!r}: system endpoints are provisioned by sqlinfer for the bundled models; "
                 f"create your own endpoint with entity_name {SYSTEM_CATALOG + name[len(SYSTEM_PREFIX):]!r}")
+
+
+def _check_legacy_limits(limits: list[Any]) -> None:
+    """The legacy ``rate_limits`` (on create and PUT .../rate-limits) keep Databricks' old form."""
+    for index, limit in enumerate(limits):
+        if limit.calls is None or limit.tokens is not None or limit.key not in ("user", "endpoint") or limit.principal:
+            raise InvalidParameterValue(
+                f"rate_limits[{index}]: the legacy rate limits take {{calls, key: user|endpoint, renewal_period: "
+                f"minute}}; use ai_gateway.rate_limits for token limits, principals and other keys")

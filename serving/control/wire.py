@@ -419,6 +419,8 @@ class AccessControlEntry(Strict):
 
     @model_validator(mode="after")
     def _rules(self) -> "AccessControlEntry":
+        if self.user_name is not None and self.user_name.startswith("group:"):
+            raise ValueError(f"user_name {self.user_name!r}: name a group with group_name")
         given = [f for f in ("user_name", "group_name", "service_principal_name") if getattr(self, f) is not None]
         if len(given) != 1:
             raise ValueError(f"an entry names exactly one of user_name, group_name or service_principal_name "

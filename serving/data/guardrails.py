@@ -60,10 +60,18 @@ KINDS = ("email", "phone", "card")
 PLACEHOLDERS = {"email": "[EMAIL]", "phone": "[PHONE]", "card": "[CARD]"}
 PHONE_REGION = os.environ.get("SQLINFER_PII_PHONE_REGION", "US")
 
+
+def max_checked_chars() -> int:
+    """The most text one request or answer may carry through guardrails (checking is ~20 us a
+    character with phone numbers in it; longer texts are refused, not sent unchecked)."""
+    return int(os.environ.get("SQLINFER_GUARDRAIL_MAX_CHARS", "200000"))
+
 # WHATWG HTML, "valid e-mail address": 1*( atext / "." ) "@" label *( "." label ), a label being
 # up to 63 letters, digits and hyphens, not starting or ending with a hyphen. To find addresses in
 # text: the local part starts at a letter, digit or "_", and the domain has at least one dot.
-_LOCAL = r"[a-zA-Z0-9_][a-zA-Z0-9.!#$%&'*+/=?^_`{|}~-]*"
+# The local part is capped at RFC 5321's 64 characters: uncapped, text like "a!a!a!..." made the
+# search quadratic (26.8 s for 160 KB, holding the interpreter lock); capped it is linear.
+_LOCAL = r"[a-zA-Z0-9_][a-zA-Z0-9.!#$%&'*+/=?^_`{|}~-]{0,63}"
 _LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
 _EMAIL = re.compile(rf"(?<![a-zA-Z0-9._%+-]){_LOCAL}@{_LABEL}(?:\.{_LABEL})+")
 # Digits with single spaces or dashes between them: where card numbers are looked for.
@@ -188,6 +196,13 @@ class Guard:
         """Check ``(where, text)`` pairs of one request (input) or one answer (output)."""
         originals = tuple(text for _, text in texts)
         subject = "request" if self.direction == "input" else "answer"
+        size = sum(len(text) for _, text in texts)
+        if size > max_checked_chars():  # fail closed: what is not checked is not sent
+            return Verdict(originals, f"{self.direction} guardrail blocked the {subject}: its text is {size} characters, "
+                                      f"more than the {max_checked_chars()} the guardrails check "
+                                      f"(SQLINFER_GUARDRAIL_MAX_CHARS); send it in smaller pieces", (),
+                           f"{self.direction} BLOCK (too long to check)")
+
         if self._keywords is not None:
             for where, text in texts:
                 match = self._keywords.search(text)
@@ -231,19 +246,49 @@ def _joined(*actions: str | None) -> str | None:
 # -- the texts of a request -----------------------------------------------------------------------
 
 def _texts_of(request: Any, kind: str) -> list[tuple[str, str]]:
-    """(where, text) of every text a request sends: chat message contents (text parts included),
-    a prompt, an embedding input."""
+    """(where, text) of every text a request sends: chat message contents (text parts included, and
+    their concatenation, which is what providers see), earlier tool calls' arguments, a prompt, an
+    embedding input. Raises :class:`_NotText` for content that cannot be checked."""
     if kind != "chat":
-        return [("the prompt" if kind == "complete" else "the input", request if isinstance(request, str) else "")]
+        where = "the prompt" if kind == "complete" else "the input"
+        if not isinstance(request, str):
+            raise _NotText(f"{where} is not text (token ids or other values cannot be checked); send text")
+        return [(where, request)]
+    if not isinstance(request, (list, tuple)) or not all(isinstance(m, dict) for m in request):
+        raise _NotText("the messages are not a list of {role, content} objects")
     texts = []
     for index, message in enumerate(request):
         content = message.get("content")
         if isinstance(content, str):
             texts.append((f"messages[{index}].content", content))
         elif isinstance(content, list):
-            texts += [(f"messages[{index}].content[{p}].text", part["text"]) for p, part in enumerate(content)
-                      if isinstance(part, dict) and isinstance(part.get("text"), str)]
+            parts = [(f"messages[{index}].content[{p}].text", part["text"]) for p, part in enumerate(content)
+                     if isinstance(part, dict) and isinstance(part.get("text"), str)]
+            if len(parts) != len(content):
+                raise _NotText(f"messages[{index}].content has parts that are not text (images, audio or files "
+                               f"cannot be checked); send text parts only")
+            texts += parts
+        elif content is not None:
+            raise _NotText(f"messages[{index}].content is not text; send a string or text parts")
+        for call_index, call in enumerate(message.get("tool_calls") or []):
+            arguments = (call.get("function") or {}).get("arguments") if isinstance(call, dict) else None
+            if isinstance(arguments, str):
+                texts.append((f"messages[{index}].tool_calls[{call_index}].function.arguments", arguments))
     return texts
+
+
+def _joined_parts(request: Any) -> list[tuple[str, str]]:
+    """Each multi-part message's parts joined: "alice@" + "example.com" is an address once joined."""
+    joined = []
+    for index, message in enumerate(request if isinstance(request, (list, tuple)) else []):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and len(content) > 1:
+            joined.append((f"messages[{index}].content", "".join(p.get("text", "") for p in content if isinstance(p, dict))))
+    return joined
+
+
+class _NotText(Exception):
+    """Content the guardrails cannot read: refused (fail closed), never sent unchecked."""
 
 
 def _rebuilt(request: Any, kind: str, texts: Sequence[str]) -> Any:
@@ -260,12 +305,26 @@ def _rebuilt(request: Any, kind: str, texts: Sequence[str]) -> Any:
             message = {**message, "content": [{**part, "text": next(remaining)}
                                               if isinstance(part, dict) and isinstance(part.get("text"), str) else part
                                               for part in content]}
+        if message.get("tool_calls"):
+            calls = []
+            for call in message["tool_calls"]:
+                arguments = (call.get("function") or {}).get("arguments") if isinstance(call, dict) else None
+                if isinstance(arguments, str):
+                    call = {**call, "function": {**call["function"], "arguments": next(remaining)}}
+                calls.append(call)
+            message = {**message, "tool_calls": calls}
         rebuilt.append(message)
     return rebuilt
 
 
 def _kind_of(request: Any) -> str:
     return "chat" if isinstance(request, (list, tuple)) else "complete"
+
+
+def _tool_texts(options: Any) -> list[tuple[str, str]]:
+    import json
+
+    return [(f"tools[{index}]", json.dumps(tool)) for index, tool in enumerate(getattr(options, "tools", None) or [])]
 
 
 class GuardedBackend(DelegatingBackend):
@@ -277,6 +336,37 @@ class GuardedBackend(DelegatingBackend):
         self.output = Guard("output", guardrails.get("output"))
         self.endpoint_name = endpoint_name
 
+    def _check_input(self, item: Any, kind: str) -> tuple[Any, Verdict]:
+        """The item to send (masked) and the input verdict: text that cannot be read, or PII or a
+        keyword that appears only once a message's parts are joined, is blocked."""
+        try:
+            texts = _texts_of(item, kind)
+        except _NotText as exc:
+            return item, Verdict((), f"input guardrail blocked the request: {exc}", (), "input BLOCK (not text)")
+        verdict = self.input.check(texts)
+        if verdict.blocked:
+            return item, verdict
+        if verdict.kinds:
+            item = _rebuilt(item, kind, verdict.texts)
+        across = self.input.check(_joined_parts(item)) if kind == "chat" else Verdict(())
+        if across.blocked or across.kinds:
+            found = f"PII ({', '.join(across.kinds)})" if across.kinds else "an invalid keyword"
+            return item, Verdict((), f"input guardrail blocked the request: {found} spans the text parts of a message, "
+                                     f"where it cannot be masked; send the text in one part, or remove it", across.kinds,
+                                 _joined(verdict.action, (across.action or "input BLOCK") + " across parts"))
+        return item, verdict
+
+    def _check_tools(self, options: Any) -> str | None:
+        """Tool definitions go to the model too; PII or a keyword in them blocks the call (they
+        are schemas, not text to mask)."""
+        texts = _tool_texts(options) if self.input.active else []
+        verdict = self.input.check(texts) if texts else Verdict(())
+        if verdict.blocked or verdict.kinds:
+            raise GuardrailBlocked("input guardrail blocked the request: the tools' definitions hold "
+                                   + ("PII (" + ", ".join(verdict.kinds) + ")" if verdict.kinds else "an invalid keyword")
+                                   + "; remove it from the tool descriptions", verdict.action or "input BLOCK (tools)")
+        return None
+
     # -- batches -------------------------------------------------------------------------------
 
     def _guarded(self, items: Sequence[Any], kind: str, call: Callable[[list[Any], ResultCallback | None], list[Any]],
@@ -286,16 +376,13 @@ class GuardedBackend(DelegatingBackend):
         for index, item in enumerate(items):
             note = None
             if self.input.active:
-                texts = _texts_of(item, kind)
-                verdict = self.input.check(texts)
+                item, verdict = self._check_input(item, kind)
                 note = verdict.action
                 if verdict.blocked:
                     results[index] = _failed(kind, verdict.blocked, note)
                     if on_result is not None:
                         on_result(index, results[index])
                     continue
-                if verdict.kinds:
-                    item = _rebuilt(item, kind, verdict.texts)
             positions.append(index)
             sent.append(item)
             notes.append(note)
@@ -318,12 +405,18 @@ class GuardedBackend(DelegatingBackend):
         """One answer after the output guardrails, carrying what the guardrails did."""
         if result.error or not isinstance(result, GenerationResult) or not self.output.active:
             return dataclasses.replace(result, guardrail=note) if note else result
-        texts = tuple(choice.text or "" for choice in result.choices)
+        places, texts = [], []
+        for j, choice in enumerate(result.choices):  # each choice's text, then its tool calls' arguments
+            places.append("the answer" if len(result.choices) == 1 else f"choices[{j}]")
+            texts.append(choice.text or "")
+            for k, call in enumerate(choice.tool_calls):
+                places.append(f"choices[{j}].tool_calls[{k}].arguments")
+                texts.append(call.arguments)
+        texts = tuple(texts)
         cached = checked.get(local)  # the same answer seen by on_result: checked once
         if cached is not None and cached[0] == texts:
             verdict = cached[1]
         else:
-            places = ["the answer"] if len(texts) == 1 else [f"choices[{j}]" for j in range(len(texts))]
             verdict = self.output.check(list(zip(places, texts)))
             checked[local] = (texts, verdict)
         note = _joined(note, verdict.action)
@@ -333,12 +426,19 @@ class GuardedBackend(DelegatingBackend):
                                     prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                                     served_entity=result.served_entity)
         if verdict.kinds:
-            choices = tuple(choice if masked == choice.text else dataclasses.replace(choice, text=masked, logprobs=None)
-                            for choice, masked in zip(result.choices, verdict.texts))
-            result = dataclasses.replace(result, choices=choices)
+            masked = iter(verdict.texts)
+            choices = []
+            for choice in result.choices:
+                text = next(masked)
+                calls = tuple(dataclasses.replace(call, arguments=next(masked)) for call in choice.tool_calls)
+                if text != choice.text or calls != choice.tool_calls:
+                    choice = dataclasses.replace(choice, text=text, tool_calls=calls, logprobs=None)
+                choices.append(choice)
+            result = dataclasses.replace(result, choices=tuple(choices))
         return dataclasses.replace(result, guardrail=note) if note else result
 
     def chat(self, conversations, options, on_result=None):
+        self._check_tools(options)
         return self._guarded(conversations, "chat", lambda part, cb: self.inner.chat(part, options, cb), on_result)
 
     def complete(self, prompts, options, on_result=None):
@@ -360,13 +460,13 @@ class GuardedBackend(DelegatingBackend):
         buffered, checked, and sent as one piece."""
         kind = "chat" if chat else "complete"
         note = None
+        if chat:
+            self._check_tools(options)
         if self.input.active:
-            verdict = self.input.check(_texts_of(request, kind))
+            request, verdict = self._check_input(request, kind)
             note = verdict.action
             if verdict.blocked:
                 raise GuardrailBlocked(verdict.blocked, note)
-            if verdict.kinds:
-                request = _rebuilt(request, kind, verdict.texts)
         if not self.output.active:
             for delta in self.inner.stream(request, options, chat):
                 yield dataclasses.replace(delta, guardrail=note) if note else delta
@@ -376,14 +476,17 @@ class GuardedBackend(DelegatingBackend):
             pieces.append(delta.text)
             calls.extend(delta.tool_calls)
             last = delta
-        verdict = self.output.check([("the answer", "".join(pieces))])
+        verdict = self.output.check([("the answer", "".join(pieces))]
+                                    + [(f"tool_calls[{k}].arguments", call.arguments) for k, call in enumerate(calls)])
         note = _joined(note, verdict.action)
         if verdict.blocked:
             raise GuardrailBlocked(verdict.blocked, note)
+        masked_calls = tuple(dataclasses.replace(call, arguments=arguments)
+                             for call, arguments in zip(calls, verdict.texts[1:]))
         yield StreamDelta(text=verdict.text, finish_reason=last.finish_reason if last else "stop",
                           prompt_tokens=last.prompt_tokens if last else 0,
                           completion_tokens=last.completion_tokens if last else 0,
-                          served_entity=last.served_entity if last else None, tool_calls=tuple(calls), guardrail=note)
+                          served_entity=last.served_entity if last else None, tool_calls=masked_calls, guardrail=note)
 
     # -- what the payload log keeps ------------------------------------------------------------
 
@@ -393,7 +496,10 @@ class GuardedBackend(DelegatingBackend):
         if self.input.pii not in ("BLOCK", "MASK") or not isinstance(request, (str, list, tuple)):
             return request
         kind = _kind_of(request)
-        texts = _texts_of(request, kind)
+        try:
+            texts = _texts_of(request, kind)
+        except _NotText:
+            return request
         return _rebuilt(request, kind, self.input.redact([text for _, text in texts]))
 
 

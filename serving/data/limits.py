@@ -104,7 +104,7 @@ class RateLimiter:
 
     def groups_of(self, user: str) -> list[str]:
         rows = self.db.read().execute("SELECT group_name FROM group_members WHERE member = ?", (user,)).fetchall()
-        return [row["group_name"] for row in rows]
+        return ["users"] + [row["group_name"] for row in rows]  # everyone is in ``users``
 
     def acquire(self, endpoint_id: str, limits: Applicable, wanted: int) -> Admission:
         """Admit up to ``wanted`` calls now, counted on the caller's counters (one transaction)."""
