@@ -103,6 +103,7 @@ class EndpointDirectory:
             return endpoint
         found = self._resolver.lookup(name) if self._resolver is not None else None
         if found is None:
+            self.forget(name)  # deleted elsewhere (the CLI, another process): let go of what it held
             raise self._not_found(name)
         version, task, factory, cache_version = found if len(found) == 4 else (*found, None)
         with self._lock:
