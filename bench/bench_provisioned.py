@@ -20,8 +20,6 @@ import argparse
 import itertools
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -31,6 +29,8 @@ from pathlib import Path
 os.environ.setdefault("SQLINFER_RESULT_STORE", "off")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.servers import start_server, stop_server  # noqa: E402
 
 CHAT = "system-smollm2-135m-instruct"
 _SERIAL = itertools.count()
@@ -47,38 +47,6 @@ class Phase:
     statuses: dict[str, int]
     tokens_per_second: float
     flood_tokens_per_second: float
-
-
-def start_server(home: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str]:
-    import socket
-
-    import httpx
-
-    from serving.control.service import EndpointService
-
-    _, token = EndpointService(home).auth.create_token("bench", is_admin=True)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "connectors.cli", "serve", "--port", str(port), "--log-level", "warning"],
-                               env=os.environ | {"SQLINFER_HOME": str(home)} | (env or {}), start_new_session=True,
-                               cwd=str(ROOT))
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url, token
-        except httpx.TransportError:
-            time.sleep(0.2)
-    raise RuntimeError("sqlinfer serve did not start")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 def create_endpoints(url: str, token: str) -> dict:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import engine.vllm_engine  # noqa: E402,F401  (first: it sets vLLM's log level before vLLM loads)
+from bench.servers import start_server, stop_server  # noqa: E402
 
 CHAT = "system-smollm2-135m-instruct"
 INSTRUCTION = "Classify the sentiment of this product review as positive or negative. Answer with one word."
@@ -41,30 +41,6 @@ def reviews(rows: int, tag: str) -> list[str]:
     texts = [r[0] for r in duckdb.sql(f"SELECT review FROM read_csv('{ROOT / 'examples/data/reviews.csv'}', "
                                       f"allow_quoted_nulls = false) WHERE review IS NOT NULL AND review <> ''").fetchall()]
     return [f"{INSTRUCTION} Review {tag}-{i}: {texts[i % len(texts)]}" for i in range(rows)]
-
-
-def start_server(home: Path) -> tuple[subprocess.Popen, str, str]:
-    from serving.control.service import EndpointService
-
-    _, token = EndpointService(home).auth.create_token("bench", is_admin=True)
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = os.environ | {"SQLINFER_HOME": str(home)}
-    process = subprocess.Popen([sys.executable, "-m", "connectors.cli", "serve", "--port", str(port), "--log-level", "warning"],
-                               env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import httpx
-
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url, token
-        except httpx.TransportError:
-            time.sleep(0.2)
-    raise RuntimeError("sqlinfer serve did not start")
 
 
 def timed_duckdb(con, prompts: list[str], endpoint: str, parameters: str) -> float:
@@ -136,14 +112,7 @@ def main() -> int:
             results["spark over HTTP, echo"] = timed_spark(spark, echo, "system-echo", "")
             spark.stop()
         finally:
-            import signal
-
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)  # the server and its engine processes
-                server.wait(timeout=10)
+            stop_server(server)
 
     ratio = results["duckdb in-process, model"] / results["spark over HTTP, model"]
     report = {

@@ -60,3 +60,16 @@ def duckdb_on(name: str, backend, task: str = "llm/v1/chat"):
         yield con
     finally:
         con.close()
+
+
+def sql_rows(service, query: str) -> list[tuple]:
+    """``query``'s rows in DuckDB, its AI functions served by ``service``'s endpoints in process."""
+    from connectors.duckdb import connect
+    from serving.data.client import InProcessClient
+    from serving.data.directory import directory_for
+
+    con = connect(client=InProcessClient(directory_for(service)))
+    try:
+        return con.execute(query).fetchall()
+    finally:
+        con.close()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import threading
 import time
+from typing import Iterator
 
 import httpx
 
@@ -82,3 +84,21 @@ def stop_group(process: subprocess.Popen, timeout: float = 60) -> None:
     except ProcessLookupError:
         pass
     process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def serve_processes(home, count: int = 2) -> Iterator[list[int]]:
+    """``count`` ``sqlinfer serve`` processes on one home (one registry database), healthy; their ports."""
+    from tests.registry_helpers import SQLINFER
+
+    env = os.environ | {"SQLINFER_HOME": str(home)}
+    ports = [free_port() for _ in range(count)]
+    servers = [subprocess.Popen([SQLINFER, "serve", "--port", str(p), "--log-level", "warning"], env=env) for p in ports]
+    try:
+        for port in ports:
+            wait_healthy(f"http://127.0.0.1:{port}/health")
+        yield ports
+    finally:
+        for process in servers:
+            process.terminate()
+            process.wait(timeout=30)

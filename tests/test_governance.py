@@ -3,16 +3,14 @@ and by service principal (across two server processes), on a real server over a 
 
 from __future__ import annotations
 
-import os
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from serving.control.service import EndpointService
-from tests.registry_helpers import SQLINFER, external_endpoint
-from tests.rest_server import free_port, wait_healthy
+from tests.registry_helpers import external_endpoint
+from tests.rest_server import serve_processes
 from tests.test_rate_limits import ASK, start_of_a_window
 
 SCIM = "/api/2.0/preview/scim/v2"
@@ -156,12 +154,7 @@ def test_group_and_service_principal_limits_hold_across_two_server_processes(tmp
     tokens = {"m1": service.auth.create_token("m1")[1], "m2": service.auth.create_token("m2")[1],
               "robot": service.auth.create_token(robot.application_id)[1]}
 
-    env = os.environ | {"SQLINFER_HOME": str(home)}
-    ports = [free_port(), free_port()]
-    servers = [subprocess.Popen([SQLINFER, "serve", "--port", str(p), "--log-level", "warning"], env=env) for p in ports]
-    try:
-        for port in ports:
-            wait_healthy(f"http://127.0.0.1:{port}/health")
+    with serve_processes(home, 2) as ports:
         start_of_a_window()
 
         def query(job: tuple[int, str]) -> tuple[str, int]:
@@ -173,10 +166,6 @@ def test_group_and_service_principal_limits_hold_across_two_server_processes(tmp
         jobs = [(i, ("m1", "m2", "robot")[i % 3]) for i in range(36)]
         with ThreadPoolExecutor(max_workers=12) as pool:
             answered = list(pool.map(query, jobs))
-    finally:
-        for process in servers:
-            process.terminate()
-            process.wait(timeout=30)
     team = [status for who, status in answered if who != "robot"]
     robot_statuses = [status for who, status in answered if who == "robot"]
     assert team.count(200) == 7 and team.count(429) == 17  # one budget for m1 and m2, over both processes

@@ -15,7 +15,7 @@ import pytest
 from serving.data.guardrails import Guard, find_pii, mask
 from serving.data.usage import UsageRecorder
 from tests.fake_providers import ScriptedOpenAIServer
-from tests.registry_helpers import external_endpoint
+from tests.registry_helpers import external_endpoint, sql_rows
 
 EMAIL = "alice.smith@example.com"
 PHONE = "+1 650-253-0000"
@@ -210,17 +210,9 @@ def test_a_blocked_row_fails_alone_in_a_batch(server, admin, upstream):
 
 
 def test_ai_query_in_duckdb_reports_the_blocked_row(server, admin, upstream):
-    from connectors.duckdb import connect
-    from serving.data.client import InProcessClient
-    from serving.data.directory import directory_for
-
     guarded(server, admin, upstream, "sql-guarded", {"input": {"pii": {"behavior": "BLOCK"}}})
-    con = connect(client=InProcessClient(directory_for(server.service)))
-    try:
-        rows = con.execute(f"SELECT r, ai_query('sql-guarded', r, failOnError => false) AS a FROM "
-                           f"(VALUES ('hello'), ('mail {EMAIL}')) t(r) ORDER BY r").fetchall()
-    finally:
-        con.close()
+    rows = sql_rows(server.service, f"SELECT r, ai_query('sql-guarded', r, failOnError => false) AS a FROM "
+                                    f"(VALUES ('hello'), ('mail {EMAIL}')) t(r) ORDER BY r")
     assert rows == [("hello", {"result": "hello", "errorMessage": None}),
                     (f"mail {EMAIL}", {"result": None, "errorMessage": "input guardrail blocked the request: PII (email) "
                                        "found in messages[0].content; remove it or ask the endpoint's manager to use MASK"})]

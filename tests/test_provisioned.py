@@ -85,7 +85,8 @@ def test_reservations_keep_one_core_for_pay_per_token_and_say_how_many_are_free(
 
 @pytest.fixture(scope="module")
 def provisioned_server(tmp_path_factory):
-    from bench.bench_provisioned import create_endpoints, start_server, stop_server
+    from bench.bench_provisioned import create_endpoints
+    from bench.servers import start_server, stop_server
 
     home = tmp_path_factory.mktemp("provisioned") / "home"
     # a short queue, so that a burst of a few requests overflows it on any CPU

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,8 +11,8 @@ from engine.types import SamplingOptions
 from serving.control.service import EndpointService
 from serving.data.limits import Limit, RateLimitedBackend, RateLimiter, limit_mode
 from serving.data.providers import OpenAICompatibleBackend
-from tests.registry_helpers import SQLINFER, external_endpoint
-from tests.rest_server import free_port, wait_healthy
+from tests.registry_helpers import external_endpoint
+from tests.rest_server import serve_processes
 
 ASK = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -108,13 +106,7 @@ def test_limits_hold_across_server_processes(tmp_path, upstream):
     service.wait_for_deployments()
     service.put_ai_gateway("shared", {"rate_limits": [{"calls": 10, "key": "endpoint", "renewal_period": "minute"}]})
 
-    env = os.environ | {"SQLINFER_HOME": str(home)}
-    ports = [free_port(), free_port()]
-    servers = [subprocess.Popen([SQLINFER, "serve", "--port", str(p), "--log-level", "warning"], env=env) for p in ports]
-    try:
-        for port in ports:
-            wait_healthy(f"http://127.0.0.1:{port}/health")
-
+    with serve_processes(home, 2) as ports:
         start_of_a_window()
 
         def query(i: int) -> int:
@@ -123,9 +115,5 @@ def test_limits_hold_across_server_processes(tmp_path, upstream):
 
         with ThreadPoolExecutor(max_workers=12) as pool:
             statuses = list(pool.map(query, range(30)))
-    finally:
-        for process in servers:
-            process.terminate()
-            process.wait(timeout=30)
     assert statuses.count(200) == 10 and statuses.count(429) == 20
     assert len(upstream.calls) == 10

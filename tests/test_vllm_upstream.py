@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from connectors.duckdb import connect
-from serving.data.client import InProcessClient
-from serving.data.directory import directory_for
+from tests.registry_helpers import sql_rows
 
 pytestmark = pytest.mark.engine
 
@@ -23,12 +21,8 @@ def test_an_external_endpoint_on_vllm_answers_ai_query_and_the_openai_sdk(provid
         "name": "smollm2", "provider": provider, "task": "llm/v1/chat", **config}}]}}).raise_for_status()
     server.service.wait_for_deployments()
 
-    con = connect(client=InProcessClient(directory_for(server.service)))
-    try:
-        rows = con.execute(f"SELECT ai_query('{name}', q, modelParameters => {{'max_tokens': 8}}) "
-                           f"FROM (VALUES ('{QUESTION}'), (NULL)) t(q)").fetchall()
-    finally:
-        con.close()
+    rows = sql_rows(server.service, f"SELECT ai_query('{name}', q, modelParameters => {{'max_tokens': 8}}) "
+                                    f"FROM (VALUES ('{QUESTION}'), (NULL)) t(q)")
     assert "Paris" in rows[0][0] and rows[1][0] is None
 
     from openai import OpenAI

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -84,21 +85,32 @@ def _sp(sp: ServicePrincipal) -> dict[str, Any]:
 FILTER = re.compile(r'^\s*(\w+)\s+eq\s+"([^"]*)"\s*$')
 
 
-def _listed(resources: list[dict[str, Any]], filter: str | None, start_index: int, count: int | None,
-            filterable: tuple[str, ...]) -> dict[str, Any]:
-    """One SCIM page: ``filter`` (``<attribute> eq "<value>"``), then ``startIndex`` (1-based)
-    and ``count``. Clients page until a page comes back empty (databricks-sdk does)."""
-    if filter:
-        matched = FILTER.match(filter)
-        if matched is None or matched.group(1) not in filterable:
-            raise InvalidParameterValue(f"filter {filter!r}: sqlinfer filters by {' or '.join(filterable)} only, "
-                                        f"as '<attribute> eq \"<value>\"'")
-        attribute, value = matched.groups()
-        resources = [r for r in resources if str(r.get(attribute)) == value]
-    total = len(resources)
-    page = resources[start_index - 1:][:count] if count is not None else resources[start_index - 1:]
-    return {"schemas": [LIST_SCHEMA], "totalResults": total, "startIndex": start_index,
-            "itemsPerPage": len(page), "Resources": page}
+@dataclass
+class Page:
+    """A SCIM list request: ``filter`` (``<attribute> eq "<value>"``), then ``startIndex`` (1-based)
+    and ``count``. Clients page until a page comes back empty (databricks-sdk does). The other
+    SCIM query parameters are accepted and do not change the answer."""
+
+    filter: str | None = None
+    startIndex: int = Query(1, ge=1)
+    count: int | None = Query(None, ge=0, le=10_000)
+    attributes: str | None = None
+    excludedAttributes: str | None = None
+    sortBy: str | None = None
+    sortOrder: str | None = None
+
+    def of(self, resources: list[dict[str, Any]], filterable: tuple[str, ...]) -> dict[str, Any]:
+        if self.filter:
+            matched = FILTER.match(self.filter)
+            if matched is None or matched.group(1) not in filterable:
+                raise InvalidParameterValue(f"filter {self.filter!r}: sqlinfer filters by {' or '.join(filterable)} "
+                                            f"only, as '<attribute> eq \"<value>\"'")
+            attribute, value = matched.groups()
+            resources = [r for r in resources if str(r.get(attribute)) == value]
+        rest = resources[self.startIndex - 1:]
+        page = rest if self.count is None else rest[:self.count]
+        return {"schemas": [LIST_SCHEMA], "totalResults": len(resources), "startIndex": self.startIndex,
+                "itemsPerPage": len(page), "Resources": page}
 
 
 def _members_in_path(path: str | None) -> str | None:
@@ -116,12 +128,8 @@ def router() -> APIRouter:
         return request.app.state.service.auth.principals
 
     @api.get("/Groups", summary="List groups")
-    def list_groups(request: Request, filter: str | None = None, startIndex: int = Query(1, ge=1),
-                    count: int | None = Query(None, ge=0, le=10_000), attributes: str | None = None,
-                    excludedAttributes: str | None = None, sortBy: str | None = None,
-                    sortOrder: str | None = None) -> dict[str, Any]:
-        return _listed([_group(g) for g in directory(request).groups()], filter, startIndex, count,
-                       ("displayName", "id"))
+    def list_groups(request: Request, page: Page = Depends()) -> dict[str, Any]:
+        return page.of([_group(g) for g in directory(request).groups()], ("displayName", "id"))
 
     @api.post("/Groups", status_code=201, summary="Create a group (admins)", dependencies=[Depends(admin)])
     def create_group(body: CreateGroup, request: Request) -> dict[str, Any]:
@@ -162,12 +170,8 @@ def router() -> APIRouter:
         return Response(status_code=204)
 
     @api.get("/ServicePrincipals", summary="List service principals")
-    def list_sps(request: Request, filter: str | None = None, startIndex: int = Query(1, ge=1),
-                 count: int | None = Query(None, ge=0, le=10_000), attributes: str | None = None,
-                 excludedAttributes: str | None = None, sortBy: str | None = None,
-                 sortOrder: str | None = None) -> dict[str, Any]:
-        return _listed([_sp(sp) for sp in directory(request).service_principals()], filter, startIndex, count,
-                       ("displayName", "applicationId", "id"))
+    def list_sps(request: Request, page: Page = Depends()) -> dict[str, Any]:
+        return page.of([_sp(sp) for sp in directory(request).service_principals()], ("displayName", "applicationId", "id"))
 
     @api.post("/ServicePrincipals", status_code=201, summary="Create a service principal (admins)",
               dependencies=[Depends(admin)])
