@@ -92,6 +92,7 @@ def on_change(listener) -> None:
         _LISTENERS.append(listener)
 
 
+_STARTING_AFFINITY = frozenset(os.sched_getaffinity(0))
 # Threads of this process that serve a dedicated engine (its event loop): they stay on its cores.
 _DEDICATED_THREADS: dict[int, tuple[int, ...]] = {}
 
@@ -119,8 +120,10 @@ def keep_this_process_off_reserved_cores() -> None:
     every thread now covers the threads they start later too.
     """
     current = split()
-    target = set(current.shared if current.reserved else current.all_cores) or set(current.all_cores)
-    allowed = os.sched_getaffinity(0) | target
+    reserved = {cpu for cores in current.reserved.values() for cpu in cores}
+    # Every CPU the process started with (hyperthread siblings and other NUMA nodes included, not
+    # only the one-per-core list engines are bound from), minus the reserved ones.
+    target = (_STARTING_AFFINITY - reserved) or _STARTING_AFFINITY
     with _LOCK:
         exempt = dict(_DEDICATED_THREADS)
     for entry in os.scandir("/proc/self/task"):
@@ -128,7 +131,7 @@ def keep_this_process_off_reserved_cores() -> None:
         if tid in exempt:
             continue
         try:
-            os.sched_setaffinity(tid, target & allowed or target)
+            os.sched_setaffinity(tid, target)
         except OSError:  # the thread ended meanwhile
             pass
 

@@ -89,6 +89,11 @@ class _EventLoopThread:
                     future.cancel()
                     raise RequestCancelled("the caller went away; the engine's remaining requests were aborted") from None
 
+    @property
+    def native_id(self) -> int | None:
+        thread = self._thread
+        return thread.native_id if thread is not None else None
+
     def stop(self) -> None:
         with self._lock:
             if self._loop is None:
@@ -554,18 +559,20 @@ def _spawning_niced(niceness: int) -> Iterator[None]:
     before pay-per-token compute. Only the processes are niced: a niced front end would be
     preempted while holding the interpreter lock and stall the whole server.
     """
+    import resource
+
     before = os.getpriority(os.PRIO_PROCESS, 0)
-    if niceness <= before:
+    # Giving the priority back needs CAP_SYS_NICE or RLIMIT_NICE (root has it, most users not):
+    # without it the loop thread would stay niced, which is worse than not nicing at all.
+    may_restore = os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20 - before
+    if niceness <= before or not may_restore:
         yield
         return
     os.setpriority(os.PRIO_PROCESS, 0, niceness)
     try:
         yield
     finally:
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, before)
-        except PermissionError:  # raising priority back needs CAP_SYS_NICE; the loop stays niced
-            log.warning("could not restore the priority of %s's loop thread", threading.current_thread().name)
+        os.setpriority(os.PRIO_PROCESS, 0, before)
 
 
 async def _pin_loop_thread(cores: tuple[int, ...]) -> None:
@@ -664,7 +671,7 @@ def dedicated_engine(model: str, owner: str, cores: tuple[int, ...], config: Eng
             return engine
         _DEDICATED[owner] = LocalEngine(info, config, cores=cores)
     if engine is not None:
-        engine.close()
+        _retire(engine)
     return _DEDICATED[owner]
 
 
@@ -672,7 +679,18 @@ def close_dedicated(owner: str) -> None:
     with _ENGINES_LOCK:
         engine = _DEDICATED.pop(owner, None)
     if engine is not None:
-        engine.close()
+        _retire(engine)
+
+
+def _retire(engine: LocalEngine) -> None:
+    """Close a dedicated engine for good: its loop thread ends and leaves the reserved cores' list."""
+    from engine import reservations
+
+    engine.close()
+    native_id = engine._loop.native_id
+    engine._loop.stop()
+    if native_id is not None:
+        reservations.unpin_thread(native_id)
 
 
 def _shared_engines_off_reserved_cores() -> None:

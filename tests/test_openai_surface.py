@@ -180,3 +180,10 @@ def test_custom_model_params_are_part_of_an_answers_key():
     rows = [{"x": 1}]
     assert answer_keys("iris", "v1", "predict", None, rows) == answer_keys("iris", "v1", "predict", None, rows, None)
     assert answer_keys("iris", "v1", "predict", None, rows, {"threshold": 0.5}) != answer_keys("iris", "v1", "predict", None, rows)
+
+
+def test_the_responses_api_refuses_an_endpoint_that_is_not_a_chat_by_name(admin):
+    answer = admin.post("/serving-endpoints/responses", json={"model": "system-all-minilm-l6-v2", "input": "hi"})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"] == ("endpoint 'system-all-minilm-l6-v2' serves llm/v1/embeddings; this "
+                                                "route is for llm/v1/chat")

@@ -188,6 +188,8 @@ class EndpointService:
 
     def put_ai_gateway(self, name: str, body: Any, principal: Principal = EMBEDDED) -> dict[str, Any]:
         self._refuse_system(name, "configure")
+        row = self.store.row(name)
+        self.auth.require(principal, row["id"], name, "CAN_MANAGE")  # before anything tells what it serves
         gateway = _parsed(AiGatewayConfig, body)
         check_supported_gateway(gateway)
         self._check_limit_principals(gateway)

@@ -39,13 +39,19 @@ REFUSED_FIELDS = {
 }
 
 
-def invoke(client: ServingClient, endpoint: str, body: dict[str, Any], expected_task: str | None = None) -> tuple[dict[str, Any], str | None]:
-    """Answer one query; returns (OpenAI response object, served entity that answered)."""
+def require_task(client: ServingClient, endpoint: str, expected_task: str | None) -> str:
+    """The endpoint's task, which must be what the route serves (400 naming both otherwise)."""
     task = client.task(endpoint)
     if expected_task == "llm/v1/completions" and task == "llm/v1/chat":
         task = expected_task  # a chat model also continues raw prompts (as vLLM's OpenAI server does)
     if expected_task is not None and task != expected_task:
         raise InvalidParameterValue(f"endpoint {endpoint!r} serves {task}; this route is for {expected_task}")
+    return task
+
+
+def invoke(client: ServingClient, endpoint: str, body: dict[str, Any], expected_task: str | None = None) -> tuple[dict[str, Any], str | None]:
+    """Answer one query; returns (OpenAI response object, served entity that answered)."""
+    task = require_task(client, endpoint, expected_task)
     if task == CUSTOM_TASK:
         if body.get("stream"):
             raise InvalidParameterValue(f"{endpoint!r} is a custom model: it answers at once; remove stream")

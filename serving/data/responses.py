@@ -20,7 +20,7 @@ import uuid
 from typing import Any, Iterator
 
 from serving.data.client import ServingClient
-from serving.data.invocations import StreamingAnswer, _messages, _options, _raise_row_error
+from serving.data.invocations import StreamingAnswer, _messages, _options, _raise_row_error, require_task
 from serving.errors import InvalidParameterValue, NotImplementedFeature
 
 
@@ -122,6 +122,7 @@ def _call_item(call: Any) -> dict[str, Any]:
 
 
 def respond(client: ServingClient, endpoint: str, body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    require_task(client, endpoint, "llm/v1/chat")
     chat = _chat_body(body)
     [result] = client.chat(endpoint, [_messages(chat["messages"])], _options(chat))
     _raise_row_error(result)
@@ -139,6 +140,7 @@ def respond(client: ServingClient, endpoint: str, body: dict[str, Any]) -> tuple
 
 
 def respond_stream(client: ServingClient, endpoint: str, body: dict[str, Any]) -> StreamingAnswer:
+    require_task(client, endpoint, "llm/v1/chat")
     chat = _chat_body(body)
     messages, options = _messages(chat["messages"]), _options(chat)
     response = _shell(endpoint, body, "in_progress")
