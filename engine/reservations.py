@@ -52,8 +52,10 @@ def split() -> CoreSplit:
         return CoreSplit(machine_cores(), dict(_RESERVED))
 
 
-def reserve(owner: str, count: int) -> tuple[int, ...]:
-    """``count`` cores for ``owner`` (the same ones again if it holds them), taken from the top."""
+def reserve(owner: str, count: int, notify: bool = True) -> tuple[int, ...]:
+    """``count`` cores for ``owner`` (the same ones again if it holds them), taken from the top.
+    ``notify=False`` leaves the shared engines and this process where they are (a short-lived
+    reservation, such as a throughput measurement, is not worth restarting them twice)."""
     with _LOCK:
         held = _RESERVED.get(owner)
         if held is not None and len(held) == count:
@@ -71,16 +73,16 @@ def reserve(owner: str, count: int) -> tuple[int, ...]:
                 f"(or max_provisioned_throughput) or release another provisioned endpoint")
         chosen = tuple(sorted(free[-count:]))
         _RESERVED[owner] = chosen
-        listeners = list(_LISTENERS)
+        listeners = list(_LISTENERS) if notify else []
     for listener in listeners:
         listener()
     return chosen
 
 
-def release(owner: str) -> None:
+def release(owner: str, notify: bool = True) -> None:
     with _LOCK:
         found = _RESERVED.pop(owner, None)
-        listeners = list(_LISTENERS)
+        listeners = list(_LISTENERS) if notify else []
     if found is not None:
         for listener in listeners:
             listener()

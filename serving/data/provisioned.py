@@ -145,12 +145,12 @@ class DedicatedEngineBackend(LocalEngineBackend):
     def engine(self):
         if self._engine is None:
             from engine import reservations
-            from engine.config import EngineConfig
+            from engine.throughput import unit_engine_config
             from engine.vllm_engine import dedicated_engine
 
             cores = reservations.reserve(self.owner, self.units)
             # sized for its units: a batch and KV cache in proportion to its cores
-            config = EngineConfig.for_this_machine(max_num_seqs=64 * self.units, kv_cache_gib=0.5 * self.units)
+            config = unit_engine_config(self.units)
             self._engine = dedicated_engine(self.model, self.owner, cores, config)
         return self._started(self._engine)
 
