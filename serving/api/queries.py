@@ -131,7 +131,11 @@ def router() -> APIRouter:
                 failure = SqlinferError("internal error in sqlinfer while streaming; the server log has the details")
                 loop.call_soon_threadsafe(pieces.put_nowait, ("error", failure, None))
 
-        threading.Thread(target=produce, name=f"stream-{name}", daemon=True).start()
+        # on the query's own threads, as non-streamed queries: a flood of streams cannot take a
+        # provisioned endpoint's threads, nor start a thread per request without bound
+        limiter = await run_in_threadpool(query_threads, request, name)
+        producing = asyncio.ensure_future(anyio.to_thread.run_sync(produce, limiter=limiter))
+        producing.add_done_callback(lambda task: task.cancelled() or task.exception())  # errors are queued by produce
         first = await pieces.get()
         if first[0] == "error":
             raise first[1]
