@@ -31,6 +31,13 @@ class InvalidArgument(_Classified):
     http_status = 400
 
 
+class InvalidMaxWords(_Classified):
+    """``ai_summarize``'s max_words is negative or not an integer (Databricks' own error class)."""
+
+    error_code = "AI_FUNCTION_INVALID_MAX_WORDS"
+    http_status = 400
+
+
 class BudgetExceeded(_Classified):
     """``--max-cost`` / ``--max-tokens``: refused before running, or stopped while running."""
 

@@ -33,6 +33,7 @@ from ai_functions.types import SqlType, coerce, parse_text
 from engine.types import CUSTOM_TASK, EmbeddingResult, GenerationResult, SamplingOptions
 from serving.data.batch_wire import decode_result, encode_result
 from serving.data.client import ServingClient
+from serving.data.usage import ai_function
 
 
 def _values(array: Any, length: int) -> list[Any]:
@@ -83,6 +84,8 @@ def request_options(parameters: str | None, spec: OutputSpec | None, kind: str) 
     options = parse_model_parameters(parameters)
     if spec is not None and spec.json_schema is not None and kind in ("chat", "complete"):
         options = options.model_copy(update={"json_schema": spec.json_schema})
+    if spec is not None and spec.choice is not None and kind in ("chat", "complete"):
+        options = options.model_copy(update={"choice": spec.choice})
     return options
 
 
@@ -298,14 +301,18 @@ def _run(function: str, client: ServingClient, endpoints: Any, requests: Any, mo
     parameter_values = _values(model_parameters, len(texts))
     answers: list[Answered | None] = [None] * len(texts)
     null_rows = 0
-    for (endpoint, parameters), rows in _group_rows(endpoint_values, parameter_values).items():
-        live = [row for row in rows if texts[row] is not None and endpoint is not None]
-        null_rows += len(rows) - len(live)
-        if not live:
-            continue
-        for row, answered in zip(live, _send(client, function, endpoint, [texts[row] for row in live], parameters,
-                                             spec, stats, store)):
-            answers[row] = answered
+    named = ai_function.set(function)  # usage rows name the SQL function that sent them
+    try:
+        for (endpoint, parameters), rows in _group_rows(endpoint_values, parameter_values).items():
+            live = [row for row in rows if texts[row] is not None and endpoint is not None]
+            null_rows += len(rows) - len(live)
+            if not live:
+                continue
+            for row, answered in zip(live, _send(client, function, endpoint, [texts[row] for row in live], parameters,
+                                                 spec, stats, store)):
+                answers[row] = answered
+    finally:
+        ai_function.reset(named)
     if stats is not None and null_rows:
         stats.add(rows=null_rows, null_rows=null_rows)
     if fail_on_error:
@@ -333,7 +340,7 @@ def _typed(result: Any, sql_type: SqlType) -> tuple[Any, str | None]:
 
 def ai_query_values(client: ServingClient, endpoints: Any, requests: Any, model_parameters: Any = None,
                     spec: OutputSpec | None = None, stats: QueryStats | None = None,
-                    store: ResultStore | None = None) -> list[RowOutcome | None]:
+                    store: ResultStore | None = None, function: str = "ai_query") -> list[RowOutcome | None]:
     """``ai_query`` for one batch: a :class:`RowOutcome` per row (typed value or errorMessage, the
     raw answer and its provenance), None for NULL rows.
 
@@ -343,7 +350,7 @@ def ai_query_values(client: ServingClient, endpoints: Any, requests: Any, model_
     """
     spec = spec or output_spec()
     outcomes: list[RowOutcome | None] = []
-    for answered in _run("ai_query", client, endpoints, requests, model_parameters, stats, False, spec, store):
+    for answered in _run(function, client, endpoints, requests, model_parameters, stats, False, spec, store):
         if answered is None:
             outcomes.append(None)
             continue
@@ -359,7 +366,7 @@ def ai_query_values(client: ServingClient, endpoints: Any, requests: Any, model_
         for row, outcome in enumerate(outcomes):
             if outcome is not None and outcome.error is not None:
                 failure = RowFailed if outcome.answer.error else CastError
-                raise failure("ai_query", endpoint_values[row], _request_key(request_values[row]), outcome.error)
+                raise failure(function, endpoint_values[row], _request_key(request_values[row]), outcome.error)
     elif stats is not None:
         late = sum(1 for o in outcomes if o is not None and not o.answer.error and o.error is not None)
         if late:

@@ -31,6 +31,7 @@ class OutputSpec:
     json_schema: dict[str, Any] | None  # structured output requested from the model, if any
     fail_on_error: bool
     detailed: bool = False  # the extended form: result, errorMessage and where the answer came from
+    choice: tuple[str, ...] | None = None  # the answer is exactly one of these (the task functions' label sets)
 
     @property
     def schema_text(self) -> str | None:

@@ -32,6 +32,8 @@ class StatsSnapshot:
     wall_seconds: float = 0.0
     tokens_by_endpoint: dict[str, list[int]] = field(default_factory=dict)  # endpoint -> [input, output]
     cost: float | None = None  # in the price's currency, when every endpoint used has a price
+    aggregate_groups: int = 0  # groups ai_agg / ai_summarize_agg reduced
+    aggregate_rounds: int = 0  # the most rounds (chunk, summarize, combine) any of them took
 
     @property
     def rows_per_second(self) -> float:
@@ -45,6 +47,7 @@ class StatsSnapshot:
             f"{self.errors} errors), {self.requests} requests, {self.prompt_tokens} prompt + "
             f"{self.completion_tokens} generated tokens{cost}, {self.rows_per_second:.1f} rows/s, "
             f"{self.wall_seconds:.1f} s wall"
+            + (f"; ai_agg: {self.aggregate_groups} groups in up to {self.aggregate_rounds} rounds" if self.aggregate_groups else "")
         )
 
 
@@ -117,6 +120,12 @@ class QueryStats:
             if self._bar is not None and counts.get("rows"):
                 self._bar.update(counts["rows"])
                 self._bar.set_postfix(tokens=self._totals.completion_tokens, refresh=False)
+
+    def aggregated(self, groups: int, rounds: int) -> None:
+        """``groups`` reduced by an aggregate, the longest in ``rounds`` rounds."""
+        with self._lock:
+            self._totals.aggregate_groups += groups
+            self._totals.aggregate_rounds = max(self._totals.aggregate_rounds, rounds)
 
     def snapshot(self) -> StatsSnapshot:
         with self._lock:

@@ -1,4 +1,5 @@
-"""``ai_query`` and ``ai_embed`` as DuckDB SQL functions.
+"""``ai_query`` and ``ai_embed`` as DuckDB SQL functions (the task functions, ai_filter and the
+AI aggregates are registered with them: ``connectors.duckdb_tasks``).
 
 Two ways in::
 
@@ -29,6 +30,7 @@ from typing import Any
 import duckdb
 
 from ai_functions.functions import _values, ai_embed_batch, ai_query_json
+from connectors.duckdb_tasks import register_tasks
 from ai_functions.explain import Budget, Estimate, Planner, estimate, totals
 from serving.data.result_store import ResultStore, default_store
 from ai_functions.spec import output_spec
@@ -57,6 +59,10 @@ class AIFunctions:
     # The last sqlinfer error a function raised: DuckDB re-raises it as a plain InvalidInputException
     # with our message inside, and translate_error() gives the original (its code) back.
     last_error: SqlinferError | None = None
+    # The connection's default endpoints for the task functions and ai_similarity (None: the
+    # environment, then the bundled models; SET VARIABLE ai_functions_endpoint wins over these).
+    chat_endpoint: str | None = None
+    embedding_endpoint: str | None = None
 
     def keeping_errors(self, function: Any) -> Any:
         """``function`` with its sqlinfer errors remembered before DuckDB wraps them."""
@@ -189,6 +195,7 @@ def register(con: duckdb.DuckDBPyConnection, client: ServingClient | None = None
         f"{_STRUCTURE_UDF}(returnType::VARCHAR, responseFormat::VARCHAR, false, 'BOOLEAN', true))"
     )
     con.execute(f"CREATE OR REPLACE TEMP MACRO ai_embed(endpoint, text) AS {_EMBED_UDF}(endpoint, text)")
+    register_tasks(con, ai)
     _HANDLES[con] = ai
     return ai
 

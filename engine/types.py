@@ -39,6 +39,9 @@ class SamplingOptions(BaseModel):
     n: int = Field(default=1, ge=1, le=16)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     json_schema: dict[str, Any] | None = None
+    # The answer is exactly one of these strings (the task functions' fixed label sets): vLLM
+    # decodes only these on the local engine; OpenAI-style providers get an enum JSON schema.
+    choice: tuple[str, ...] | None = Field(default=None, min_length=1)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None  # token id (as text, as OpenAI sends it) -> bias in [-100, 100]
@@ -51,6 +54,11 @@ class SamplingOptions(BaseModel):
     @field_validator("tools", mode="before")
     @classmethod
     def _tools_as_tuple(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("choice", mode="before")
+    @classmethod
+    def _choice_as_tuple(cls, value: Any) -> Any:
         return tuple(value) if isinstance(value, list) else value
 
     @field_validator("stop", mode="before")

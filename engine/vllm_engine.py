@@ -613,6 +613,8 @@ def _to_sampling_params(options: SamplingOptions, stream: bool = False) -> Any:
         kwargs["stop"] = list(options.stop)
     if options.json_schema is not None:
         kwargs["structured_outputs"] = StructuredOutputsParams(json=options.json_schema)
+    elif options.choice is not None:
+        kwargs["structured_outputs"] = StructuredOutputsParams(choice=list(options.choice))
     from vllm.exceptions import VLLMClientError
 
     try:

@@ -27,7 +27,7 @@ from serving.control.wire import BatchRequest, describe_validation_error
 from serving.data.batch_wire import encode_result
 from serving.data.batches import run_batch
 from serving.data.limits import current_user, limit_mode
-from serving.data.usage import request_context
+from serving.data.usage import ai_function, request_context
 from serving.errors import InvalidParameterValue, SqlinferError
 
 log = logging.getLogger("sqlinfer.rest")
@@ -65,6 +65,7 @@ def router() -> APIRouter:
         current_user.set(who.user_name)
         limit_mode.set("wait")  # a SQL job slows down under a rate limit instead of failing
         request_context.set({})  # recorded as source "sql"
+        ai_function.set(body.function)
         run_batch(request.app.state.query_client, request.app.state.result_store, body.endpoint, body.kind,
                   body.requests, options_of(body), body.params, emit, cancel)
 

@@ -183,6 +183,10 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE usage ADD COLUMN guardrail TEXT;   -- e.g. input.pii BLOCK (email)
     """,
+    # 9: the SQL function that sent a request (ai_query, ai_classify, ai_agg, ...; NULL for REST)
+    """
+    ALTER TABLE usage ADD COLUMN ai_function TEXT;
+    """,
 ]
 
 

@@ -537,3 +537,5 @@ class BatchRequest(Strict):
     options: dict[str, Any] | None = None
     params: dict[str, Any] | None = None
     stream: bool = False  # NDJSON, one line per answer as it completes (serving.data.batch_wire)
+    # The SQL function these rows are for (ai_query, ai_classify, ...): recorded in the usage rows.
+    function: str | None = Field(default=None, pattern=r"^ai_[a-z_]{1,40}$")

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any, Sequence
 
+from serving.data.usage import ai_function
 from engine.types import SamplingOptions, Task
 from serving.data.backends import ResultCallback
 from serving.data.batch_wire import decode_result
@@ -96,6 +97,8 @@ class HttpServingClient:
             body["options"] = options.model_dump(exclude_none=True, mode="json")
         if params:
             body["params"] = params
+        if ai_function.get():
+            body["function"] = ai_function.get()  # the server's usage rows name the SQL function
         results: list[Any] = [None] * len(requests)
         try:
             with self._http.stream("POST", "/api/2.0/sqlinfer/batch", json=body) as response:

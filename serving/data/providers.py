@@ -13,6 +13,8 @@ are off: this module owns the retry policy, so ``Retry-After`` and budgets are h
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import random
@@ -183,7 +185,8 @@ class OpenAICompatibleBackend(ProviderBackend):
         kwargs = _openai_kwargs(options)
 
         def one(messages):
-            return _generation(self._post("/chat/completions", {"model": self.model, "messages": list(messages), **kwargs}), chat=True)
+            answer = _generation(self._post("/chat/completions", {"model": self.model, "messages": list(messages), **kwargs}), chat=True)
+            return _chosen(answer) if options.choice is not None else answer
 
         return self._map(conversations, one, lambda e, status: GenerationResult(error=e, error_status=status), on_result)
 
@@ -291,6 +294,10 @@ def _openai_kwargs(options: SamplingOptions, chat: bool = True) -> dict[str, Any
     if options.json_schema is not None and chat:
         kwargs["response_format"] = {"type": "json_schema",
                                      "json_schema": {"name": "response", "schema": options.json_schema}}
+    elif options.choice is not None and chat:  # OpenAI's structured outputs need an object at the root
+        kwargs["response_format"] = {"type": "json_schema", "json_schema": {"name": "choice", "strict": True, "schema": {
+            "type": "object", "properties": {"answer": {"type": "string", "enum": list(options.choice)}},
+            "required": ["answer"], "additionalProperties": False}}}
     for name in ("frequency_penalty", "presence_penalty", "logit_bias"):
         if getattr(options, name) is not None:
             kwargs[name] = getattr(options, name)
@@ -300,6 +307,20 @@ def _openai_kwargs(options: SamplingOptions, chat: bool = True) -> dict[str, Any
             if getattr(options, name) is not None:
                 kwargs[name] = getattr(options, name)
     return kwargs
+
+
+def _chosen(result: GenerationResult) -> GenerationResult:
+    """A ``choice`` answer as the chosen string: ``{"answer": "x"}`` -> ``x``. Text that is not
+    that object is kept as it came, so the caller sees (and reports) the label it does not know."""
+    choices = []
+    for choice in result.choices:
+        try:
+            answer = json.loads(choice.text)
+        except ValueError:
+            answer = None
+        text = answer["answer"] if isinstance(answer, dict) and isinstance(answer.get("answer"), str) else choice.text
+        choices.append(dataclasses.replace(choice, text=text))
+    return dataclasses.replace(result, choices=tuple(choices))
 
 
 def _generation(response: dict[str, Any], chat: bool) -> GenerationResult:

@@ -37,9 +37,12 @@ log = logging.getLogger("sqlinfer.usage")
 
 # What the caller said about a request (REST bodies); SQL batches leave them unset.
 request_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("sqlinfer_request_context", default={})
+# The SQL function whose rows these are (set by ai_functions, or from a SQL batch's "function").
+ai_function: contextvars.ContextVar[str | None] = contextvars.ContextVar("sqlinfer_ai_function", default=None)
 
 COLUMNS = ("request_id", "timestamp_ms", "endpoint_name", "endpoint_id", "served_entity", "requester", "source",
-           "input_tokens", "output_tokens", "status_code", "latency_ms", "client_request_id", "usage_context", "error", "guardrail")
+           "input_tokens", "output_tokens", "status_code", "latency_ms", "client_request_id", "usage_context", "error", "guardrail",
+           "ai_function")
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,7 @@ class UsageRecordingBackend(DelegatingBackend):
     def _write(self, items: Sequence[Any], results: Sequence[Any], latency_ms: float, describe: Callable[[Any], Any]) -> None:
         context = request_context.get()
         source = "rest" if context else "sql"
+        function = ai_function.get()
         usage_context = json.dumps(context["usage_context"]) if context.get("usage_context") is not None else None
         now = int(time.time() * 1000)
         rows, payloads = [], []
@@ -215,7 +219,7 @@ class UsageRecordingBackend(DelegatingBackend):
                          result.prompt_tokens, getattr(result, "completion_tokens", 0),
                          getattr(result, "status", None) or ((result.error_status or 500) if result.error else 200),
                          round(latency_ms, 3), context.get("client_request_id"), usage_context, result.error,
-                         getattr(result, "guardrail", None)))
+                         getattr(result, "guardrail", None), function))
             if self.log_payloads:
                 answer = {"error": result.error} if getattr(result, "status", None) else describe(result)
                 payloads.append((request_id, self.endpoint_name, now, json.dumps(self._as_logged(item)), json.dumps(answer)))
