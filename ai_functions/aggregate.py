@@ -61,13 +61,15 @@ def _sizes() -> tuple[int, int]:
     return context, answer
 
 
-def first_prompt(instruction: str) -> str:
-    return f"Task: {instruction}\n\nItems:\n"
+def first_prompt(instruction: str) -> tuple[str, str]:
+    """(what goes before the items, what goes after them): the task follows the items, which a
+    small model follows far better than a task it read before a long list."""
+    return "Items:\n", f"\nTask: {instruction}\nAnswer the task for the items above."
 
 
-def combine_prompt(instruction: str) -> str:
-    return (f"Task: {instruction}\n\nThe items were too many to read at once, so each part below is the answer to the "
-            f"task for one share of them. Combine the parts into one answer to the task.\n\nParts:\n")
+def combine_prompt(instruction: str) -> tuple[str, str]:
+    return ("Each part below answers the task for one share of a list too long to read at once.\n\nParts:\n",
+            f"\nTask: {instruction}\nCombine the parts into one answer to the task.")
 
 
 class _Measure:
@@ -113,7 +115,7 @@ def reduce_groups(client: ServingClient, endpoint: str, groups: Sequence[Sequenc
         raise InvalidArgument(f"{function} needs a chat or completions endpoint, but {endpoint!r} serves {task}")
     context, answer_tokens = _sizes()
     measure = _Measure(client, endpoint)
-    overhead = max(measure([combine_prompt(instruction)])[0], 0) + TEMPLATE_MARGIN
+    overhead = max(measure(["".join(combine_prompt(instruction))])[0], 0) + TEMPLATE_MARGIN
     budget = context - answer_tokens - overhead
     if budget < 2 * (answer_tokens + 2):  # two partial answers must fit, or combining never ends
         raise InvalidArgument(f"{function}: the instruction ({overhead - TEMPLATE_MARGIN} tokens) leaves {budget} of the "
@@ -137,9 +139,9 @@ def reduce_groups(client: ServingClient, endpoint: str, groups: Sequence[Sequenc
                 parts = [piece] if size <= budget else _cut(piece, size, budget)
                 pieces.extend(parts)
                 piece_sizes.extend([size] if len(parts) == 1 else measure(parts))
-            header = first_prompt(instruction) if group.rounds == 0 else combine_prompt(instruction)
+            before, after = first_prompt(instruction) if group.rounds == 0 else combine_prompt(instruction)
             for chunk in _pack(pieces, piece_sizes, budget):
-                jobs.append((group, header + "".join(f"- {p}\n" for p in chunk)))
+                jobs.append((group, before + "".join(f"- {p}\n" for p in chunk) + after))
             group.pieces = []
             group.rounds += 1
         if not jobs:
@@ -170,7 +172,7 @@ def planned_prompts(client: ServingClient, endpoint: str, groups: Sequence[Seque
     partial answer assumed ``max_tokens`` long), so the count is an upper bound."""
     context, answer_tokens = _sizes()
     measure = _Measure(client, endpoint)
-    budget = context - answer_tokens - measure([combine_prompt(instruction)])[0] - TEMPLATE_MARGIN
+    budget = context - answer_tokens - measure(["".join(combine_prompt(instruction))])[0] - TEMPLATE_MARGIN
     prompts: list[str] = []
     for values in groups:
         texts = [v if isinstance(v, str) else json.dumps(v, default=str) for v in (values or ()) if v is not None]
@@ -178,12 +180,13 @@ def planned_prompts(client: ServingClient, endpoint: str, groups: Sequence[Seque
             continue
         sizes = measure(texts)
         chunks = _pack(texts, [min(s, budget) for s in sizes], max(budget, 1))
-        prompts += [first_prompt(instruction) + "".join(f"- {p}\n" for p in chunk) for chunk in chunks]
+        before, after = first_prompt(instruction)
+        prompts += [before + "".join(f"- {p}\n" for p in chunk) + after for chunk in chunks]
         partials, round_number = len(chunks), 1
         per_chunk = max(1, max(budget, 1) // (answer_tokens + 2))
         while partials > 1:
             round_number += 1
             partials = -(-partials // per_chunk)
             filler = "x" * (answer_tokens * CHARS_PER_TOKEN)
-            prompts += [f"{combine_prompt(instruction)}[round {round_number}, part {i}] {filler}" for i in range(partials)]
+            prompts += ["".join(combine_prompt(instruction)) + f"[round {round_number}, part {i}] {filler}" for i in range(partials)]
     return prompts

@@ -143,6 +143,9 @@ def register(spark: Any, url: str | None = None, token: str | None = None, sidec
 
     spark.udf.register("ai_query", ai_query)
     spark.udf.register("ai_embed", ai_embed)
+    from connectors.spark_tasks import register_tasks
+
+    register_tasks(spark, config)
     spark.conf.set("spark.sqlinfer.registered", "true")
     _REGISTERED[id(spark)] = config
     return config
@@ -159,7 +162,7 @@ def sql(spark: Any, query: str) -> Any:
     type — the same type DuckDB gives. Other calls are left to the registered STRING function.
     """
     config = _REGISTERED.get(id(spark)) or register(spark)
-    return spark.sql(_rewrite(spark, query, config))
+    return spark.sql(_rewrite_tasks(spark, _rewrite(spark, query, config), config))
 
 
 _NAMES = ("endpoint", "request", "returnType", "failOnError", "modelParameters", "responseFormat")
@@ -199,13 +202,14 @@ def _rewrite(spark: Any, query: str, config: ClientConfig) -> str:
     return "".join(out)
 
 
-def _calls(query: str) -> Iterator[_Call]:
+def _calls(query: str, function: str = "ai_query", names: tuple[str, ...] = _NAMES,
+           typed: tuple[str, ...] = ("returnType", "responseFormat", "failOnError")) -> Iterator[_Call]:
     from sqlglot.dialects.spark import Spark
     from sqlglot.tokens import TokenType
 
     tokens = Spark().tokenize(query)
     for index, token in enumerate(tokens):
-        if token.text.lower() != "ai_query" or index + 1 >= len(tokens) or tokens[index + 1].token_type != TokenType.L_PAREN:
+        if token.text.lower() != function or index + 1 >= len(tokens) or tokens[index + 1].token_type != TokenType.L_PAREN:
             continue
         depth, groups, current = 0, [], []
         for inner in tokens[index + 2:]:
@@ -227,18 +231,51 @@ def _calls(query: str) -> Iterator[_Call]:
         arguments, literals = {}, {}
         for position, group in enumerate(g for g in groups if g):
             if len(group) > 2 and group[1].token_type in (TokenType.FARROW, TokenType.COLON_EQ):
-                name = next((n for n in _NAMES if n.lower() == group[0].text.lower()), None)
+                name = next((n for n in names if n.lower() == group[0].text.lower()), None)
                 if name is None:
-                    raise InvalidArgument(f"ai_query has no argument {group[0].text!r}; its arguments: {', '.join(_NAMES)}")
+                    raise InvalidArgument(f"{function} has no argument {group[0].text!r}; its arguments: {', '.join(names)}")
                 group = group[2:]
-            elif position < len(_NAMES):
-                name = _NAMES[position]
+            elif position < len(names):
+                name = names[position]
             else:
-                raise InvalidArgument(f"ai_query takes at most {len(_NAMES)} arguments: {', '.join(_NAMES)}")
+                raise InvalidArgument(f"{function} takes at most {len(names)} arguments: {', '.join(names)}")
             arguments[name] = query[group[0].start:group[-1].end + 1]
-            if name in ("returnType", "responseFormat", "failOnError"):
+            if name in typed:
                 literals[name] = _literal(group)
         yield _Call(token.start, inner.end + 1, arguments, literals)
+
+
+def _rewrite_tasks(spark: Any, query: str, config: ClientConfig) -> str:
+    """``query`` with each ai_extract / ai_classify call whose type-fixing arguments (labels,
+    options) are constants renamed to a function of its exact type (STRUCT, ARRAY<STRING>)."""
+    from connectors.spark_tasks import SIGNATURES, TYPED_BY, typed_function
+
+    for function, deciding in TYPED_BY.items():
+        values, arguments = SIGNATURES[function]
+        out, position = [], 0
+        for call in _calls(query, function, values + arguments + ("endpoint",), ()):
+            constants = {name: _constant(spark, call.arguments[name]) for name in deciding if name in call.arguments}
+            if any(v is _NOT_LITERAL for v in constants.values()) or call.start < position:
+                continue
+            out.append(query[position:call.start])
+            out.append(typed_function(spark, function, constants, config))
+            position = call.start + len(function)
+        out.append(query[position:])
+        query = "".join(out)
+    return query
+
+
+def _constant(spark: Any, text: str) -> Any:
+    """The value of a constant SQL expression (an ARRAY(...), a map(...), a literal), evaluated
+    on the driver; _NOT_LITERAL when it needs a row (a column)."""
+    try:
+        [row] = spark.sql(f"SELECT to_json(named_struct('v', {text})) AS j").collect()
+    except Exception:  # noqa: BLE001  (a column reference, or not an expression Spark can fold: left as it is)
+        return _NOT_LITERAL
+    from connectors.spark_tasks import _python
+
+    value = json.loads(row["j"]).get("v")
+    return _python(value)
 
 
 def _literal(group: list[Any]) -> Any:
@@ -346,3 +383,95 @@ def _dataframe_config(url: str | None, token: str | None) -> ClientConfig:
                             token or session.conf.get("spark.sqlinfer.token", None) or None)
     return ClientConfig()
 
+
+
+# -- the task functions in the DataFrame API ---------------------------------------------------
+
+
+def ai_task(function: str, *columns: Any, endpoint: str | None = None, url: str | None = None,
+            token: str | None = None, **arguments: Any) -> Any:
+    """A typed Column of a task function (``ai_classify``, ``ai_extract``, ...) over ``columns``
+    (Columns or column names); ``arguments`` are its constants (labels, options, max_words, to_lang)."""
+    from connectors.spark_tasks import dataframe_task
+
+    given = {k: v for k, v in arguments.items() if v is not None}
+    return dataframe_task(function, list(columns), given, endpoint, _dataframe_config(url, token))
+
+
+def ai_classify(content: Any, labels: Any, options: dict[str, Any] | None = None, **where: Any) -> Any:
+    return ai_task("ai_classify", content, labels=labels, options=options, **where)
+
+
+def ai_extract(content: Any, labels: Any, **where: Any) -> Any:
+    return ai_task("ai_extract", content, labels=labels, **where)
+
+
+def ai_summarize(content: Any, max_words: int | None = None, **where: Any) -> Any:
+    return ai_task("ai_summarize", content, max_words=max_words, **where)
+
+
+def ai_translate(content: Any, to_lang: str, **where: Any) -> Any:
+    return ai_task("ai_translate", content, to_lang=to_lang, **where)
+
+
+def ai_analyze_sentiment(content: Any, **where: Any) -> Any:
+    return ai_task("ai_analyze_sentiment", content, **where)
+
+
+def ai_fix_grammar(content: Any, **where: Any) -> Any:
+    return ai_task("ai_fix_grammar", content, **where)
+
+
+def ai_mask(content: Any, labels: list[str], **where: Any) -> Any:
+    return ai_task("ai_mask", content, labels=labels, **where)
+
+
+def ai_gen(prompt: Any, **where: Any) -> Any:
+    return ai_task("ai_gen", prompt, **where)
+
+
+def ai_filter(predicate: Any, *values: Any, **where: Any) -> Any:
+    """A BOOLEAN Column: ``predicate`` a template ('{0} is about {1}') filled from ``values``, or
+    an instruction followed by them. Pass string constants as ``F.lit(...)``."""
+    return ai_task("ai_filter", predicate, *values, **where)
+
+
+def ai_similarity(a: Any, b: Any, endpoint: str | None = None, url: str | None = None, token: str | None = None) -> Any:
+    """A FLOAT Column: the cosine of the embeddings of ``a`` and ``b``."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.functions import ArrowUDFType, arrow_udf
+
+    from ai_functions.task_runner import embedding_endpoint, similarity
+
+    config, target = _dataframe_config(url, token), embedding_endpoint(endpoint)
+
+    def run(batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
+
+        for left, right in batches:
+            yield pa.array(similarity(_client(config), target, left.to_pylist(), right.to_pylist(), store=default_store()),
+                           pa.float32())
+
+    columns = [F.col(c) if isinstance(c, str) else c for c in (a, b)]
+    return arrow_udf(run, "float", ArrowUDFType.SCALAR_ITER)(*columns)
+
+
+def ai_agg(expr: Any, instruction: str, endpoint: str | None = None, url: str | None = None, token: str | None = None) -> Any:
+    """An aggregate Column for ``df.groupBy(...).agg(ai_agg('review', 'List the complaints'))``."""
+    from pyspark.sql import functions as F
+
+    from connectors.spark_tasks import aggregate_udf
+
+    column = F.col(expr) if isinstance(expr, str) else expr
+    extra = [F.lit(endpoint)] if endpoint else []
+    return aggregate_udf(_dataframe_config(url, token), summarize=False)(column, F.lit(instruction), *extra)
+
+
+def ai_summarize_agg(expr: Any, endpoint: str | None = None, url: str | None = None, token: str | None = None) -> Any:
+    from pyspark.sql import functions as F
+
+    from connectors.spark_tasks import aggregate_udf
+
+    column = F.col(expr) if isinstance(expr, str) else expr
+    extra = [F.lit(endpoint)] if endpoint else []
+    return aggregate_udf(_dataframe_config(url, token), summarize=True)(column, *extra)

@@ -77,6 +77,7 @@ ROUTES = {
     ("GET", "/api/2.0/sqlinfer/endpoints"): ("", None, 200),
     ("GET", "/api/2.0/sqlinfer/endpoints/{name}"): (f"/{OWNED}", None, 403),
     ("POST", "/api/2.0/sqlinfer/batch"): ("", {"endpoint": OWNED, "kind": "chat", "requests": ["hi"]}, 403),
+    ("POST", "/api/2.0/ai-functions/{function}"): ("/ai_gen", {"inputs": ["hi"], "endpoint": OWNED}, 403),
 }
 
 

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.api import batch, endpoints, ops, permissions, queries, scim, secrets, tokens
+from serving.api import ai_functions, batch, endpoints, ops, permissions, queries, scim, secrets, tokens
 from serving.api.guard import Guard, error_response
 from serving.control.service import EndpointService
 from serving.control.wire import describe_errors
@@ -96,7 +96,7 @@ def create_app(service: EndpointService | None = None, owns_process: bool = Fals
     app.state.request_counts = {}
     app.state.query_limiters = {}  # thread pools of queries (serving.api.queries.query_threads)
 
-    for family in (endpoints, permissions, secrets, tokens, scim, queries, batch):
+    for family in (endpoints, permissions, secrets, tokens, scim, queries, batch, ai_functions):
         app.include_router(family.router())
     app.include_router(scim.token_management_router())
     app.include_router(ops.router(started=time.time()))
