@@ -39,8 +39,9 @@ _TASK_UDF = "__sqlinfer_ai_task"
 _TASK_TYPE_UDF = "__sqlinfer_ai_task_type"
 _SIMILARITY_UDF = "__sqlinfer_ai_similarity"
 _AGG_UDF = "__sqlinfer_ai_agg"
-CHAT_VARIABLE = "getvariable('ai_functions_endpoint')"
-EMBED_VARIABLE = "getvariable('ai_functions_embedding_endpoint')"
+# Read in the macro body: a macro's default is evaluated once, when the macro is created.
+CHAT_ENDPOINT = "coalesce(endpoint, getvariable('ai_functions_endpoint'))"
+EMBED_ENDPOINT = "coalesce(endpoint, getvariable('ai_functions_embedding_endpoint'))"
 
 # function -> (its value parameters, its other parameters as "name := default", the arguments
 # that fix its result type). Names follow Databricks' reference.
@@ -141,25 +142,26 @@ def register_tasks(con: duckdb.DuckDBPyConnection, ai: "AIFunctions") -> None:
         names = [o.split(" :=")[0] for o in others]
         arguments = "to_json({" + ", ".join(f"'{n}': {n}" for n in names) + "})::VARCHAR" if names else "'{}'"
         type_arguments = "to_json({" + ", ".join(f"'{n}': {n}" for n in typing) + "})::VARCHAR" if typing else "'{}'"
-        parameters = ", ".join(values + others + (f"endpoint := {CHAT_VARIABLE}",))
+        parameters = ", ".join(values + others + ("endpoint := NULL",))
         con.execute(_typed_macro(function, parameters, values, arguments, type_arguments))
     # ai_filter(statement_or_template, value...): overloads for zero to five values.
     overloads = []
     for count in range(MAX_FILTER_VALUES + 1):
         values = ("predicate",) + tuple(f"value{i}" for i in range(count))
-        overloads.append(f"({', '.join(values)}) AS " + _typed_body("ai_filter", values, "'{}'", "'{}'", CHAT_VARIABLE))
+        overloads.append(f"({', '.join(values)}) AS " + _typed_body("ai_filter", values, "'{}'", "'{}'",
+                                                                  "getvariable('ai_functions_endpoint')"))
     con.execute("CREATE OR REPLACE TEMP MACRO ai_filter" + ", ".join(overloads))
-    con.execute(f"CREATE OR REPLACE TEMP MACRO ai_similarity(a, b, endpoint := {EMBED_VARIABLE}) AS "
-                f"{_SIMILARITY_UDF}(endpoint, a::VARCHAR, b::VARCHAR)")
-    con.execute(f"CREATE OR REPLACE TEMP MACRO ai_agg(expr, instruction, endpoint := {CHAT_VARIABLE}) AS "
-                f"{_AGG_UDF}(endpoint, to_json(list(expr))::VARCHAR, instruction, 'ai_agg')")
-    con.execute(f"CREATE OR REPLACE TEMP MACRO ai_summarize_agg(expr, endpoint := {CHAT_VARIABLE}) AS "
-                f"{_AGG_UDF}(endpoint, to_json(list(expr))::VARCHAR, NULL, 'ai_summarize_agg')")
+    con.execute(f"CREATE OR REPLACE TEMP MACRO ai_similarity(a, b, endpoint := NULL) AS "
+                f"{_SIMILARITY_UDF}({EMBED_ENDPOINT}, a::VARCHAR, b::VARCHAR)")
+    con.execute(f"CREATE OR REPLACE TEMP MACRO ai_agg(expr, instruction, endpoint := NULL) AS "
+                f"{_AGG_UDF}({CHAT_ENDPOINT}, to_json(list(expr))::VARCHAR, instruction, 'ai_agg')")
+    con.execute(f"CREATE OR REPLACE TEMP MACRO ai_summarize_agg(expr, endpoint := NULL) AS "
+                f"{_AGG_UDF}({CHAT_ENDPOINT}, to_json(list(expr))::VARCHAR, NULL, 'ai_summarize_agg')")
 
 
 def _typed_macro(function: str, parameters: str, values: tuple[str, ...], arguments: str, type_arguments: str) -> str:
     return (f"CREATE OR REPLACE TEMP MACRO {function}({parameters}) AS "
-            + _typed_body(function, values, arguments, type_arguments, "endpoint"))
+            + _typed_body(function, values, arguments, type_arguments, CHAT_ENDPOINT))
 
 
 def _typed_body(function: str, values: tuple[str, ...], arguments: str, type_arguments: str, endpoint: str) -> str:

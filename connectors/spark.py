@@ -248,8 +248,14 @@ def _calls(query: str, function: str = "ai_query", names: tuple[str, ...] = _NAM
 def _rewrite_tasks(spark: Any, query: str, config: ClientConfig) -> str:
     """``query`` with each ai_extract / ai_classify call whose type-fixing arguments (labels,
     options) are constants renamed to a function of its exact type (STRUCT, ARRAY<STRING>)."""
+    from ai_functions.tasks import compile_task
     from connectors.spark_tasks import SIGNATURES, TYPED_BY, typed_function
 
+    for function, (values, arguments) in SIGNATURES.items():  # constant arguments are checked here, on the driver
+        for call in _calls(query, function, values + arguments + ("endpoint",), ()):
+            constants = {name: _constant(spark, call.arguments[name]) for name in arguments if name in call.arguments}
+            if not any(v is _NOT_LITERAL for v in constants.values()):
+                compile_task(function, {k: v for k, v in constants.items() if v is not None})
     for function, deciding in TYPED_BY.items():
         values, arguments = SIGNATURES[function]
         out, position = [], 0

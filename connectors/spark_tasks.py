@@ -197,4 +197,5 @@ def dataframe_task(function: str, columns: list[Any], arguments: dict[str, Any],
             yield pa.array([None if o is None else o.value for o in outcomes], arrow_type)
 
     cols = [F.col(c) if isinstance(c, str) else c for c in columns]
+    run.__name__ = function  # the column's default name: ai_classify(review), not run(review)
     return arrow_udf(run, plan.result.ddl(), ArrowUDFType.SCALAR_ITER)(*cols)
