@@ -41,6 +41,7 @@ LANGUAGES = {"en": "English", "fr": "French", "de": "German", "hi": "Hindi", "it
              "pt": "Portuguese", "es": "Spanish", "th": "Thai"}
 FILTER_ANSWERS = ("True", "False")
 MAX_FILTER_VALUES = 5
+EXTRACT_MAX_CHARS = 100  # per extracted field (label form); about 30 tokens
 BOOLEAN = SqlType("BOOLEAN")
 
 
@@ -194,13 +195,16 @@ def _extract(arguments: dict[str, Any]) -> TaskPlan:
     else:
         labels, descriptions = _labels(given, "ai_extract", minimum=1)
         result = SqlType("STRUCT", fields=tuple((label, STRING) for label in labels))
-        # Nullable fields: an entity the text does not mention is NULL, not an invented value.
-        schema = {"type": "object", "properties": {label: {"type": ["string", "null"]} for label in labels},
+        # Nullable fields: an entity the text does not mention is NULL, not an invented value. A
+        # bounded length: the bundled model otherwise copies the text into a field until
+        # max_tokens cuts the JSON off.
+        schema = {"type": "object", "properties": {label: {"type": ["string", "null"], "maxLength": EXTRACT_MAX_CHARS}
+                                                   for label in labels},
                   "required": list(labels), "additionalProperties": False}
     names = ", ".join(name for name, _ in result.fields)
     instruction = (f"Extract these fields from the text: {names}. Answer with a JSON object with exactly these keys; "
                    f"use null for a field the text does not mention.\n\nText: ")
-    return TaskPlan("ai_extract", result, OutputSpec(result, schema, False), 64 + 48 * len(result.fields), instruction)
+    return TaskPlan("ai_extract", result, OutputSpec(result, schema, False), 32 + 48 * len(result.fields), instruction)
 
 
 def _max_words(value: Any) -> int:

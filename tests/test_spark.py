@@ -208,3 +208,58 @@ def test_databricks_examples_run_unchanged_on_the_local_engine(spark):
         "responseFormat => 'STRUCT<city: STRING, country: STRING>', modelParameters => named_struct('max_tokens', 40)) AS r "
         "FROM articles")).collect()
     assert set(extracted["r"].asDict()) == {"city", "country"} and isinstance(extracted["r"]["city"], str)
+
+
+# -- the task functions: the same typed answers as DuckDB --------------------------------------------
+
+TASK_DATA = "FROM VALUES (1, 'I love this blender, it is great'), (2, 'It broke after one day'), (3, NULL) AS t(i, q)"
+TASK_QUERIES = [  # (Spark SQL, DuckDB SQL): the same calls, each engine's spelling of arrays and maps
+    ("SELECT i, ai_classify(q, array('positive', 'negative')) AS r " + TASK_DATA,
+     "SELECT i, ai_classify(q, ['positive', 'negative']) AS r " + TASK_DATA),
+    ("SELECT i, ai_analyze_sentiment(q) AS r " + TASK_DATA, None),
+    ("SELECT i, ai_extract(q, array('product', 'problem')) AS r " + TASK_DATA,
+     "SELECT i, ai_extract(q, ['product', 'problem']) AS r " + TASK_DATA),
+    ("SELECT i, ai_classify(q, array('bug', 'praise'), map('multilabel', 'true')) AS r " + TASK_DATA,
+     "SELECT i, ai_classify(q, ['bug', 'praise'], options := {'multilabel': 'true'}) AS r " + TASK_DATA),
+    ("SELECT i, ai_filter('The text ''{0}'' is negative.', q) AS r " + TASK_DATA, None),
+    ("SELECT i, ai_summarize(q, 5) AS r " + TASK_DATA, None),
+    ("SELECT i, round(ai_similarity(q, 'a great blender'), 4) AS r " + TASK_DATA, None),
+]
+
+
+@pytest.mark.engine
+def test_the_task_functions_give_duckdbs_typed_answers_in_spark(spark, duck):
+    """DuckDB asks first; Spark's identical requests are then answered from the server's store, so
+    the comparison holds whatever the CPU's dtype does to batch invariance."""
+    from connectors import spark as sqlinfer_spark
+
+    for spark_query, duck_query in TASK_QUERIES:
+        expected = [normalize(row) for row in duck.execute((duck_query or spark_query) + " ORDER BY i").fetchall()]
+        got = [normalize(list(row)) for row in sqlinfer_spark.sql(spark, spark_query + " ORDER BY i").collect()]
+        assert got == expected, spark_query
+        assert expected[2][1] is None  # NULL in, NULL out
+    typed = sqlinfer_spark.sql(spark, TASK_QUERIES[2][0]).schema["r"].dataType.simpleString()
+    assert typed == "struct<product:string,problem:string>"
+    assert sqlinfer_spark.sql(spark, TASK_QUERIES[3][0]).schema["r"].dataType.simpleString() == "array<string>"
+    assert spark.sql(TASK_QUERIES[4][0]).schema["r"].dataType.simpleString() == "boolean"
+    plain = {r["i"]: r["r"] for r in spark.sql(TASK_QUERIES[2][0]).collect()}  # plain spark.sql: the struct as JSON text
+    assert json.loads(plain[1]) == {k: v for k, v in normalize(duck.execute(TASK_QUERIES[2][1] + " ORDER BY i").fetchone()[1]).items()}
+    grouped = "SELECT i % 2 AS g, ai_agg(q, 'List the problems.') AS r " + TASK_DATA + " GROUP BY i % 2 ORDER BY g"
+    assert [list(r) for r in spark.sql(grouped).collect()] == [list(r) for r in duck.execute(grouped).fetchall()]
+
+
+def test_bad_task_arguments_fail_on_the_driver_before_any_call(spark, sqlinfer_server):
+    from ai_functions.errors import InvalidArgument, InvalidMaxWords
+    from connectors import spark as sqlinfer_spark
+
+    url, _ = sqlinfer_server
+    before = post_count(url)
+    with pytest.raises(InvalidMaxWords, match=r"\[AI_FUNCTION_INVALID_MAX_WORDS\].*but got -1"):
+        sqlinfer_spark.sql(spark, "SELECT ai_summarize(q, -1) FROM VALUES ('x') AS t(q)")
+    with pytest.raises(InvalidArgument, match=r"2 to 20 labels, got 1: \['a'\]"):
+        sqlinfer_spark.sql(spark, "SELECT ai_classify(q, array('a')) FROM VALUES ('x') AS t(q)")
+    with pytest.raises(Exception, match=r"AI_FUNCTION_INVALID_ARGUMENT.*to_lang 'xx' is not supported"):
+        spark.sql("SELECT ai_translate(q, 'xx') FROM VALUES ('x') AS t(q)").collect()  # plain spark.sql: in the task
+    with pytest.raises(InvalidArgument, match="unknown option 'multi'"):
+        sqlinfer_spark.ai_classify("q", ["a", "b"], options={"multi": True})
+    assert post_count(url) == before
