@@ -15,7 +15,8 @@ All in one DuckDB connection on the local engine (result store off, so every rou
   against a nested loop of single ai_query calls (measured on the first 60 pairs, extrapolated).
 * **Aggregate**: ``ai_agg`` over one group whose text is 5x the model's context: rounds, calls, time.
 
-Run: ``python bench/bench_ai_functions.py [--json FILE]`` (about 15 minutes on 2 cores).
+Run: ``python bench/bench_ai_functions.py [--json FILE]`` (about 20 minutes on 2 cores);
+``--functions ai_extract,ai_mask [--rounds 4]`` re-measures only those functions' wrapper cost.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ THROUGHPUT = {
 }
 
 
-def wrapper_cost(con) -> dict:
+def wrapper_cost(con, names: list[str] | None = None, rounds: int = 2) -> dict:
     """Each function against ai_query sending what it sends (prompt, max_tokens, constraint)."""
     from ai_functions.tasks import compile_task
     from connectors.duckdb import functions
@@ -103,6 +104,8 @@ def wrapper_cost(con) -> dict:
     reviews = [r for (r,) in con.execute("SELECT review FROM sample").fetchall()]
     report = {}
     for name, (call, arguments) in THROUGHPUT.items():
+        if names and name not in names:
+            continue
         plan = compile_task(name, arguments)
 
         def by_function():
@@ -118,7 +121,7 @@ def wrapper_cost(con) -> dict:
 
         by_function(), by_ai_query()  # warm-up: the engine's prefix cache holds every prompt for both
         function_times, query_times = [], []
-        for _ in range(2):
+        for _ in range(rounds):
             function_times.append(by_function())
             query_times.append(by_ai_query())
         report[name] = {"function_seconds": min(function_times), "ai_query_seconds": min(query_times),
@@ -183,6 +186,11 @@ def main() -> int:
 
     con = connect()
     functions(con).client.warm_up(CHAT)
+    if "--functions" in sys.argv:  # re-measure only the wrapper cost of some functions, with more rounds
+        names = sys.argv[sys.argv.index("--functions") + 1].split(",")
+        rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 4
+        print(json.dumps(wrapper_cost(con, names, rounds), indent=2))
+        return 0
     print("== quality on the star ratings", flush=True)
     q = quality(con)
     print(json.dumps(q, indent=2), flush=True)

@@ -23,6 +23,7 @@ BENCHMARKS = [
     ("Spark vs DuckDB on the same engine", ["bench_spark_vs_duckdb.py"]),
     ("prefix-aware ordering", ["bench_prefix_order.py"]),
     ("provisioned throughput under a pay-per-token flood", ["bench_provisioned.py"]),
+    ("task functions vs ai_query; quality, joins, aggregates", ["bench_ai_functions.py"]),
 ]
 
 

@@ -2,7 +2,7 @@
 
 It stands in for providers outside this machine. Chat answers echo the last user message;
 completions echo the prompt (a chat asked for one of a ``choice`` enum answers
-``{"answer": <what follows "Text: ">}``, so a test can make it answer a label outside the set;
+``{"answer": <what follows "Text: ", or the first line>}``, so a test scripts the label, or one outside the set;
 ``stream=true`` chat answers come as SSE, a word per chunk, unless
 ``ignore_stream`` makes it answer plain JSON as some servers do); embeddings are 3 numbers per text.
 Tools: offered tools and a user message that says "weather in <city>" get a call of the first
@@ -122,7 +122,9 @@ class ScriptedOpenAIServer:
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
                                      "finish_reason": "tool_calls"}]}
             if ((body.get("response_format") or {}).get("json_schema") or {}).get("name") == "choice":
-                text = json.dumps({"answer": text.rsplit("Text: ", 1)[-1].strip()})  # the text's last part, as the label
+                # the label is what follows "Text: ", or the first line (ai_filter's statement)
+                said = text.rsplit("Text: ", 1)[-1] if "Text: " in text else text.split("\n", 1)[0]
+                text = json.dumps({"answer": said.strip()})
             return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"], "usage": usage,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
         if path.endswith("/completions"):

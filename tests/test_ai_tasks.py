@@ -94,6 +94,19 @@ def test_a_provider_gets_the_label_enum_and_a_label_outside_it_fails_the_row(pro
     assert "ai_classify answered 'banana', which is not one of its labels" in found.message
 
 
+def test_where_and_join_on_ai_filter_keep_exactly_what_the_provider_accepted(provider_con, upstream):
+    """A provider whose verdicts are scripted (the statement is its answer), so the expected rows are known."""
+    provider_con.execute("CREATE TABLE a(id INTEGER, verdict VARCHAR)")
+    provider_con.executemany("INSERT INTO a VALUES (?, ?)", [[1, "True"], [2, "False"], [3, "True"], [4, None]])
+    provider_con.execute("CREATE TABLE b AS SELECT range AS k FROM range(3)")
+    kept = provider_con.execute("SELECT id FROM a WHERE ai_filter('{0}', verdict) ORDER BY id").fetchall()
+    assert kept == [(1,), (3,)]
+    pairs = provider_con.execute("SELECT a.id, b.k FROM a JOIN b ON ai_filter('{0}', a.verdict) ORDER BY 1, 2").fetchall()
+    assert pairs == [(i, k) for i in (1, 3) for k in range(3)]
+    assert all(call[1]["response_format"]["json_schema"]["schema"]["properties"]["answer"]["enum"][:2] == ["True", "False"]
+               for call in upstream.calls)
+
+
 def test_the_endpoint_is_per_call_then_per_connection_then_the_environment(provider_con, upstream, monkeypatch):
     monkeypatch.setenv("SQLINFER_AI_FUNCTIONS_ENDPOINT", "from-env")
     assert provider_con.execute("SELECT ai_gen('hi')").fetchone() == ("hi",)  # the connection's default: ext

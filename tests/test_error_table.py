@@ -102,6 +102,8 @@ SQL_ROWS = [
      "AI_FUNCTION_INVALID_ARGUMENT", "request must be a STRING (the user message) or a STRUCT of named fields, got INTEGER 42"),
     ("SELECT ai_query('system-echo', 'seven', returnType => 'INT')", [],
      "AI_FUNCTION_HTTP_PARSE_CAST_ERROR", "ai_query failed on endpoint 'system-echo' for request 'seven': the answer does not fit returnType INT"),
+    ("SELECT ai_summarize('some text', -1)", [],
+     "AI_FUNCTION_INVALID_MAX_WORDS", "The maximum number of words must be a non-negative integer, but got -1."),
     ("SELECT ai_query('system-echo', 'one two three four')", ["--max-tokens", "1"],
      "AI_FUNCTION_BUDGET_EXCEEDED", "before running (estimate):"),
     ("SELECT ai_query('no-such-endpoint', 'x')", [],
