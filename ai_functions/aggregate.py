@@ -169,12 +169,13 @@ def reduce_groups(client: ServingClient, endpoint: str, groups: Sequence[Sequenc
 def planned_prompts(client: ServingClient, endpoint: str, groups: Sequence[Sequence[Any] | None],
                     instruction: str) -> list[str]:
     """For EXPLAIN: the prompts a reduction would send, later rounds at their largest (every
-    partial answer assumed ``max_tokens`` long), so the count is an upper bound."""
+    partial answer assumed ``max_tokens`` long), so the count is an upper bound. Later rounds'
+    prompts are stand-ins of that size, distinct per group so that dedupe does not merge them."""
     context, answer_tokens = _sizes()
     measure = _Measure(client, endpoint)
     budget = context - answer_tokens - measure(["".join(combine_prompt(instruction))])[0] - TEMPLATE_MARGIN
     prompts: list[str] = []
-    for values in groups:
+    for group, values in enumerate(groups):
         texts = [v if isinstance(v, str) else json.dumps(v, default=str) for v in (values or ()) if v is not None]
         if not texts:
             continue
@@ -188,5 +189,5 @@ def planned_prompts(client: ServingClient, endpoint: str, groups: Sequence[Seque
             round_number += 1
             partials = -(-partials // per_chunk)
             filler = "x" * (answer_tokens * CHARS_PER_TOKEN)
-            prompts += ["".join(combine_prompt(instruction)) + f"[round {round_number}, part {i}] {filler}" for i in range(partials)]
+            prompts += ["".join(combine_prompt(instruction)) + f"[group {group}, round {round_number}, part {i}] {filler}" for i in range(partials)]
     return prompts

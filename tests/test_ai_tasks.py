@@ -200,12 +200,15 @@ def test_ai_agg_over_a_group_larger_than_the_context_completes_in_rounds(engine_
     assert tokens > 2 * 2048  # the group does not fit the model's context
     engine_con.execute("CREATE TABLE big(grp INTEGER, line VARCHAR)")
     engine_con.executemany("INSERT INTO big VALUES (?, ?)", [[i % 2, line] for i, line in enumerate(lines)] + [[2, None]])
+    query = "SELECT grp, ai_agg(line, 'List the complaints.') FROM big GROUP BY grp"
+    [planned] = explain(engine_con, query)
     ai.stats.reset()
-    answers = dict(engine_con.execute("SELECT grp, ai_agg(line, 'List the complaints.') FROM big GROUP BY grp").fetchall())
+    answers = dict(engine_con.execute(query).fetchall())
     assert set(answers) == {0, 1, 2} and answers[2] is None  # a group of NULLs only gives NULL
     assert all(isinstance(answers[g], str) and answers[g] for g in (0, 1))
     snap = ai.stats.snapshot()
     assert snap.aggregate_groups == 2 and snap.aggregate_rounds >= 2
+    assert planned.function == "ai_agg" and planned.to_send >= snap.requests > 2  # EXPLAIN: an upper bound
     assert "ai_agg: 2 groups in up to" in snap.summary()
     [summary] = engine_con.execute("SELECT ai_summarize_agg(review) FROM reviews").fetchone()
     assert isinstance(summary, str) and summary
