@@ -53,6 +53,7 @@ class _Group:
     rounds: int = 0
     calls: int = 0
     answer: str | None = None
+    previous: int = 0  # partial answers after the last round
 
 
 def _sizes() -> tuple[int, int]:
@@ -159,6 +160,10 @@ def reduce_groups(client: ServingClient, endpoint: str, groups: Sequence[Sequenc
         for group in {id(g): g for g, _ in jobs}.values():
             if len(group.pieces) == 1:
                 group.answer = group.pieces[0]
+            elif group.rounds > 1 and len(group.pieces) >= group.previous:  # combining did not shrink it
+                raise InvalidArgument(f"{function}: combining {group.previous} partial answers gave {len(group.pieces)}; "
+                                      f"they do not fit two to a prompt; lower SQLINFER_AI_AGG_MAX_TOKENS")
+            group.previous = len(group.pieces)
     results = [AggregateOutcome(None, 0, 0) if g is None else AggregateOutcome(g.answer, g.rounds, g.calls) for g in state]
     if stats is not None:
         reduced = [r for r in results if r.rounds]

@@ -23,6 +23,7 @@ SQL_DEFAULTS = SamplingOptions(temperature=0.0, max_tokens=256)
 # Parameters whose values the function owns; setting them in modelParameters is refused.
 RESERVED = {"messages": "the request argument", "prompt": "the request argument", "model": "the endpoint argument",
             "stream": "ai_query (results are never streamed)", "json_schema": "responseFormat",
+            "choice": "the task functions (ai_classify's labels)",
             # A SQL cell holds one answer: more choices or token logprobs would be paid for and dropped.
             "n": "ai_query (one answer per row)", "logprobs": "ai_query (a cell holds the answer text only)",
             "tools": "the chat routes (a SQL cell holds text, not tool calls)", "tool_choice": "the chat routes",

@@ -15,6 +15,7 @@ the connection's default, else ``SQLINFER_AI_FUNCTIONS_ENDPOINT``, else the bund
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -64,8 +65,8 @@ def run_task(client: ServingClient, plan: TaskPlan, endpoint: str, rows: Sequenc
                               f"pass endpoint => 'a-chat-endpoint' or set SQLINFER_AI_FUNCTIONS_ENDPOINT")
     prompts = task_prompts(plan, rows)
     outcomes: list[TaskOutcome | None] = []
-    for prompt, answered in zip(prompts, ai_query_values(client, endpoint, prompts, plan.parameters, plan.spec, stats,
-                                                         store, function=plan.function)):
+    for row, answered in zip(rows, ai_query_values(client, endpoint, prompts, plan.parameters, plan.spec, stats,
+                                                      store, function=plan.function)):
         if answered is None:
             outcomes.append(None)
             continue
@@ -79,7 +80,8 @@ def run_task(client: ServingClient, plan: TaskPlan, endpoint: str, rows: Sequenc
         if outcome.error is not None:
             if fail_on_error:
                 failure = RowFailed if answered.answer.error else CastError
-                raise failure(plan.function, endpoint, prompt, outcome.error)
+                shown = str(row[0]) if len(row) == 1 else json.dumps([str(v) for v in row])  # the row's value, not the instruction
+                raise failure(plan.function, endpoint, shown, outcome.error)
             if stats is not None and not answered.answer.error:
                 stats.add(errors=1)
         outcomes.append(outcome)

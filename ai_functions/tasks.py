@@ -23,6 +23,7 @@ with ``AI_FUNCTION_INVALID_ARGUMENT`` and the offending value.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -41,6 +42,10 @@ LANGUAGES = {"en": "English", "fr": "French", "de": "German", "hi": "Hindi", "it
              "pt": "Portuguese", "es": "Spanish", "th": "Thai"}
 FILTER_ANSWERS = ("True", "False")
 MAX_FILTER_VALUES = 5
+MAX_DESCRIPTION_CHARS = 1_000  # per label description
+MAX_INSTRUCTIONS_CHARS = 20_000  # ai_classify's options.instructions (Databricks' limit)
+MAX_ARGUMENTS_CHARS = 256_000  # all of a call's constant arguments, as JSON
+MAX_WORDS_LIMIT = 100_000
 EXTRACT_MAX_CHARS = 100  # per extracted field (label form); about 30 tokens
 BOOLEAN = SqlType("BOOLEAN")
 
@@ -71,20 +76,24 @@ class TaskPlan:
         return self.instruction + str(values[0])
 
 
-def _labels(value: Any, function: str, argument: str = "labels", minimum: int = 2,
-            maximum: int = 20) -> tuple[tuple[str, ...], dict[str, str]]:
-    """Labels as an ARRAY<STRING>, a JSON array text, or a map/JSON object of label -> description."""
+def _labels(value: Any, function: str, argument: str = "labels", minimum: int = 2, maximum: int = 20,
+            described_maximum: int | None = None) -> tuple[tuple[str, ...], dict[str, str]]:
+    """Labels as an ARRAY<STRING>, a JSON array text, or a map/JSON object of label -> description
+    (``described_maximum`` labels at most in that form: ai_classify's newer form takes 500)."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError:
-            raise InvalidArgument(f"{function}: {argument} {value!r} is not an ARRAY of labels nor JSON; write "
+        except (ValueError, RecursionError):
+            raise InvalidArgument(f"{function}: {argument} {value[:80]!r} is not an ARRAY of labels nor JSON; write "
                                   f"ARRAY('bug', 'feature') or '{{\"bug\": \"a defect\", \"feature\": \"a request\"}}'") from None
-        maximum = 500  # the JSON form takes up to 500 labels (Databricks' newer ai_classify)
     if isinstance(value, dict):
         descriptions = {str(k): "" if v is None else str(v) for k, v in value.items()}
         labels = tuple(descriptions)
-        maximum = 500
+        maximum = described_maximum or maximum
+        long = next((k for k, v in descriptions.items() if len(v) > MAX_DESCRIPTION_CHARS), None)
+        if long is not None:
+            raise InvalidArgument(f"{function}: the description of label {long[:40]!r} has {len(descriptions[long])} "
+                                  f"characters; at most {MAX_DESCRIPTION_CHARS}")
     elif isinstance(value, list):
         descriptions, labels = {}, tuple(value)
     else:
@@ -130,6 +139,7 @@ def _options(value: Any, function: str, allowed: dict[str, type]) -> dict[str, A
 
 def _in_set(labels: tuple[str, ...], function: str) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
+        value = value.strip() if isinstance(value, str) else value
         if value not in labels:
             raise ValueError(f"{function} answered {value!r}, which is not one of its labels {list(labels)!r}")
         return value
@@ -137,8 +147,11 @@ def _in_set(labels: tuple[str, ...], function: str) -> Callable[[Any], Any]:
 
 
 def _classify(arguments: dict[str, Any]) -> TaskPlan:
-    labels, descriptions = _labels(arguments.get("labels"), "ai_classify")
+    labels, descriptions = _labels(arguments.get("labels"), "ai_classify", described_maximum=500)
     options = _options(arguments.get("options"), "ai_classify", {"multilabel": bool, "instructions": str, "version": str})
+    if len(options.get("instructions") or "") > MAX_INSTRUCTIONS_CHARS:
+        raise InvalidArgument(f"ai_classify: options.instructions has {len(options['instructions'])} characters; "
+                              f"at most {MAX_INSTRUCTIONS_CHARS}")
     described = "".join(f"- {label}: {descriptions[label]}\n" for label in labels if descriptions.get(label))
     extra = f"{options['instructions'].strip()}\n" if options.get("instructions") else ""
     if options.get("multilabel"):
@@ -151,7 +164,7 @@ def _classify(arguments: dict[str, Any]) -> TaskPlan:
         def finish(value: Any) -> Any:
             return [label for label in labels if value.get(label)]
         return TaskPlan("ai_classify", SqlType("ARRAY", element=STRING), OutputSpec(decided, decided.json_schema(), False),
-                        16 + 10 * len(labels), instruction, labels=labels, finish=finish)
+                        16 + sum(8 + len(label.encode()) // 2 for label in labels), instruction, labels=labels, finish=finish)
     # Wording picked on examples/data/reviews.csv (README, "Quality"): "one of: a, b" with "one
     # word" agreed with the stars on 177 of 193 reviews; "one of these labels ... the label only" on 112.
     answer = "Answer with one word." if all(" " not in label for label in labels) else "Answer with the label only."
@@ -173,7 +186,7 @@ def _choice_plan(function: str, labels: tuple[str, ...], instruction: str) -> Ta
     forms = _surface_forms(labels)
     by_form = {label[:1].upper() + label[1:]: label for label in labels} | {label: label for label in labels}
     spec = OutputSpec(STRING, None, False, choice=forms)
-    longest = max(len(label) for label in labels)
+    longest = max(len(label.encode()) for label in labels)  # bytes: a non-Latin character can be a token or more
     check = _in_set(forms, function)
     return TaskPlan(function, STRING, spec, max(8, longest // 2 + 4), instruction, labels=labels,
                     finish=lambda value: by_form[check(value)])
@@ -181,19 +194,21 @@ def _choice_plan(function: str, labels: tuple[str, ...], instruction: str) -> Ta
 
 def _extract(arguments: dict[str, Any]) -> TaskPlan:
     given = arguments.get("labels")
+    bounded = False  # label fields are bounded (maxLength); a schema's fields are not, so they get more room
     if isinstance(given, str) and given.lstrip().upper().startswith("STRUCT"):
         result = parse_type(given, "ai_extract schema")
         schema = result.json_schema()
     elif isinstance(given, str) and given.lstrip().startswith("{"):
         try:
             schema = json.loads(given)
-        except ValueError as exc:
-            raise InvalidArgument(f"ai_extract: schema is not valid JSON ({exc}): {given!r}") from None
+        except (ValueError, RecursionError) as exc:
+            raise InvalidArgument(f"ai_extract: schema is not valid JSON ({type(exc).__name__}): {given[:80]!r}") from None
         result = from_json_schema(schema, "ai_extract schema")
         if result.kind != "STRUCT":
             raise InvalidArgument(f"ai_extract: schema must describe an object with properties, got {given!r}")
     else:
         labels, descriptions = _labels(given, "ai_extract", minimum=1)
+        bounded = True
         result = SqlType("STRUCT", fields=tuple((label, STRING) for label in labels))
         # Nullable fields: an entity the text does not mention is NULL, not an invented value. A
         # bounded length: the bundled model otherwise copies the text into a field until
@@ -204,16 +219,21 @@ def _extract(arguments: dict[str, Any]) -> TaskPlan:
     names = ", ".join(name for name, _ in result.fields)
     instruction = (f"Extract these fields from the text: {names}. Answer with a JSON object with exactly these keys; "
                    f"use null for a field the text does not mention.\n\nText: ")
-    return TaskPlan("ai_extract", result, OutputSpec(result, schema, False), 32 + 48 * len(result.fields), instruction)
+    budget = 32 + 48 * len(result.fields) if bounded else 64 + 96 * len(result.fields)
+    return TaskPlan("ai_extract", result, OutputSpec(result, schema, False), budget, instruction)
 
 
 def _max_words(value: Any) -> int:
     if value is None:
         return 50
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)) \
+            or int(value) != value:
         raise InvalidMaxWords(f"The maximum number of words must be a non-negative integer, but got {value!r}.")
     if value < 0:
         raise InvalidMaxWords(f"The maximum number of words must be a non-negative integer, but got {int(value)}.")
+    if value > MAX_WORDS_LIMIT:
+        shown = str(int(value)) if value < 10**12 else f"{str(int(value))[:12]}... ({len(str(int(value)))} digits)"
+        raise InvalidMaxWords(f"max_words = {shown} is more than sqlinfer's limit of {MAX_WORDS_LIMIT}; use 0 for no limit.")
     return int(value)
 
 
@@ -319,7 +339,14 @@ def compile_task(function: str, arguments: dict[str, Any] | str | None = None) -
     if unknown:
         raise InvalidArgument(f"{function} has no argument {unknown[0]!r}; its arguments: "
                               f"{', '.join(('content',) + ARGUMENTS[function]) or 'content'}")
-    return _compiled(function, json.dumps(given, sort_keys=True))
+    text = json.dumps(given, sort_keys=True)
+    if len(text) > MAX_ARGUMENTS_CHARS:
+        raise InvalidArgument(f"{function}: the arguments take {len(text)} characters as JSON; at most {MAX_ARGUMENTS_CHARS}")
+    try:
+        return _compiled(function, text)
+    except (RecursionError, AttributeError, TypeError) as exc:  # a schema or type nested too deep, or of the wrong shape
+        raise InvalidArgument(f"{function}: the arguments are not a schema or labels it can read ({type(exc).__name__}); "
+                              f"give labels as ARRAY('a', 'b') or a schema as 'STRUCT<a: STRING>'") from None
 
 
 def result_type(function: str, arguments: dict[str, Any] | str | None = None) -> SqlType:

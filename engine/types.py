@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # "custom": an MLflow pyfunc model (e.g. scikit-learn) answering ``{"predictions": ...}``.
 Task = Literal["llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings", "custom"]
@@ -19,6 +19,8 @@ TASKS: tuple[str, ...] = ("llm/v1/chat", "llm/v1/completions", "llm/v1/embedding
 CUSTOM_TASK = "custom"
 LLM_TASKS: tuple[str, ...] = TASKS[:3]
 MAX_TOKENS_LIMIT = 1_000_000
+MAX_CHOICES = 1_000
+MAX_CHOICE_CHARS = 200
 
 
 class SamplingOptions(BaseModel):
@@ -60,6 +62,23 @@ class SamplingOptions(BaseModel):
     @classmethod
     def _choice_as_tuple(cls, value: Any) -> Any:
         return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("choice")
+    @classmethod
+    def _choice_is_a_small_set(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        # Each choice becomes part of a grammar the engine compiles: bounded, non-empty, distinct.
+        if value is None:
+            return value
+        if len(value) > MAX_CHOICES or any(not 0 < len(c) <= MAX_CHOICE_CHARS for c in value) or len(set(value)) != len(value):
+            raise ValueError(f"choice must be 1 to {MAX_CHOICES} distinct non-empty strings of at most "
+                             f"{MAX_CHOICE_CHARS} characters")
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind_of_structured_output(self) -> "SamplingOptions":
+        if self.choice is not None and self.json_schema is not None:
+            raise ValueError("give choice or json_schema, not both")
+        return self
 
     @field_validator("stop", mode="before")
     @classmethod

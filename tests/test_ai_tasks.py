@@ -282,3 +282,16 @@ def test_rest_checks_can_query_and_rate_limits_like_every_query_route(server, ad
     over = admin.post("/api/2.0/ai-functions/ai_classify", json=body)
     assert over.status_code == 429 and over.json()["error_code"] == "REQUEST_LIMIT_EXCEEDED"
     assert len(upstream.calls) == 3  # the refused request never reached the provider
+    refusals = [
+        ("ai_filter", {"inputs": [[]], "endpoint": "limited"}, "inputs[0] must be [statement_or_template, value...]"),
+        ("ai_similarity", {"inputs": [["a", "b"]], "arguments": {"labels": ["x"]}}, "arguments.labels: ai_similarity takes no arguments"),
+        ("ai_summarize", {"inputs": ["x"], "arguments": {"max_words": 10**400}}, "more than sqlinfer's limit"),
+        ("ai_classify", {"inputs": ["x"], "arguments": {"labels": {"a": "d" * 2000, "b": ""}}}, "at most 1000"),
+    ]
+    for function, request, message in refusals:
+        refused = admin.post(f"/api/2.0/ai-functions/{function}", json=request)
+        assert refused.status_code == 400 and message in refused.json()["message"], (function, refused.text)
+    batch = admin.post("/api/2.0/sqlinfer/batch", json={"endpoint": "limited", "kind": "chat", "requests": ["x"],
+                                                        "options": {"choice": ["a", "a"]}})
+    assert batch.status_code == 400 and "choice must be 1 to 1000 distinct" in batch.json()["message"]
+    assert len(upstream.calls) == 3

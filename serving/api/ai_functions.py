@@ -27,7 +27,7 @@ from pydantic import Field
 
 from ai_functions.aggregate import SUMMARIZE_INSTRUCTION, reduce_groups
 from ai_functions.task_runner import chat_endpoint, embedding_endpoint, run_task, similarity
-from ai_functions.tasks import TASK_FUNCTIONS, compile_task
+from ai_functions.tasks import MAX_FILTER_VALUES, TASK_FUNCTIONS, compile_task
 from serving.api.guard import JsonRoute, principal
 from serving.api.queries import may_query, query_threads
 from serving.control.auth import Principal
@@ -56,9 +56,12 @@ def _rows(function: str, inputs: list[Any]) -> list[list[Any]]:
     for index, value in enumerate(inputs):
         row = value if several and isinstance(value, list) else [value]
         if several and function == "ai_similarity" and len(row) != 2:
-            raise InvalidParameterValue(f"inputs[{index}] must be a pair [a, b] for ai_similarity, got {value!r}")
+            raise InvalidParameterValue(f"inputs[{index}] must be a pair [a, b] for ai_similarity, got {str(value)[:80]}")
+        if function == "ai_filter" and not 1 <= len(row) <= MAX_FILTER_VALUES + 1:
+            raise InvalidParameterValue(f"inputs[{index}] must be [statement_or_template, value...] with at most "
+                                        f"{MAX_FILTER_VALUES} values for ai_filter, got {len(row)} items")
         if any(v is not None and not isinstance(v, (str, int, float, bool)) for v in row):
-            raise InvalidParameterValue(f"inputs[{index}] must hold STRING values, got {value!r}")
+            raise InvalidParameterValue(f"inputs[{index}] must hold STRING values, got {str(value)[:80]}")
         rows.append(row)
     return rows
 
@@ -95,6 +98,11 @@ def router() -> APIRouter:
                      who: Principal = Depends(principal)) -> dict[str, Any]:
         if function not in FUNCTIONS:
             raise ResourceDoesNotExist(f"no AI function {function!r}; the functions are {', '.join(FUNCTIONS)}")
+        allowed = {"ai_similarity": (), "ai_agg": ("instruction",), "ai_summarize_agg": ()}.get(function)
+        if allowed is not None and set(body.arguments) - set(allowed):
+            unknown = sorted(set(body.arguments) - set(allowed))[0]
+            raise InvalidParameterValue(f"arguments.{unknown}: {function} takes "
+                                        + (f"only {', '.join(allowed)}" if allowed else "no arguments"))
         if function == "ai_similarity":
             target = embedding_endpoint(body.endpoint)
         else:
