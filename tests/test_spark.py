@@ -244,6 +244,12 @@ def test_the_task_functions_give_duckdbs_typed_answers_in_spark(spark, duck):
     assert spark.sql(TASK_QUERIES[4][0]).schema["r"].dataType.simpleString() == "boolean"
     plain = {r["i"]: r["r"] for r in spark.sql(TASK_QUERIES[2][0]).collect()}  # plain spark.sql: the struct as JSON text
     assert json.loads(plain[1]) == {k: v for k, v in normalize(duck.execute(TASK_QUERIES[2][1] + " ORDER BY i").fetchone()[1]).items()}
+    spark.sql("SELECT * FROM VALUES ('battery'), ('price') AS s(topic)").createOrReplaceTempView("topics")
+    spark.sql("SELECT * " + TASK_DATA).createOrReplaceTempView("texts")
+    condition = "ai_filter('The text ''{0}'' is about the {1}.', q, topic)"
+    judged = spark.sql(f"SELECT i, topic, {condition} AS k FROM texts, topics").collect()  # then answered from the store
+    joined = spark.sql(f"SELECT i, topic FROM texts JOIN topics ON {condition}").collect()
+    assert sorted((r["i"], r["topic"]) for r in joined) == sorted((r["i"], r["topic"]) for r in judged if r["k"])
     grouped = "SELECT i % 2 AS g, ai_agg(q, 'List the problems.') AS r " + TASK_DATA + " GROUP BY i % 2 ORDER BY g"
     assert [list(r) for r in spark.sql(grouped).collect()] == [list(r) for r in duck.execute(grouped).fetchall()]
 
