@@ -104,6 +104,24 @@ def _cut(piece: str, size: int, budget: int) -> list[str]:
     return [piece[i:i + width] for i in range(0, len(piece), width)]
 
 
+def _item_texts(values: Sequence[Any] | None) -> list[str]:
+    """A group's non-NULL values as text (JSON for anything that is not a string)."""
+    return [v if isinstance(v, str) else json.dumps(v, default=str) for v in (values or ()) if v is not None]
+
+
+def _budget(measure: _Measure, instruction: str, function: str) -> tuple[int, int]:
+    """(tokens a chunk of items may take, tokens an answer may take); refused when two answers
+    would not fit one combining prompt, since combining would then never end."""
+    context, answer_tokens = _sizes()
+    overhead = max(measure(["".join(combine_prompt(instruction))])[0], 0) + TEMPLATE_MARGIN
+    budget = context - answer_tokens - overhead
+    if budget < 2 * (answer_tokens + 2):
+        raise InvalidArgument(f"{function}: the instruction ({overhead - TEMPLATE_MARGIN} tokens) leaves {budget} of the "
+                              f"{context}-token context for items; two answers of {answer_tokens} tokens must fit; "
+                              f"shorten the instruction or lower SQLINFER_AI_AGG_MAX_TOKENS")
+    return budget, answer_tokens
+
+
 def reduce_groups(client: ServingClient, endpoint: str, groups: Sequence[Sequence[Any] | None], instruction: str,
                   stats: QueryStats | None = None, store: ResultStore | None = None,
                   function: str = "ai_agg") -> list[AggregateOutcome]:
@@ -114,29 +132,21 @@ def reduce_groups(client: ServingClient, endpoint: str, groups: Sequence[Sequenc
     task = client.task(endpoint)
     if task not in ("llm/v1/chat", "llm/v1/completions"):
         raise InvalidArgument(f"{function} needs a chat or completions endpoint, but {endpoint!r} serves {task}")
-    context, answer_tokens = _sizes()
     measure = _Measure(client, endpoint)
-    overhead = max(measure(["".join(combine_prompt(instruction))])[0], 0) + TEMPLATE_MARGIN
-    budget = context - answer_tokens - overhead
-    if budget < 2 * (answer_tokens + 2):  # two partial answers must fit, or combining never ends
-        raise InvalidArgument(f"{function}: the instruction ({overhead - TEMPLATE_MARGIN} tokens) leaves {budget} of the "
-                              f"{context}-token context for items; two answers of {answer_tokens} tokens must fit; "
-                              f"shorten the instruction or lower SQLINFER_AI_AGG_MAX_TOKENS")
-    state = []
-    for values in groups:
-        texts = [v if isinstance(v, str) else json.dumps(v, default=str) for v in (values or ()) if v is not None]
-        state.append(_Group(texts) if texts else None)
+    budget, answer_tokens = _budget(measure, instruction, function)
+    state = [_Group(texts) if (texts := _item_texts(values)) else None for values in groups]
     parameters = json.dumps({"max_tokens": answer_tokens})
     spec = OutputSpec(STRING, None, False)
     while True:
+        pending = [g for g in state if g is not None and g.answer is None]
+        # One tokenizer call per round for every group (over a server, each call is a request).
+        sizes = iter(measure([piece for group in pending for piece in group.pieces]))
         jobs: list[tuple[_Group, str]] = []
-        for group in state:
-            if group is None or group.answer is not None:
-                continue
-            sizes = measure(group.pieces)
+        for group in pending:
             pieces: list[str] = []
             piece_sizes: list[int] = []
-            for piece, size in zip(group.pieces, sizes):
+            for piece in group.pieces:
+                size = next(sizes)
                 parts = [piece] if size <= budget else _cut(piece, size, budget)
                 pieces.extend(parts)
                 piece_sizes.extend([size] if len(parts) == 1 else measure(parts))
@@ -157,7 +167,7 @@ def reduce_groups(client: ServingClient, endpoint: str, groups: Sequence[Sequenc
             if outcome.error is not None:
                 raise RowFailed(function, endpoint, prompt, outcome.error)
             group.pieces.append(outcome.value.strip())
-        for group in {id(g): g for g, _ in jobs}.values():
+        for group in pending:
             if len(group.pieces) == 1:
                 group.answer = group.pieces[0]
             elif group.rounds > 1 and len(group.pieces) >= group.previous:  # combining did not shrink it
@@ -172,27 +182,26 @@ def reduce_groups(client: ServingClient, endpoint: str, groups: Sequence[Sequenc
 
 
 def planned_prompts(client: ServingClient, endpoint: str, groups: Sequence[Sequence[Any] | None],
-                    instruction: str) -> list[str]:
+                    instruction: str, function: str = "ai_agg") -> list[str]:
     """For EXPLAIN: the prompts a reduction would send, later rounds at their largest (every
     partial answer assumed ``max_tokens`` long), so the count is an upper bound. Later rounds'
     prompts are stand-ins of that size, distinct per group so that dedupe does not merge them."""
-    context, answer_tokens = _sizes()
     measure = _Measure(client, endpoint)
-    budget = context - answer_tokens - measure(["".join(combine_prompt(instruction))])[0] - TEMPLATE_MARGIN
+    budget, answer_tokens = _budget(measure, instruction, function)
+    before, after = first_prompt(instruction)
+    filler = "x" * (answer_tokens * CHARS_PER_TOKEN)
+    per_chunk = budget // (answer_tokens + 2)
     prompts: list[str] = []
     for group, values in enumerate(groups):
-        texts = [v if isinstance(v, str) else json.dumps(v, default=str) for v in (values or ()) if v is not None]
+        texts = _item_texts(values)
         if not texts:
             continue
-        sizes = measure(texts)
-        chunks = _pack(texts, [min(s, budget) for s in sizes], max(budget, 1))
-        before, after = first_prompt(instruction)
+        chunks = _pack(texts, [min(s, budget) for s in measure(texts)], budget)
         prompts += [before + "".join(f"- {p}\n" for p in chunk) + after for chunk in chunks]
         partials, round_number = len(chunks), 1
-        per_chunk = max(1, max(budget, 1) // (answer_tokens + 2))
         while partials > 1:
             round_number += 1
             partials = -(-partials // per_chunk)
-            filler = "x" * (answer_tokens * CHARS_PER_TOKEN)
-            prompts += ["".join(combine_prompt(instruction)) + f"[group {group}, round {round_number}, part {i}] {filler}" for i in range(partials)]
+            prompts += ["".join(combine_prompt(instruction)) + f"[group {group}, round {round_number}, part {i}] {filler}"
+                        for i in range(partials)]
     return prompts

@@ -175,7 +175,7 @@ def _classify(arguments: dict[str, Any]) -> TaskPlan:
 def _surface_forms(labels: tuple[str, ...]) -> tuple[str, ...]:
     """The strings the model may write for the labels: each as given and Capitalized (a small
     model writes "Positive" where the prompt says "positive"; held to lower case only, the bundled
-    model agreed with the stars on 161 instead of 178 of 193 reviews)."""
+    model, asked with the demo's prompt, agreed with the stars on 161 instead of 178 of 193 reviews)."""
     forms = dict.fromkeys(labels)
     for label in labels:
         forms.setdefault(label[:1].upper() + label[1:])

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from ai_functions.aggregate import SUMMARIZE_INSTRUCTION, planned_prompts, reduce_groups
-from ai_functions.functions import _values
+from ai_functions.functions import _group_rows, _values
 from ai_functions.task_runner import chat_endpoint, embedding_endpoint, run_task, similarity, task_prompts
 from ai_functions.tasks import MAX_FILTER_VALUES, compile_task, result_type
 
@@ -67,10 +67,8 @@ def register_tasks(con: duckdb.DuckDBPyConnection, ai: "AIFunctions") -> None:
         answers: list[Any] = [None] * rows
         if ai.planner is None:
             ai.check_budget()
-        keys = list(zip(functions, endpoints, argument_texts))
-        for key in dict.fromkeys(keys):  # one group in practice: the arguments are constants
-            name, given_endpoint, argument_text = key
-            rows_of_key = [i for i, k in enumerate(keys) if k == key]
+        # one group in practice: the arguments are constants
+        for (name, given_endpoint, argument_text), rows_of_key in _group_rows(functions, endpoints, argument_texts).items():
             plan = compile_task(name, argument_text)
             target = chat_endpoint(given_endpoint, ai.chat_endpoint)
             batch = [decoded[i] or [None] for i in rows_of_key]
@@ -92,8 +90,7 @@ def register_tasks(con: duckdb.DuckDBPyConnection, ai: "AIFunctions") -> None:
         lefts, rights = left.to_pylist(), right.to_pylist()
         scores: list[Any] = [None] * rows
         endpoints = _values(endpoint, rows)
-        for given in dict.fromkeys(endpoints):
-            index = [i for i, e in enumerate(endpoints) if e == given]
+        for (given,), index in _group_rows(endpoints).items():
             target = embedding_endpoint(given, ai.embedding_endpoint)
             if ai.planner is not None:
                 texts = [t for i in index for t in (lefts[i], rights[i]) if lefts[i] is not None and rights[i] is not None]
@@ -110,13 +107,11 @@ def register_tasks(con: duckdb.DuckDBPyConnection, ai: "AIFunctions") -> None:
         groups = [None if v is None else json.loads(v) for v in values.to_pylist()]
         endpoints, instructions, functions = (_values(c, rows) for c in (endpoint, instruction, function))
         answers: list[Any] = [None] * rows
-        for key in dict.fromkeys(zip(endpoints, instructions, functions)):
-            index = [i for i, k in enumerate(zip(endpoints, instructions, functions)) if k == key]
-            given, text, name = key
+        for (given, text, name), index in _group_rows(endpoints, instructions, functions).items():
             target = chat_endpoint(given, ai.chat_endpoint)
             text = SUMMARIZE_INSTRUCTION if name == "ai_summarize_agg" else text
             if ai.planner is not None:
-                prompts = planned_prompts(ai.client, target, [groups[i] for i in index], text)
+                prompts = planned_prompts(ai.client, target, [groups[i] for i in index], text, name)
                 ai.planner.record(name, [target] * len(prompts), prompts, [None] * len(prompts), None)
                 continue
             ai.check_budget()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, Iterator
 
+from ai_functions.functions import _group_rows
 from ai_functions.aggregate import SUMMARIZE_INSTRUCTION, reduce_groups
 from ai_functions.task_runner import chat_endpoint, embedding_endpoint, run_task, similarity
 from ai_functions.tasks import MAX_FILTER_VALUES, TaskPlan, compile_task, result_type
@@ -72,12 +73,11 @@ def answer_task(client: Any, function: str, columns: dict[str, Any], rows: int, 
     arguments = [dict(zip(argument_names, row)) for row in zip(*(_column(columns.get(n), rows) for n in argument_names))] \
         if argument_names else [{}] * rows
     endpoints = _column(columns.get("endpoint"), rows)
-    keys = [(e, json.dumps({k: v for k, v in a.items() if v is not None}, sort_keys=True)) for e, a in zip(endpoints, arguments)]
+    argument_texts = [json.dumps({k: v for k, v in a.items() if v is not None}, sort_keys=True) for a in arguments]
     answers: list[Any] = [None] * rows
-    for key in dict.fromkeys(keys):
-        index = [i for i, k in enumerate(keys) if k == key]
-        plan = compile_task(function, key[1])
-        outcomes = run_task(client, plan, chat_endpoint(key[0]), [values[i] for i in index], store=default_store())
+    for (endpoint, argument_text), index in _group_rows(endpoints, argument_texts).items():
+        plan = compile_task(function, argument_text)
+        outcomes = run_task(client, plan, chat_endpoint(endpoint), [values[i] for i in index], store=default_store())
         for i, outcome in zip(index, outcomes):
             value = None if outcome is None else outcome.value
             answers[i] = json.dumps(value) if as_text and value is not None and not isinstance(value, str) else value
@@ -121,8 +121,7 @@ def register_tasks(spark: Any, config: "ClientConfig") -> None:
         endpoints = _column(endpoint, rows)
         scores: list[Any] = [None] * rows
         left, right = a.to_pylist(), b.to_pylist()
-        for given in dict.fromkeys(endpoints):
-            index = [i for i, e in enumerate(endpoints) if e == given]
+        for (given,), index in _group_rows(endpoints).items():
             for i, score in zip(index, similarity(_client(config), embedding_endpoint(given), [left[i] for i in index],
                                                   [right[i] for i in index], store=default_store())):
                 scores[i] = score
@@ -138,12 +137,12 @@ def aggregate_udf(config: "ClientConfig", summarize: bool) -> Any:
     from pyspark.sql.functions import ArrowUDFType, arrow_udf
 
     def reduce(values: Any, instruction: Any = None, endpoint: Any = None) -> Any:
-        from connectors.spark import _client
+        from connectors.spark import _client, _scalar
 
         texts = values.to_pylist()
         name = "ai_summarize_agg" if summarize else "ai_agg"
-        given = _first(instruction)
-        [outcome] = reduce_groups(_client(config), chat_endpoint(_first(endpoint)), [texts],
+        given = _scalar(instruction)
+        [outcome] = reduce_groups(_client(config), chat_endpoint(_scalar(endpoint)), [texts],
                                   SUMMARIZE_INSTRUCTION if summarize else given, store=default_store(), function=name)
         return outcome.value
 
@@ -155,15 +154,6 @@ def aggregate_udf(config: "ClientConfig", summarize: bool) -> Any:
     def ai_agg(expr, instruction, endpoint=None):
         return reduce(expr, instruction, endpoint)
     return arrow_udf(ai_agg, "string", ArrowUDFType.GROUPED_AGG)
-
-
-def _first(array: Any) -> Any:
-    if array is None:
-        return None
-    for value in array.to_pylist():
-        if value is not None:
-            return value
-    return None
 
 
 def typed_function(spark: Any, function: str, arguments: dict[str, Any], config: "ClientConfig") -> str:

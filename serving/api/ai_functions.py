@@ -29,11 +29,10 @@ from ai_functions.aggregate import SUMMARIZE_INSTRUCTION, reduce_groups
 from ai_functions.task_runner import chat_endpoint, embedding_endpoint, run_task, similarity
 from ai_functions.tasks import MAX_FILTER_VALUES, TASK_FUNCTIONS, compile_task
 from serving.api.guard import JsonRoute, principal
-from serving.api.queries import may_query, query_threads
+from serving.api.queries import as_rest_caller, may_query, query_threads
 from serving.control.auth import Principal
 from serving.control.wire import Strict
-from serving.data.limits import current_user, limit_mode
-from serving.data.usage import ai_function, request_context
+from serving.data.usage import ai_function
 from serving.errors import InvalidParameterValue, ResourceDoesNotExist
 
 AGGREGATES = ("ai_agg", "ai_summarize_agg")
@@ -71,9 +70,7 @@ def router() -> APIRouter:
                     route_class=JsonRoute)
 
     def run(request: Request, who: Principal, function: str, body: AIFunctionRequest, target: str) -> dict[str, Any]:
-        current_user.set(who.user_name)
-        limit_mode.set("refuse")  # REST callers get 429 + Retry-After
-        request_context.set({"client_request_id": None})  # recorded as source "rest"
+        as_rest_caller(who, {"client_request_id": None})
         ai_function.set(function)
         client, store = request.app.state.query_client, request.app.state.result_store
         if function in AGGREGATES:

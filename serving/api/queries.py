@@ -54,6 +54,14 @@ def may_query(request: Request, who: Principal, name: str) -> None:
     service.auth.require(who, service.endpoint_id(name), name, "CAN_QUERY")
 
 
+def as_rest_caller(who: Principal, context: dict[str, Any]) -> None:
+    """Set up this thread's request as a REST query: whose limits and usage rows, 429 + Retry-After
+    at a limit (SQL jobs wait instead), and the caller's usage context (recorded as source "rest")."""
+    current_user.set(who.user_name)
+    limit_mode.set("refuse")
+    request_context.set(context)
+
+
 def query_threads(request: Request, name: str) -> "anyio.CapacityLimiter":
     """The threads a query waits for its answer on (a thread per query in flight).
 
@@ -83,9 +91,7 @@ def router() -> APIRouter:
     api = APIRouter(tags=["queries"], dependencies=[Depends(principal)], route_class=JsonRoute)
 
     def invoke_as(request: Request, who: Principal, name: str, payload: dict[str, Any], task: str | None):
-        current_user.set(who.user_name)
-        limit_mode.set("refuse")  # REST callers get 429 + Retry-After; SQL jobs wait instead
-        request_context.set({"client_request_id": payload.get("client_request_id"), "usage_context": payload.get("usage_context")})
+        as_rest_caller(who, {"client_request_id": payload.get("client_request_id"), "usage_context": payload.get("usage_context")})
         client = request.app.state.query_client
         if task == RESPONSES:
             return (respond_stream(client, name, payload), None) if payload.get("stream") else respond(client, name, payload)
