@@ -220,13 +220,21 @@ def _model(view: dict[str, Any]) -> dict[str, Any]:
             "owned_by": view.get("creator") or "sqlinfer"}
 
 
-def endpoint_metrics_text(request: Request, name: str, who: Principal) -> PlainTextResponse:
-    """Requests, errors, latency, tokens and requests in flight of one endpoint (CAN_VIEW)."""
+def may_view(request: Request, who: Principal, name: str) -> str:
+    """CAN_VIEW on ``name`` (every user may view the system endpoints); its endpoint id. An unknown
+    name is a 404, a name the caller may not view a 403."""
     service = request.app.state.service
     if name.startswith(SYSTEM_PREFIX):
         service.get(name, who)  # an unknown system name is a 404
-    else:
-        service.auth.require(who, service.endpoint_id(name), name, "CAN_VIEW")
+        return name
+    endpoint_id = service.endpoint_id(name)
+    service.auth.require(who, endpoint_id, name, "CAN_VIEW")
+    return endpoint_id
+
+
+def endpoint_metrics_text(request: Request, name: str, who: Principal) -> PlainTextResponse:
+    """Requests, errors, latency, tokens and requests in flight of one endpoint (CAN_VIEW)."""
+    may_view(request, who, name)
     return PlainTextResponse(request.app.state.usage.prometheus(name), media_type="text/plain; version=0.0.4")
 
 

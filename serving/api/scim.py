@@ -1,7 +1,8 @@
-"""``/api/2.0/preview/scim/v2/Groups`` and ``/ServicePrincipals``, and tokens for service principals.
+"""``/api/2.0/preview/scim/v2/Groups``, ``/ServicePrincipals`` and ``/Me``, and tokens for service principals.
 
-Databricks' SCIM shapes, so ``WorkspaceClient().groups`` / ``.service_principals`` work unchanged.
-Any authenticated caller may list and read groups and service principals (as in Databricks);
+Databricks' SCIM shapes, so ``WorkspaceClient().groups`` / ``.service_principals`` /
+``.current_user.me()`` work unchanged. ``/Me`` tells any caller who they are (the Serving UI shows
+it). Any authenticated caller may list and read groups and service principals (as in Databricks);
 creating, changing and deleting them, and minting a service principal's tokens
 (``POST /api/2.0/token-management/on-behalf-of/tokens``), need an admin. A member's ``value``
 is a user name or a service principal's application id.
@@ -18,9 +19,11 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.api.guard import JsonRoute, admin, principal
+from serving.control.auth import ENTITLEMENTS, Principal
 from serving.control.principals import Group, ServicePrincipal
 from serving.errors import InvalidParameterValue
 
+USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
 GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
 SP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:ServicePrincipal"
 LIST_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
@@ -126,6 +129,21 @@ def router() -> APIRouter:
 
     def directory(request: Request):
         return request.app.state.service.auth.principals
+
+    # Declared first: no later route (``/Groups/{group_id}``, ``/ServicePrincipals/{sp_id}``) may take it.
+    @api.get("/Me", summary="The calling user (databricks-sdk: w.current_user.me())")
+    def me(request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        """Any authenticated caller, about themselves only: their name, groups (``users`` included),
+        entitlements (an admin has them all) and whether they are an admin. A service principal's
+        ``userName`` is its application id, as its tokens run as that."""
+        auth = request.app.state.service.auth
+        display = who.user_name
+        if auth.principals.is_service_principal(who.user_name):
+            display = auth.principals.service_principal_by_application(who.user_name).display_name
+        entitlements = ENTITLEMENTS if who.is_admin else auth.entitlements(who.user_name)
+        return {"schemas": [USER_SCHEMA], "id": who.user_name, "userName": who.user_name, "displayName": display,
+                "active": True, "groups": [{"display": g, "value": g} for g in auth.principals.groups_of(who.user_name)],
+                "entitlements": [{"value": e} for e in entitlements], "sqlinfer_is_admin": who.is_admin}
 
     @api.get("/Groups", summary="List groups")
     def list_groups(request: Request, page: Page = Depends()) -> dict[str, Any]:
