@@ -78,6 +78,15 @@ ROUTES = {
     ("GET", "/api/2.0/sqlinfer/endpoints/{name}"): (f"/{OWNED}", None, 403),
     ("POST", "/api/2.0/sqlinfer/batch"): ("", {"endpoint": OWNED, "kind": "chat", "requests": ["hi"]}, 403),
     ("POST", "/api/2.0/ai-functions/{function}"): ("/ai_gen", {"inputs": ["hi"], "endpoint": OWNED}, 403),
+    ("GET", "/api/2.0/sqlinfer/serving-endpoints/{name}/usage"): (f"/{OWNED}/usage", None, 403),
+    ("GET", "/api/2.0/sqlinfer/serving-endpoints/{name}/config-history"): (f"/{OWNED}/config-history", None, 403),
+    ("GET", "/api/2.0/sqlinfer/serving-endpoints/{name}/inference-rows"): (f"/{OWNED}/inference-rows", None, 403),
+    ("GET", "/api/2.0/preview/scim/v2/Me"): ("", None, 200),
+    # A statement is accepted (200) and then FAILED with PERMISSION_DENIED (tests/test_statements.py).
+    ("POST", "/api/2.0/sql/statements"): ("", {"statement": f"SELECT ai_query('{OWNED}', 'hi')", "wait_timeout": "5s"}, 200),
+    ("GET", "/api/2.0/sql/statements/{statement_id}"): ("/nope", None, 404),
+    ("POST", "/api/2.0/sql/statements/{statement_id}/cancel"): ("/nope/cancel", None, 404),
+    ("POST", "/api/2.0/sqlinfer/sql/explain"): ("", {"statement": f"SELECT ai_query('{OWNED}', 'hi')"}, 403),
 }
 
 

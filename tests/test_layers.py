@@ -21,8 +21,11 @@ OWNED = {"vllm": "engine", "torch": "engine", "transformers": "engine", "duckdb"
 # Inside serving: the control plane reads nothing of the data plane or the REST edge; the data
 # plane may read the control plane's store but never the edge.
 PLANES = {"serving/control": ("serving.data", "serving.api"), "serving/data": ("serving.api",)}
-# The CLI and the REST route of the SQL functions sit at the edge and may import anything.
-EDGE = {ROOT / "connectors" / "cli.py", ROOT / "serving" / "api" / "ai_functions.py"}
+# The CLI, the REST route of the SQL functions, the endpoint insights (costs from
+# ai_functions.stats' prices) and the SQL statements (connectors.sql_session) sit at the edge and
+# may import anything.
+EDGE = {ROOT / "connectors" / "cli.py", ROOT / "serving" / "api" / "ai_functions.py", ROOT / "serving" / "api" / "insights.py",
+        ROOT / "serving" / "api" / "statements.py"}
 
 
 def imported_modules(path: Path) -> set[str]:

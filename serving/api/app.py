@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.api import ai_functions, batch, endpoints, ops, permissions, queries, scim, secrets, tokens
+from serving.api import ai_functions, batch, endpoints, insights, ops, permissions, queries, scim, secrets, statements, tokens, ui
 from serving.api.guard import Guard, error_response
 from serving.control.service import EndpointService
 from serving.control.wire import describe_errors
@@ -95,11 +95,13 @@ def create_app(service: EndpointService | None = None, owns_process: bool = Fals
     app.state.result_store = default_store()  # answers of SQL batches (serving.data.batches)
     app.state.request_counts = {}
     app.state.query_limiters = {}  # thread pools of queries (serving.api.queries.query_threads)
+    app.state.statements = statements.Statements()  # SQL statements run for REST callers
 
-    for family in (endpoints, permissions, secrets, tokens, scim, queries, batch, ai_functions):
+    for family in (endpoints, permissions, secrets, tokens, scim, queries, batch, ai_functions, statements, insights):
         app.include_router(family.router())
     app.include_router(scim.token_management_router())
     app.include_router(ops.router(started=time.time()))
+    ui.mount(app)  # the Serving UI at / (static files; it reads the same REST API with the user's token)
 
     # Outermost first: count every response (401s included), then guard everything behind it.
     app.add_middleware(Guard, authenticate=service.auth.authenticate)

@@ -6,7 +6,7 @@ body would be parsed (and answered 400 or 500) before anyone asked who they are.
 
 1. the body is limited (``SQLINFER_MAX_BODY_BYTES``, 32 MiB): a larger ``Content-Length`` is
    refused with 413 before a byte is read, and a chunked body is cut off when it passes the limit;
-2. every path not in :data:`PUBLIC_PATHS` needs ``Authorization: Bearer <token>``: the principal
+2. every path not in :data:`PUBLIC_PATHS` (or under :data:`PUBLIC_PREFIXES`) needs ``Authorization: Bearer <token>``: the principal
    is put in ``request.state.principal`` or the request ends with 401 (unknown paths included, so
    an anonymous caller learns nothing about what exists);
 3. any exception that escapes a route becomes an error response in the route's shape (Databricks'
@@ -39,6 +39,9 @@ log = logging.getLogger("sqlinfer.rest")
 # endpoints and the uptime: no names, no payloads, no secrets).
 PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
                           "/.well-known/databricks-config", "/"})
+# The Serving UI's static files (HTML, JS, CSS: no data; the page asks for a token and then calls
+# the REST API like any client).
+PUBLIC_PREFIXES = ("/ui/",)
 OPENAI_PREFIXES = ("/serving-endpoints/chat/", "/serving-endpoints/completions", "/serving-endpoints/embeddings",
                    "/serving-endpoints/models", "/serving-endpoints/responses")
 MAX_JSON_DEPTH = 64
@@ -98,7 +101,7 @@ class Guard:
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 raise RequestTooLarge(f"the request body has {declared} bytes; this server accepts at most {limit} "
                                       f"(SQLINFER_MAX_BODY_BYTES); send fewer rows per request")
-            if path not in public_paths():
+            if path not in public_paths() and not path.startswith(PUBLIC_PREFIXES):
                 scope.setdefault("state", {})["principal"] = self.authenticate(headers.get("authorization"))
             await self.app(scope, _limited(receive, limit), tracking_send)
         except Exception as exc:  # noqa: BLE001  (every failure must end as one response, not a dropped connection)

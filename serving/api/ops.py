@@ -1,4 +1,4 @@
-"""Operations routes: ``/health``, ``/metrics``, the Databricks SDK's config probe, and ``/``.
+"""Operations routes: ``/health``, ``/metrics`` and the Databricks SDK's config probe.
 
 These are the public routes (see ``serving.api.guard.PUBLIC_PATHS``): they reveal no names, no
 payloads and no secrets. ``/metrics`` needs a token when ``SQLINFER_METRICS_AUTH=token``.
@@ -38,9 +38,5 @@ def router(started: float) -> APIRouter:
         """The host metadata databricks-sdk (0.99+) probes before sending a token: nothing to add
         (no workspace id, no OIDC endpoint), so it goes on with the personal access token."""
         return JSONResponse({})
-
-    @api.get("/", include_in_schema=False)
-    def root() -> JSONResponse:
-        return JSONResponse({"service": "sqlinfer", "docs": "/docs", "openapi": "/openapi.json"})
 
     return api

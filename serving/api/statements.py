@@ -1,0 +1,202 @@
+"""SQL on the server: Databricks' Statement Execution API shape, and EXPLAIN of a statement's AI calls.
+
+The Serving UI's SQL tab uses these, and so can any client: ``databricks-sdk``'s
+``w.statement_execution.execute_statement(statement=..., warehouse_id=...)`` speaks this wire.
+A statement is DuckDB SQL with ``ai_query``/``ai_embed`` and the task functions, run in a
+locked-down DuckDB on the caller's behalf (``connectors.sql_session``: no files, no extensions,
+CAN_QUERY checked on every endpoint a call names).
+
+- ``POST /api/2.0/sql/statements`` starts one and waits up to ``wait_timeout`` (``0s`` or
+  ``5s``-``50s``) for it; still running then, it answers ``RUNNING`` with the id to poll.
+- ``GET /api/2.0/sql/statements/{id}``: state, result, and (a sqlinfer extension)
+  ``sqlinfer_progress``: the AI rows, requests, tokens and cost so far, and the summary line.
+- ``POST /api/2.0/sql/statements/{id}/cancel``.
+- ``POST /api/2.0/sqlinfer/sql/explain`` (a sqlinfer extension): rows, calls, tokens, cost and
+  time of every AI call site, with no model called.
+
+A statement is visible only to the user who started it (anyone else gets 404). A user has at most
+``SQLINFER_SQL_STATEMENTS_PER_USER`` (4) running at once; finished ones are kept for an hour.
+This module sits at the REST edge (it reads ``connectors``); tests/test_layers.py lists it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+import uuid
+from typing import Any, Literal
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from pydantic import Field
+
+from connectors.sql_session import CallerClient, Statement, plan
+from serving.api.guard import JsonRoute, principal
+from serving.api.queries import may_query
+from serving.control.auth import Principal
+from serving.control.wire import Strict
+from serving.data.limits import current_user, limit_mode
+from serving.data.usage import request_context
+from serving.errors import InvalidParameterValue, ResourceDoesNotExist, SqlinferError
+
+KEEP_SECONDS = 3600
+MAX_ROW_LIMIT = 10_000
+MAX_STATEMENT_CHARS = 100_000
+
+
+class TooManyStatements(SqlinferError):
+    error_code = "RESOURCE_EXHAUSTED"
+    http_status = 429
+
+
+class ExecuteStatement(Strict):
+    """The body of ``POST /api/2.0/sql/statements`` (Databricks' fields; INLINE JSON_ARRAY only)."""
+
+    statement: str = Field(min_length=1, max_length=MAX_STATEMENT_CHARS)
+    warehouse_id: str | None = Field(default=None, description="accepted and ignored: the server is the warehouse")
+    wait_timeout: str = Field(default="10s", description="0s, or 5s to 50s")
+    on_wait_timeout: Literal["CONTINUE", "CANCEL"] = "CONTINUE"
+    row_limit: int = Field(default=1000, ge=1, le=MAX_ROW_LIMIT)
+    disposition: Literal["INLINE"] = "INLINE"
+    format: Literal["JSON_ARRAY"] = "JSON_ARRAY"
+
+
+class ExplainStatement(Strict):
+    statement: str = Field(min_length=1, max_length=MAX_STATEMENT_CHARS)
+
+
+def wait_seconds(value: str) -> int:
+    match = re.fullmatch(r"(\d{1,2})s", value)
+    seconds = int(match.group(1)) if match else -1
+    if seconds != 0 and not 5 <= seconds <= 50:
+        raise InvalidParameterValue(f"wait_timeout: {value!r} is not allowed; use '0s' (answer at once) or "
+                                    f"'5s' to '50s'")
+    return seconds
+
+
+class Statements:
+    """The statements of this server process, by id."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Statement] = {}
+        self._lock = threading.Lock()
+        self._embedding_dimension: Any = None
+
+    def add(self, statement: Statement) -> None:
+        most = int(os.environ.get("SQLINFER_SQL_STATEMENTS_PER_USER", "4"))
+        with self._lock:
+            now = time.time()
+            for key, old in list(self._by_id.items()):
+                if old.finished is not None and now - old.finished > KEEP_SECONDS:
+                    del self._by_id[key]
+            running = sum(1 for s in self._by_id.values() if s.owner == statement.owner and not s.done.is_set())
+            if running >= most:
+                error = TooManyStatements(f"user {statement.owner!r} has {running} statements running, the most "
+                                          f"allowed (SQLINFER_SQL_STATEMENTS_PER_USER); wait for one or cancel it")
+                error.retry_after_seconds = 5
+                raise error
+            self._by_id[statement.statement_id] = statement
+
+    def get(self, statement_id: str, who: Principal) -> Statement:
+        statement = self._by_id.get(statement_id)
+        if statement is None or statement.owner != who.user_name:
+            raise ResourceDoesNotExist(f"no statement {statement_id!r} of yours; statements are kept for "
+                                       f"{KEEP_SECONDS // 60} minutes after they finish")
+        return statement
+
+    def embedding_dimension(self, inner: Any) -> int | None:
+        """ai_embed's FLOAT[n] on this server (computed once: it may load an embedding model)."""
+        if self._embedding_dimension is None:
+            from connectors.duckdb import _embedding_dimension
+
+            self._embedding_dimension = (_embedding_dimension(inner),)
+        return self._embedding_dimension[0]
+
+
+def caller_client(request: Request, who: Principal) -> CallerClient:
+    """The serving client as ``who``: CAN_QUERY per endpoint, their identity on every call."""
+    service = request.app.state.service
+
+    def on_call() -> None:
+        current_user.set(who.user_name)
+        limit_mode.set("wait")  # SQL waits for the next window at a rate limit, as SQL jobs do
+        request_context.set({})  # recorded as source "sql"
+
+    return CallerClient(request.app.state.query_client, lambda name: may_query(request, who, name),
+                        lambda: {view["name"] for view in service.list(who)}, on_call)
+
+
+def response(statement: Statement) -> dict[str, Any]:
+    body: dict[str, Any] = {"statement_id": statement.statement_id, "status": {"state": statement.state}}
+    if statement.error is not None:
+        body["status"]["error"] = {"error_code": statement.error.error_code, "message": statement.error.message}
+    if statement.result is not None:
+        result = statement.result
+        body["manifest"] = {
+            "format": "JSON_ARRAY",
+            "schema": {"column_count": len(result.columns),
+                       "columns": [{"name": c.name, "type_text": c.type_text, "position": c.position} for c in result.columns]},
+            "total_row_count": result.total_row_count,
+            "truncated": result.truncated,
+        }
+        body["result"] = {"chunk_index": 0, "row_offset": 0, "row_count": len(result.rows), "data_array": result.rows}
+    snapshot = statement.progress()
+    body["sqlinfer_progress"] = {
+        "ai_rows": snapshot.rows, "requests": snapshot.requests, "errors": snapshot.errors,
+        "input_tokens": snapshot.prompt_tokens, "output_tokens": snapshot.completion_tokens, "cost": snapshot.cost,
+        "elapsed_seconds": round((statement.finished or time.time()) - statement.started, 3),
+        "summary": snapshot.summary() if snapshot.rows else None,
+    }
+    return body
+
+
+def router() -> APIRouter:
+    api = APIRouter(tags=["sql statements"], dependencies=[Depends(principal)], route_class=JsonRoute)
+
+    def registry(request: Request) -> Statements:
+        return request.app.state.statements
+
+    @api.post("/api/2.0/sql/statements", summary="Run a DuckDB statement with AI functions (CAN_QUERY on each endpoint it calls)")
+    async def execute(body: ExecuteStatement, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        wait = wait_seconds(body.wait_timeout)
+        statement = Statement(statement_id=str(uuid.uuid4()), owner=who.user_name, text=body.statement, row_limit=body.row_limit)
+        statements = registry(request)
+        statements.add(statement)
+        client = caller_client(request, who)
+        dimension = await anyio.to_thread.run_sync(statements.embedding_dimension, request.app.state.query_client)
+        threading.Thread(target=statement.run, args=(client, dimension), name=f"sql-{statement.statement_id[:8]}",
+                         daemon=True).start()
+        if wait:
+            finished = await anyio.to_thread.run_sync(statement.done.wait, wait)
+            if not finished and body.on_wait_timeout == "CANCEL":
+                statement.cancel()
+                await anyio.to_thread.run_sync(statement.done.wait, 5)
+        return response(statement)
+
+    @api.get("/api/2.0/sql/statements/{statement_id}", summary="A statement's state, progress and result (its owner)")
+    def get(statement_id: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        return response(registry(request).get(statement_id, who))
+
+    @api.post("/api/2.0/sql/statements/{statement_id}/cancel", summary="Cancel a running statement (its owner)")
+    def cancel(statement_id: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        registry(request).get(statement_id, who).cancel()
+        return {}
+
+    @api.post("/api/2.0/sqlinfer/sql/explain", summary="Rows, calls, tokens, cost and time of a statement's AI calls; no model is called")
+    async def explain(body: ExplainStatement, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+        dimension = await anyio.to_thread.run_sync(registry(request).embedding_dimension, request.app.state.query_client)
+        client = caller_client(request, who)
+        planned = await anyio.to_thread.run_sync(plan, client, dimension, body.statement)
+        return {
+            "calls": [{"function": e.function, "endpoint": e.endpoint, "rows": e.rows, "distinct_requests": e.distinct_requests,
+                       "cache_hits": e.cache_hits, "to_send": e.to_send, "input_tokens": e.input_tokens,
+                       "output_tokens": e.output_tokens, "tokens_exact": e.tokens_exact, "cost": e.cost,
+                       "seconds": e.seconds, "limited_by": e.limited_by, "line": e.line()} for e in planned.calls],
+            "totals": {"rows": sum(e.rows for e in planned.calls), "to_send": sum(e.to_send for e in planned.calls),
+                       "tokens": planned.tokens, "cost": planned.cost,
+                       "seconds": sum(e.seconds for e in planned.calls) if all(e.seconds is not None for e in planned.calls) else None},
+        }
+
+    return api

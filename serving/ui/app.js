@@ -1,0 +1,95 @@
+// The Serving UI's shell: sign-in, navigation, and one view per route of the URL's #fragment.
+//
+// Views: #/endpoints, #/endpoints/<name>, #/create, #/edit/<name>, #/playground, #/sql,
+// #/secrets, #/tokens. Each view module exports render(view, ...args) and draws into <main>.
+
+import { ApiError, get, session } from "./api.js";
+import { h, replace, errorBox } from "./dom.js";
+import { endpointList, endpointPage } from "./endpoints.js";
+import { endpointForm } from "./endpoint_form.js";
+import { playground } from "./playground.js";
+import { sqlTab } from "./sql.js";
+import { secretsPage, tokensPage } from "./account.js";
+
+const view = document.getElementById("view");
+const nav = document.getElementById("nav");
+const who = document.getElementById("who");
+
+const ROUTES = [
+  [/^#\/endpoints\/([^/]+)$/, (name) => endpointPage(view, decodeURIComponent(name))],
+  [/^#\/edit\/([^/]+)$/, (name) => endpointForm(view, decodeURIComponent(name))],
+  [/^#\/create$/, () => endpointForm(view, null)],
+  [/^#\/playground(?:\?endpoint=(.+))?$/, (name) => playground(view, name)],
+  [/^#\/sql$/, () => sqlTab(view)],
+  [/^#\/secrets$/, () => secretsPage(view)],
+  [/^#\/tokens$/, () => tokensPage(view)],
+  [/^#\/endpoints$/, () => endpointList(view)],
+];
+
+function signIn(message) {
+  nav.hidden = true;
+  replace(who);
+  const input = h("input", { id: "token", type: "password", autocomplete: "off", required: true, "aria-describedby": "token-help" });
+  const problem = h("div", { "aria-live": "polite" }, message ? errorBox({ message }) : null);
+  const form = h("form", { class: "card signin", onsubmit: async (event) => {
+    event.preventDefault();
+    session.token = input.value.trim();
+    try {
+      await whoAmI();
+      if (!location.hash || location.hash === "#/signin") location.hash = "#/endpoints";
+      else route();
+    } catch (error) {
+      session.token = null;
+      replace(problem, errorBox(error));
+      input.focus();
+    }
+  } },
+    h("h1", {}, "Sign in"),
+    h("label", { for: "token" }, "API token"),
+    input,
+    h("p", { id: "token-help", class: "help" },
+      "A personal access token of this server (", h("code", {}, "sqlinfer tokens create --user NAME"),
+      "). The UI calls the REST API with it, so you see and do exactly what the token may."),
+    h("button", { type: "submit" }, "Sign in"),
+    problem);
+  replace(view, form);
+  input.focus();
+}
+
+async function whoAmI() {
+  const me = await get("/api/2.0/preview/scim/v2/Me");
+  session.user = me;
+  nav.hidden = false;
+  replace(who, h("span", { class: "user" }, me.userName, me.sqlinfer_is_admin ? " (admin)" : ""),
+    h("button", { class: "link", type: "button", onclick: () => { session.token = null; session.user = null; signIn(); } }, "Sign out"));
+}
+
+async function route() {
+  if (!session.token) return signIn();
+  if (!session.user) {
+    try { await whoAmI(); } catch (error) { session.token = null; return signIn(error.message); }
+  }
+  const hash = location.hash || "#/endpoints";
+  for (const link of nav.querySelectorAll("a")) {
+    const current = hash.startsWith(link.getAttribute("href")) ||
+      (link.getAttribute("href") === "#/endpoints" && /^#\/(create|edit)/.test(hash));
+    current ? link.setAttribute("aria-current", "page") : link.removeAttribute("aria-current");
+  }
+  for (const [pattern, render] of ROUTES) {
+    const match = hash.match(pattern);
+    if (match) {
+      replace(view, h("p", {}, "Loading…"));
+      try {
+        await render(...match.slice(1));
+      } catch (error) {
+        replace(view, errorBox(error instanceof ApiError ? error : { message: String(error) }));
+      }
+      return;
+    }
+  }
+  location.hash = "#/endpoints";
+}
+
+window.addEventListener("hashchange", route);
+window.addEventListener("sqlinfer:signed-out", () => { session.token = null; session.user = null; signIn("Your token was refused; sign in again."); });
+route();
