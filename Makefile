@@ -18,7 +18,7 @@ CLIENTS := .venv-clients
 CLIENTS_STAMP := $(CLIENTS)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench clean browser
 
 setup: $(STAMP)
 	# Converts the bundled chat model once (~30 s) into $$SQLINFER_HOME; instant when already there.
@@ -47,7 +47,12 @@ $(CLIENTS_STAMP): constraints-clients.txt
 	$(CLIENTS)/bin/python -m pip --disable-pip-version-check install -q -r constraints-clients.txt
 	touch $(CLIENTS_STAMP)
 
-test: setup
+# The Serving UI's browser tests (tests/test_ui.py) drive Debian's chromium through Playwright with
+# executable_path set: no browser download. Installed here when missing (root; ~40 s), never for the demo.
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: setup browser
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup $(CLIENTS_STAMP)

@@ -36,8 +36,12 @@ export async function call(method, path, body) {
   const response = await fetch(path, {
     method, headers: headers(), body: body === undefined ? undefined : JSON.stringify(body),
   });
-  if (response.status === 401) window.dispatchEvent(new CustomEvent("sqlinfer:signed-out"));
-  if (!response.ok) throw await failure(response);
+  if (!response.ok) {
+    const error = await failure(response);
+    // A token that stopped working (revoked, expired) while signed in: back to the sign-in form.
+    if (response.status === 401 && session.user) window.dispatchEvent(new CustomEvent("sqlinfer:signed-out", { detail: error.message }));
+    throw error;
+  }
   const text = await response.text();
   return text ? JSON.parse(text) : {};
 }

@@ -91,5 +91,9 @@ async function route() {
 }
 
 window.addEventListener("hashchange", route);
-window.addEventListener("sqlinfer:signed-out", () => { session.token = null; session.user = null; signIn("Your token was refused; sign in again."); });
+window.addEventListener("sqlinfer:signed-out", (event) => {
+  session.token = null;
+  session.user = null;
+  signIn(`Your token was refused (${event.detail}); sign in again.`);
+});
 route();

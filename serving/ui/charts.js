@@ -15,7 +15,8 @@ function node(tag, attrs = {}, text) {
 function tick(value) {
   if (value >= 1e6) return (value / 1e6).toFixed(1) + "M";
   if (value >= 1e3) return (value / 1e3).toFixed(1) + "k";
-  return Number.isInteger(value) ? String(value) : value.toFixed(value < 1 ? 4 : 1);
+  if (Number.isInteger(value)) return String(value);
+  return value < 1 ? String(Number(value.toPrecision(2))) : value.toFixed(1);
 }
 
 // series: [{key, label, cls}] read from each bucket; buckets: [{start_time_ms, ...}]

@@ -129,6 +129,11 @@ function permissionsOf(acl) {
 
 export async function endpointPage(view, name) {
   const endpoint = await get(`/api/2.0/serving-endpoints/${enc(name)}`);
+  if ((endpoint.state || {}).config_update === "IN_PROGRESS") {
+    // Deploying: look again shortly, while the page is still the one on screen.
+    const here = location.hash;
+    setTimeout(() => { if (location.hash === here) endpointPage(view, name).catch(() => {}); }, 1500);
+  }
   const system = name.startsWith("system-");
   const config = endpoint.config;
   const pending = endpoint.pending_config;

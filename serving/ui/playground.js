@@ -147,6 +147,7 @@ export async function playground(view, preselected) {
         h("span", { class: "tokens", "data-tokens": usage ? usage.completion_tokens : chunks }, `${number(usage ? usage.completion_tokens : chunks)} tokens`),
         usage ? ` (${number(usage.prompt_tokens)} in)` : "",
         ` · first token ${number(firstToken, 0)} ms · ${number(total, 0)} ms · ${price ? money(cost) : "no price"}`);
+      stats.dataset.chunks = String(chunks);  // streamed deltas received (tests check it streamed)
       stats.dataset.done = "true";
     } catch (error) {
       pane.answers[turn] = "";
