@@ -1,6 +1,7 @@
 # One-command setup on a machine that has nothing but Python 3.11:
 #   make demo   - create .venv, install, prepare the bundled models, run the DuckDB demo
-#   make test   - the same setup, then the test suite (all but the slow crash-and-resume suite)
+#   make test   - the same setup (and Debian's chromium for the UI's browser tests), then the test
+#                 suite (all but the slow crash-and-resume suite)
 #   make test-slow - the slow suite: Spark jobs killed half-way and re-run, the sidecar engine, and the
 #                    Databricks/OpenAI client libraries in their own virtualenv (CI runs both)
 #   make bench  - the same setup, then the benchmarks (ratios against raw vLLM in one run)

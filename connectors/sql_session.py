@@ -17,6 +17,7 @@ neither are endpoints the caller may not query. So every statement gets:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -28,8 +29,10 @@ import duckdb
 
 from ai_functions.explain import Estimate, totals
 from ai_functions.stats import StatsSnapshot
-from connectors.duckdb import AIFunctions, explain, register, translate_error
+from connectors.duckdb import AIFunctions, SqlError, explain, register, translate_error
 from engine.errors import SqlinferError
+
+log = logging.getLogger("sqlinfer.sql")
 
 MEMORY_LIMIT = os.environ.get("SQLINFER_SQL_MEMORY_LIMIT", "1GB")
 SHARED_SUFFIXES = {".csv": "read_csv_auto", ".parquet": "read_parquet"}
@@ -127,7 +130,13 @@ def sandboxed(client: CallerClient, embedding_dimension: int | None) -> tuple[du
                                              "python_enable_replacements": False})
     ai = register(con, client, embedding_dimension=embedding_dimension)
     for name, path in shared_tables().items():
-        con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM {SHARED_SUFFIXES[path.suffix]}(?)', [str(path)])
+        try:
+            con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM {SHARED_SUFFIXES[path.suffix]}(?)', [str(path)])
+        except duckdb.Error as exc:  # a SqlinferError: the statement FAILS saying which file (not where it lives)
+            con.close()
+            reason = str(exc).replace(str(path.parent), "SQLINFER_SQL_DATA")
+            raise SqlError(f"the shared table {name!r} ({path.name} in SQLINFER_SQL_DATA) cannot be read: {reason}; "
+                           f"the operator fixes or removes the file") from None
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con, ai
@@ -167,7 +176,10 @@ def _text(value: Any) -> str | None:
 
 @dataclass
 class Statement:
-    """One statement's run: state, progress (the AI functions' counters) and result."""
+    """One statement's run: state, progress (the AI functions' counters) and result.
+
+    A terminal state, once set, is final: ``cancel`` and the run's outcome take ``_lock``, so a
+    statement a client saw CANCELED never turns SUCCEEDED or FAILED afterwards (nor the reverse)."""
 
     statement_id: str
     owner: str
@@ -179,6 +191,11 @@ class Statement:
     started: float = field(default_factory=time.time)
     finished: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    # Set by cancel(). The AI call in hand reads it (engine.cancellation, set on the calling thread
+    # by the CallerClient's on_call): DuckDB hands a UDF up to 2048 rows and notices an interrupt
+    # only when it returns, so without it every request of that chunk would still be sent and paid.
+    canceled: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
     _con: duckdb.DuckDBPyConnection | None = None
     _ai: AIFunctions | None = None
 
@@ -189,19 +206,20 @@ class Statement:
         """Run to the end (on a thread of its own); never raises: the outcome is the state."""
         try:
             self._con, self._ai = sandboxed(client, embedding_dimension)
-            if self.state == "CANCELED":
+            if not self._settle("RUNNING"):
                 return
-            self.state = "RUNNING"
             relation = self._con.sql(self.text)
-            self.result = _collect(relation, self.row_limit) if relation is not None else StatementResult([], [], 0, False)
-            self.state = "SUCCEEDED"
+            self._settle("SUCCEEDED", result=_collect(relation, self.row_limit) if relation is not None
+                         else StatementResult([], [], 0, False))
         except duckdb.InterruptException:
-            self.state = "CANCELED"
-        except duckdb.Error as exc:
-            if self.state != "CANCELED":
-                self.error, self.state = translate_error(self._con, exc), "FAILED"
+            self._settle("CANCELED")
+        except duckdb.Error as exc:  # (no connection yet: sandboxed() itself failed)
+            self._settle("FAILED", error=translate_error(self._con, exc) if self._con is not None else SqlError(str(exc)))
         except SqlinferError as exc:
-            self.error, self.state = exc, "FAILED"
+            self._settle("FAILED", error=exc)
+        except Exception:  # a bug in sqlinfer: the statement still ends (a client polls until it does)
+            log.exception("SQL statement %s failed", self.statement_id)
+            self._settle("FAILED", error=SqlinferError("internal error in sqlinfer; the server log has the details"))
         finally:
             self.finished = time.time()
             con, self._con = self._con, None
@@ -209,11 +227,21 @@ class Statement:
                 con.close()
             self.done.set()
 
+    def _settle(self, state: str, result: StatementResult | None = None, error: SqlinferError | None = None) -> bool:
+        """Move to ``state`` unless the statement was canceled meanwhile; whether it moved."""
+        with self._lock:
+            if self.state == "CANCELED":
+                return False
+            self.state, self.result, self.error = state, result, error
+            return True
+
     def cancel(self) -> None:
-        if self.done.is_set():
-            return
-        self.state = "CANCELED"
-        con = self._con
+        with self._lock:
+            if self.state not in ("PENDING", "RUNNING"):
+                return
+            self.state = "CANCELED"
+            self.canceled.set()
+            con = self._con
         if con is not None:
             con.interrupt()
 

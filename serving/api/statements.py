@@ -33,6 +33,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 
 from connectors.sql_session import CallerClient, Statement, plan
+from engine import cancellation
 from serving.api.guard import JsonRoute, principal
 from serving.api.queries import may_query
 from serving.control.auth import Principal
@@ -115,14 +116,16 @@ class Statements:
         return self._embedding_dimension[0]
 
 
-def caller_client(request: Request, who: Principal) -> CallerClient:
-    """The serving client as ``who``: CAN_QUERY per endpoint, their identity on every call."""
+def caller_client(request: Request, who: Principal, cancel: threading.Event | None = None) -> CallerClient:
+    """The serving client as ``who``: CAN_QUERY per endpoint, their identity on every call, and
+    the statement's ``cancel`` event (set, the backends start nothing more of the batch in hand)."""
     service = request.app.state.service
 
     def on_call() -> None:
         current_user.set(who.user_name)
         limit_mode.set("wait")  # SQL waits for the next window at a rate limit, as SQL jobs do
         request_context.set({})  # recorded as source "sql"
+        cancellation.CANCEL.set(cancel)
 
     return CallerClient(request.app.state.query_client, lambda name: may_query(request, who, name),
                         lambda: {view["name"] for view in service.list(who)}, on_call)
@@ -163,9 +166,11 @@ def router() -> APIRouter:
         wait = wait_seconds(body.wait_timeout)
         statement = Statement(statement_id=str(uuid.uuid4()), owner=who.user_name, text=body.statement, row_limit=body.row_limit)
         statements = registry(request)
-        statements.add(statement)
-        client = caller_client(request, who)
+        # Everything that can fail comes before add(): a statement added is always started, so it
+        # never sits PENDING against the user's limit.
         dimension = await anyio.to_thread.run_sync(statements.embedding_dimension, request.app.state.query_client)
+        client = caller_client(request, who, statement.canceled)
+        statements.add(statement)
         threading.Thread(target=statement.run, args=(client, dimension), name=f"sql-{statement.statement_id[:8]}",
                          daemon=True).start()
         if wait:
