@@ -19,7 +19,7 @@ CLIENTS := .venv-clients
 CLIENTS_STAMP := $(CLIENTS)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow bench clean browser
+.PHONY: setup demo test test-slow bench clean browser screenshots
 
 setup: $(STAMP)
 	# Converts the bundled chat model once (~30 s) into $$SQLINFER_HOME; instant when already there.
@@ -55,6 +55,10 @@ browser:
 
 test: setup browser
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The README's screenshots of the Serving UI, taken by its browser tests.
+screenshots: setup browser
+	SQLINFER_SCREENSHOTS=docs/screenshots $(PY) -m pytest tests/test_ui.py $(PYTEST_ARGS)
 
 test-slow: setup $(CLIENTS_STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)

@@ -233,7 +233,8 @@ def explain(con: duckdb.DuckDBPyConnection, query: str, ai: AIFunctions | None =
     try:
         relation = con.sql(query)
         if relation is not None:
-            relation.to_arrow_table()
+            for _ in relation.to_arrow_reader(2048):  # run it, keeping one batch at a time
+                pass
         planner = ai.planner
     finally:
         ai.planner = None

@@ -7,15 +7,20 @@ neither are endpoints the caller may not query. So every statement gets:
 
 - a fresh in-memory DuckDB with external access off (no files, no ``ATTACH`` of the registry, no
   ``COPY TO``, no extension installs), Python replacement scans off (``FROM some_name`` cannot read
-  the server's Python objects), one thread, a memory cap, and its configuration locked;
+  the server's Python objects), no spilling to disk, no persistent secrets, one thread, a memory
+  cap for DuckDB's own buffers, and its configuration locked;
+- a result read batch by batch: at most ``row_limit`` rows and ``SQLINFER_SQL_RESULT_BYTES``
+  (25 MiB, Databricks' INLINE limit) are kept, the rest only counted, so a huge result costs
+  one batch of memory, not the whole table;
 - the tables the operator chose to share (``SQLINFER_SQL_DATA``: a folder of ``.csv``/``.parquet``
-  files, each a table named after the file), loaded before the lock;
+  files, each a view named after the file, readable through ``allowed_paths`` and nothing else);
 - a :class:`CallerClient` in front of the serving client: every AI call checks the caller's
   CAN_QUERY on the endpoint it names before anything is sent, and lists only what they may see.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -30,12 +35,25 @@ import duckdb
 from ai_functions.explain import Estimate, totals
 from ai_functions.stats import StatsSnapshot
 from connectors.duckdb import AIFunctions, SqlError, explain, register, translate_error
-from engine.errors import SqlinferError
+from engine.errors import ResourceDoesNotExist, SqlinferError
 
 log = logging.getLogger("sqlinfer.sql")
+INTERNAL_MESSAGE = "internal error in sqlinfer; the server log has the details"
+
+
+class StatementTimeout(SqlinferError):
+    """A statement (or its EXPLAIN) ran past SQLINFER_SQL_TIMEOUT_SECONDS on the server."""
+
+    error_code = "STATEMENT_TIMEOUT"
+    http_status = 400
 
 MEMORY_LIMIT = os.environ.get("SQLINFER_SQL_MEMORY_LIMIT", "1GB")
 SHARED_SUFFIXES = {".csv": "read_csv_auto", ".parquet": "read_parquet"}
+BATCH_ROWS = 2048
+
+
+def result_bytes() -> int:
+    return int(os.environ.get("SQLINFER_SQL_RESULT_BYTES", str(25 * 1024 * 1024)))
 
 
 class CallerClient:
@@ -61,57 +79,54 @@ class CallerClient:
         with self._lock:
             self._allowed.add(endpoint)
 
+    def _call(self, method: str, endpoint: str, *args: Any) -> Any:
+        self._check(endpoint)
+        try:
+            return getattr(self._inner, method)(endpoint, *args)
+        except ResourceDoesNotExist:
+            # Deleted after the check: the in-process message lists every endpoint, hidden ones too.
+            raise ResourceDoesNotExist(f"endpoint {endpoint!r} does not exist (it was deleted while the statement "
+                                       f"ran); list yours with GET /api/2.0/serving-endpoints") from None
+
     def endpoints(self):
         visible = self._visible()
         return [(name, task) for name, task in self._inner.endpoints() if name in visible]
 
     def task(self, endpoint):
-        self._check(endpoint)
-        return self._inner.task(endpoint)
+        return self._call('task', endpoint)
 
     def embedding_dimension(self, endpoint):
-        self._check(endpoint)
-        return self._inner.embedding_dimension(endpoint)
+        return self._call('embedding_dimension', endpoint)
 
     def warm_up(self, endpoint):
-        self._check(endpoint)
-        return self._inner.warm_up(endpoint)
+        return self._call('warm_up', endpoint)
 
     def config_version(self, endpoint):
-        self._check(endpoint)
-        return self._inner.config_version(endpoint)
+        return self._call('config_version', endpoint)
 
     def count_tokens(self, endpoint, requests, kind):
-        self._check(endpoint)
-        return self._inner.count_tokens(endpoint, requests, kind)
+        return self._call('count_tokens', endpoint, requests, kind)
 
     def throughput(self, endpoint):
-        self._check(endpoint)
-        return self._inner.throughput(endpoint)
+        return self._call('throughput', endpoint)
 
     def rate_limits(self, endpoint):
-        self._check(endpoint)
-        return self._inner.rate_limits(endpoint)
+        return self._call('rate_limits', endpoint)
 
     def chat(self, endpoint, conversations, options, on_result=None):
-        self._check(endpoint)
-        return self._inner.chat(endpoint, conversations, options, on_result)
+        return self._call('chat', endpoint, conversations, options, on_result)
 
     def complete(self, endpoint, prompts, options, on_result=None):
-        self._check(endpoint)
-        return self._inner.complete(endpoint, prompts, options, on_result)
+        return self._call('complete', endpoint, prompts, options, on_result)
 
     def embed(self, endpoint, texts, on_result=None):
-        self._check(endpoint)
-        return self._inner.embed(endpoint, texts, on_result)
+        return self._call('embed', endpoint, texts, on_result)
 
     def predict(self, endpoint, rows, params=None, on_result=None):
-        self._check(endpoint)
-        return self._inner.predict(endpoint, rows, params, on_result)
+        return self._call('predict', endpoint, rows, params, on_result)
 
     def stream(self, endpoint, request, options, chat):
-        self._check(endpoint)
-        return self._inner.stream(endpoint, request, options, chat)
+        return self._call('stream', endpoint, request, options, chat)
 
 
 def shared_tables() -> dict[str, Path]:
@@ -123,15 +138,42 @@ def shared_tables() -> dict[str, Path]:
             and path.stem.replace("_", "").isalnum()}
 
 
-def sandboxed(client: CallerClient, embedding_dimension: int | None) -> tuple[duckdb.DuckDBPyConnection, AIFunctions]:
-    """A new in-memory DuckDB with the AI functions on ``client``, the shared tables, and nothing else."""
-    con = duckdb.connect(":memory:", config={"threads": 1, "memory_limit": MEMORY_LIMIT,
+class CallerStore:
+    """The result store as one caller's: their own answers are found again (a re-run pays nothing
+    twice), other users' are not, so nobody learns from a cache hit, a zero cost or EXPLAIN's
+    ``cache_hits`` that someone else asked the same thing. Keys are salted with the caller."""
+
+    def __init__(self, inner: Any, caller: str):
+        self._inner, self._salt = inner, hashlib.sha256(caller.encode()).hexdigest()
+
+    def _key(self, key: str) -> str:
+        return hashlib.sha256(f"{self._salt}:{key}".encode()).hexdigest()
+
+    def get_many(self, keys: Any) -> dict[str, Any]:
+        scoped = {self._key(key): key for key in keys}
+        return {scoped[key]: found for key, found in self._inner.get_many(scoped).items()}
+
+    def put(self, key: str, endpoint: str, kind: str, encoded: dict[str, Any]) -> None:
+        self._inner.put(self._key(key), endpoint, kind, encoded)
+
+
+def sandboxed(client: CallerClient, caller: str | None = None) -> tuple[duckdb.DuckDBPyConnection, AIFunctions]:
+    """A new in-memory DuckDB with the AI functions on ``client``, the shared tables, and nothing else.
+
+    ``ai_embed``'s FLOAT[n] is read from the embedding endpoints this caller may query, when the
+    statement starts (an endpoint added since then counts at once). Answers are kept in the
+    result store under ``caller``'s own keys (:class:`CallerStore`); no caller, no store."""
+    con = duckdb.connect(":memory:", config={"threads": 1, "memory_limit": MEMORY_LIMIT, "temp_directory": "",
                                              "autoinstall_known_extensions": False, "autoload_known_extensions": False,
-                                             "python_enable_replacements": False})
-    ai = register(con, client, embedding_dimension=embedding_dimension)
-    for name, path in shared_tables().items():
+                                             "allow_persistent_secrets": False, "python_enable_replacements": False})
+    ai = register(con, client)
+    ai.store = CallerStore(ai.store, caller) if ai.store is not None and caller is not None else None
+    shared = shared_tables()
+    if shared:  # views, read when a query reads them: a large shared file costs nothing to the others
+        con.execute("SET allowed_paths = ?", [[str(path) for path in shared.values()]])
+    for name, path in shared.items():
         try:
-            con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM {SHARED_SUFFIXES[path.suffix]}(?)', [str(path)])
+            con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {SHARED_SUFFIXES[path.suffix]}(\'{_quoted(path)}\')')
         except duckdb.Error as exc:  # a SqlinferError: the statement FAILS saying which file (not where it lives)
             con.close()
             reason = str(exc).replace(str(path.parent), "SQLINFER_SQL_DATA")
@@ -140,6 +182,10 @@ def sandboxed(client: CallerClient, embedding_dimension: int | None) -> tuple[du
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con, ai
+
+
+def _quoted(path: Path) -> str:
+    return str(path).replace("'", "''")  # a view's text holds the path as a literal (no parameters in DDL)
 
 
 @dataclass
@@ -202,44 +248,64 @@ class Statement:
     def progress(self) -> StatsSnapshot:
         return self._ai.stats.snapshot() if self._ai is not None else StatsSnapshot()
 
-    def run(self, client: CallerClient, embedding_dimension: int | None) -> None:
-        """Run to the end (on a thread of its own); never raises: the outcome is the state."""
+    def run(self, client: CallerClient, timeout_seconds: float | None = None) -> None:
+        """Run to the end (on a thread of its own); never raises: the outcome is the state.
+
+        Past ``timeout_seconds`` the statement is cancelled and FAILS with STATEMENT_TIMEOUT. The
+        connection is closed before the outcome is set, so a client that sees the outcome can
+        start its next statement at once (its slot is free)."""
+        outcome: tuple[str, StatementResult | None, SqlinferError | None]
+        timer = threading.Timer(timeout_seconds, self._time_out, args=(timeout_seconds,)) if timeout_seconds else None
         try:
-            self._con, self._ai = sandboxed(client, embedding_dimension)
+            self._con, self._ai = sandboxed(client, self.owner)
             if not self._settle("RUNNING"):
                 return
+            if timer is not None:
+                timer.start()
             relation = self._con.sql(self.text)
-            self._settle("SUCCEEDED", result=_collect(relation, self.row_limit) if relation is not None
-                         else StatementResult([], [], 0, False))
+            outcome = ("SUCCEEDED", _collect(relation, self.row_limit) if relation is not None
+                       else StatementResult([], [], 0, False), None)
         except duckdb.InterruptException:
-            self._settle("CANCELED")
+            outcome = ("CANCELED", None, None)
         except duckdb.Error as exc:  # (no connection yet: sandboxed() itself failed)
-            self._settle("FAILED", error=translate_error(self._con, exc) if self._con is not None else SqlError(str(exc)))
+            outcome = ("FAILED", None, _reported(translate_error(self._con, exc) if self._con is not None else SqlError(str(exc)),
+                                                 self.statement_id))
         except SqlinferError as exc:
-            self._settle("FAILED", error=exc)
+            outcome = ("FAILED", None, _reported(exc, self.statement_id))
         except Exception:  # a bug in sqlinfer: the statement still ends (a client polls until it does)
             log.exception("SQL statement %s failed", self.statement_id)
-            self._settle("FAILED", error=SqlinferError("internal error in sqlinfer; the server log has the details"))
+            outcome = ("FAILED", None, SqlinferError(INTERNAL_MESSAGE))
         finally:
-            self.finished = time.time()
-            con, self._con = self._con, None
+            if timer is not None:
+                timer.cancel()
+            with self._lock:
+                con, self._con = self._con, None
             if con is not None:
                 con.close()
+        try:
+            self._settle(*outcome)
+        finally:
+            self.finished = time.time()
             self.done.set()
 
+    def _time_out(self, seconds: float) -> None:
+        self.cancel(StatementTimeout(f"the statement ran past {seconds:g} s (SQLINFER_SQL_TIMEOUT_SECONDS) and was "
+                                     f"stopped; filter the rows, or run it with sqlinfer sql on your machine"))
+
     def _settle(self, state: str, result: StatementResult | None = None, error: SqlinferError | None = None) -> bool:
-        """Move to ``state`` unless the statement was canceled meanwhile; whether it moved."""
+        """Move to ``state`` unless the statement was canceled (or timed out) meanwhile; whether it moved."""
         with self._lock:
-            if self.state == "CANCELED":
+            if self.canceled.is_set():
                 return False
             self.state, self.result, self.error = state, result, error
             return True
 
-    def cancel(self) -> None:
+    def cancel(self, reason: SqlinferError | None = None) -> None:
+        """Stop it: CANCELED, or FAILED with ``reason`` (a timeout)."""
         with self._lock:
             if self.state not in ("PENDING", "RUNNING"):
                 return
-            self.state = "CANCELED"
+            self.state, self.error = ("FAILED", reason) if reason is not None else ("CANCELED", None)
             self.canceled.set()
             con = self._con
         if con is not None:
@@ -247,23 +313,52 @@ class Statement:
 
 
 def _collect(relation: duckdb.DuckDBPyRelation, row_limit: int) -> StatementResult:
+    """The first ``row_limit`` rows (and at most ``result_bytes()`` of text); the rest only counted."""
     columns = [Column(name, str(kind), position) for position, (name, kind) in enumerate(zip(relation.columns, relation.types))]
-    table = relation.to_arrow_table()  # a DuckDB 2.0 relation runs again on every call: once
-    kept = table.slice(0, row_limit)
-    values = [kept.column(i).to_pylist() for i in range(kept.num_columns)]  # by position: names may repeat
-    rows = [[_text(column[r]) for column in values] for r in range(kept.num_rows)]
-    return StatementResult(columns, rows, table.num_rows, table.num_rows > row_limit)
+    rows: list[list[str | None]] = []
+    total, size, full, budget = 0, 0, False, result_bytes()
+    for batch in relation.to_arrow_reader(BATCH_ROWS):  # a DuckDB 2.0 relation runs again on every call: once
+        total += batch.num_rows
+        if full:
+            continue
+        values = [batch.column(i).to_pylist() for i in range(batch.num_columns)]  # by position: names may repeat
+        for r in range(batch.num_rows):
+            row = [_text(column[r]) for column in values]
+            size += sum(len(v) for v in row if v is not None)
+            if len(rows) >= row_limit or size > budget:
+                full = True
+                break
+            rows.append(row)
+    return StatementResult(columns, rows, total, total > len(rows))
 
 
-def plan(client: CallerClient, embedding_dimension: int | None, text: str) -> Plan:
-    """What ``text`` would send and cost, with no model called (connectors.duckdb.explain)."""
-    con, ai = sandboxed(client, embedding_dimension)
+def _reported(error: SqlinferError, statement_id: str) -> SqlinferError:
+    """``error`` as the caller may see it: a bare SqlinferError is a bug of ours (INTERNAL_ERROR),
+    logged here and answered with the generic message, never with its own text."""
+    if type(error) is SqlinferError:
+        log.error("SQL statement %s failed inside an AI function: %s", statement_id, error.message)
+        return SqlinferError(INTERNAL_MESSAGE)
+    return error
+
+
+def plan(client: CallerClient, text: str, timeout_seconds: float | None = None, caller: str | None = None) -> Plan:
+    """What ``text`` would send and cost, with no model called (connectors.duckdb.explain); past
+    ``timeout_seconds`` it stops with STATEMENT_TIMEOUT."""
+    con, ai = sandboxed(client, caller)
+    timer = threading.Timer(timeout_seconds, con.interrupt) if timeout_seconds else None
     try:
+        if timer is not None:
+            timer.start()
         try:
             estimates = explain(con, text, ai)
+        except duckdb.InterruptException:
+            raise StatementTimeout(f"EXPLAIN ran past {timeout_seconds:g} s (SQLINFER_SQL_TIMEOUT_SECONDS) and was "
+                                   f"stopped; filter the rows") from None
         except duckdb.Error as exc:
-            raise translate_error(con, exc) from None
+            raise _reported(translate_error(con, exc), "(explain)") from None
     finally:
+        if timer is not None:
+            timer.cancel()
         con.close()
     tokens, cost = totals(estimates)
     return Plan(estimates, tokens, cost)

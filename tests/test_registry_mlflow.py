@@ -149,6 +149,7 @@ def mlflow_chat_model(mlflow_registry):
 
 
 @pytest.mark.engine
+@pytest.mark.slow  # ~110 s on 2 cores (an engine of its own, started twice): make test-slow, which CI runs
 def test_an_mlflow_transformers_model_is_served_by_the_engine_and_scales_to_zero(
         server, admin, mlflow_registry, mlflow_chat_model, monkeypatch):
     import time

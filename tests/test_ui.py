@@ -2,13 +2,15 @@
 
 One server and one browser for the module, walked through as a user would: sign in, list
 endpoints, put a secret, create an external endpoint (a form error under the field it names,
-fixed, saved, ready), see its usage chart after queries, stream an answer from the bundled chat
+fixed, saved, ready), see its usage chart and inference rows after queries, edit it, stream an
+answer from the bundled chat
 model in the Playground, compare two endpoints side by side, run the Python that "Get code"
 copied, EXPLAIN and run a 20-row query in the SQL tab, and check that a user without permission
 neither sees an endpoint nor can query it from the UI. The external provider is the scripted
 OpenAI-protocol server on 127.0.0.1 (tests/fake_providers.py); everything else is real.
 
-Screenshots of each page land in docs/screenshots/ (the README shows them).
+Screenshots of each page are taken on every run, into a temporary folder; `make screenshots`
+runs this module with SQLINFER_SCREENSHOTS=docs/screenshots to refresh the README's.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHOTS = ROOT / "docs" / "screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 BUNDLED_CHAT = "system-smollm2-135m-instruct"
 EXTERNAL = "ui-gpt"
@@ -47,9 +48,10 @@ def stack(tmp_path_factory):
     server = RunningServer(service)
     _, admin = service.auth.create_token("admin@example.com", is_admin=True)
     _, bob = service.auth.create_token("bob@example.com")
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    shots = Path(os.environ.get("SQLINFER_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
     try:
-        yield {"server": server, "upstream": upstream, "admin": admin, "bob": bob}
+        yield {"server": server, "upstream": upstream, "admin": admin, "bob": bob, "shots": shots}
     finally:
         server.stop()
         upstream.stop()
@@ -77,10 +79,11 @@ def signed_in(browser, stack, token):
     problems = []
     page.on("pageerror", lambda error: problems.append(str(error)))
     page.goto(stack["server"].url + "/")
-    page.fill("#token", token)
-    page.get_by_role("button", name="Sign in").click()
+    page.keyboard.type(token)  # the token field has the focus: signing in needs no mouse
+    page.keyboard.press("Enter")
     page.wait_for_selector("#endpoints")
     page.problems = problems
+    page.shots = stack["shots"]
     return page
 
 
@@ -92,8 +95,8 @@ def admin_page(browser, stack):
     page.context.close()
 
 
-def shot(page, name):
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+def shot(page, name, folder=None):
+    page.screenshot(path=str((folder or page.shots) / f"{name}.png"), full_page=True)
 
 
 def test_sign_in_refuses_a_wrong_token_then_lists_endpoints(browser, stack, admin_page):
@@ -103,7 +106,7 @@ def test_sign_in_refuses_a_wrong_token_then_lists_endpoints(browser, stack, admi
     page.fill("#token", "sqli_not-a-real-token")
     page.get_by_role("button", name="Sign in").click()
     assert "UNAUTHENTICATED" in page.locator("[role=alert]").inner_text()
-    shot(page, "sign-in")
+    shot(page, "sign-in", stack["shots"])
     context.close()
 
     rows = admin_page.locator("#endpoints tbody tr")
@@ -112,6 +115,7 @@ def test_sign_in_refuses_a_wrong_token_then_lists_endpoints(browser, stack, admi
     chat_row = admin_page.locator(f"tr[data-endpoint='{BUNDLED_CHAT}']")
     assert chat_row.locator(".badge").inner_text() == "Ready"
     assert "llm/v1/chat" in chat_row.inner_text() and "100%" in chat_row.inner_text()
+    shot(admin_page, "endpoints")
     admin_page.fill("#filter", "minilm")
     assert admin_page.locator("#endpoints tbody tr").evaluate_all("rows => rows.map(r => r.dataset.endpoint)") == [
         "system-all-minilm-l6-v2"]
@@ -160,6 +164,8 @@ def test_create_an_external_endpoint_error_under_its_field_then_ready(admin_page
 
 def test_the_endpoint_page_charts_usage_after_queries(admin_page, stack):
     with stack["server"].client(stack["admin"]) as client:
+        client.put(f"/api/2.0/serving-endpoints/{EXTERNAL}/ai-gateway",
+                   json={"inference_table_config": {"enabled": True}}).raise_for_status()
         for word in ("one", "two", "three"):
             client.post(f"/serving-endpoints/{EXTERNAL}/invocations",
                         json={"messages": [{"role": "user", "content": word}]}).raise_for_status()
@@ -175,6 +181,11 @@ def test_the_endpoint_page_charts_usage_after_queries(admin_page, stack):
     assert "3 requests, 0 errors" in page.locator("#usage-totals").inner_text()
     page.locator("#history td").first.wait_for()
     assert page.locator("#history tbody tr").count() == 1  # version 1
+    page.locator("#inference tbody tr").first.wait_for()
+    rows = page.locator("#inference tbody tr")
+    assert rows.count() == 3
+    assert '"content": "three"' in rows.first.locator("td").nth(3).inner_text().replace('":"', '": "')  # newest first
+    assert "inference_table_config" in page.locator("#limits").inner_text()
     shot(page, "endpoint")
 
 
@@ -214,7 +225,7 @@ def test_the_playground_streams_the_bundled_model_and_compares_two_endpoints(adm
 def test_get_code_copies_python_that_runs(admin_page, stack, tmp_path):
     page = admin_page  # the conversation of the previous test is still on screen
     page.get_by_role("button", name="Get code").click()
-    page.select_option("#code-endpoint", EXTERNAL)
+    page.select_option("#code-endpoint", label=f"{EXTERNAL} (pane 2)")
     page.get_by_role("tab", name="Python (OpenAI SDK)").click()
     page.get_by_role("button", name="Copy").click()
     page.wait_for_selector("text=Copied.")
@@ -253,6 +264,23 @@ def test_the_sql_tab_explains_then_runs_a_20_row_query(admin_page, stack):
     shot(page, "sql")
 
 
+def test_the_edit_form_updates_the_config_and_history_shows_both_versions(admin_page, stack):
+    page = admin_page
+    page.goto(stack["server"].url + f"/#/endpoints/{EXTERNAL}")
+    page.get_by_role("link", name="Edit endpoint").click()
+    page.wait_for_selector("[data-path$='external_model.name']")
+    assert page.locator("#name").input_value() == EXTERNAL and page.locator("#name").is_disabled()
+    assert page.locator("[data-path$='external_model.key']").input_value() == "{{secrets/ui/openai}}"
+    page.fill("[data-path$='external_model.name']", "gpt-4o")
+    page.get_by_role("button", name="Update endpoint").click()
+    page.wait_for_url(f"**/#/endpoints/{EXTERNAL}")
+    page.wait_for_selector(".badge[data-state=ready]", timeout=60_000)
+    page.locator("#history tbody tr").nth(1).wait_for()
+    versions = page.locator("#history tbody tr").evaluate_all("rows => rows.map(r => r.cells[0].innerText + ' ' + r.cells[1].innerText)")
+    assert versions == ["2 READY", "1 READY"]
+    assert "openai: gpt-4o" in page.locator("#entities").inner_text()
+
+
 def test_tokens_page_lists_and_makes_the_users_own_tokens(admin_page, stack):
     page = admin_page
     page.goto(stack["server"].url + "/#/tokens")
@@ -283,9 +311,48 @@ def test_a_user_without_permission_neither_sees_nor_queries_the_endpoint(browser
     page.fill("#statement", f"SELECT ai_query('{EXTERNAL}', 'hi')")
     page.get_by_role("button", name="Explain").click()
     assert "PERMISSION_DENIED" in page.locator("#plan [role=alert]").inner_text()
-    assert page.locator("#progress").inner_text() == ""  # Run explains first, and stops at the refusal
-    page.get_by_role("button", name="Run").click()
+    page.evaluate("document.querySelector('#plan').replaceChildren()")
+    page.get_by_role("button", name="Run").click()  # Run explains first, and stops at the refusal
     assert "PERMISSION_DENIED" in page.locator("#plan [role=alert]").inner_text()
+    page.wait_for_selector("button:text('Run'):not([disabled])")
+    assert page.locator("#progress").inner_text() == ""
+    statements = stack["server"].app.state.statements._by_id.values()
+    assert [s for s in statements if s.owner == "bob@example.com"] == []  # nothing was started
     assert len(stack["upstream"].calls) == calls_before
     assert page.problems == []
     page.context.close()
+
+
+TRICKY = "it's \"quoted\", a back\\slash,\nnew line, true or null, {braces} and $HOME"
+
+
+def test_get_code_quotes_any_text_exactly(admin_page, stack):
+    """The generated Python, SQL and curl carry the conversation exactly, whatever it holds."""
+    import ast
+    import shlex
+
+    import duckdb
+
+    messages = [{"role": "system", "content": TRICKY}, {"role": "user", "content": TRICKY}]
+    params = {"max_tokens": 16, "temperature": 0.5, "stop": ["\n", "'"]}
+    code = admin_page.evaluate("""async ([messages, params]) => {
+        const { codeFor } = await import('/ui/playground.js');
+        return codeFor('my-endpoint', messages, params);
+    }""", [messages, params])
+
+    call = next(node for node in ast.walk(ast.parse(code["Python (OpenAI SDK)"])) if isinstance(node, ast.Call)
+                and any(k.arg == "messages" for k in node.keywords))
+    keywords = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    assert keywords == {"model": "my-endpoint", "messages": messages, **params}
+
+    predict = next(node for node in ast.walk(ast.parse(code["Python (MLflow deployments)"])) if isinstance(node, ast.Call)
+                   and any(k.arg == "inputs" for k in node.keywords))
+    assert ast.literal_eval(next(k.value for k in predict.keywords if k.arg == "inputs")) == {"messages": messages, **params}
+
+    curl = shlex.split(code["curl"].replace("\\\n", " "))
+    import json
+    assert json.loads(curl[curl.index("-d") + 1]) == {"messages": messages, **params}
+
+    sql = code["SQL (ai_query)"]
+    prompt_literal = sql.split("'my-endpoint',\n  ", 1)[1].split(",\n  modelParameters", 1)[0]
+    assert duckdb.sql(f"SELECT {prompt_literal}").fetchall() == [(TRICKY,)]

@@ -21,12 +21,13 @@ This module sits at the REST edge (it reads ``connectors``); tests/test_layers.p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import anyio
 from fastapi import APIRouter, Depends, Request
@@ -40,16 +41,12 @@ from serving.control.auth import Principal
 from serving.control.wire import Strict
 from serving.data.limits import current_user, limit_mode
 from serving.data.usage import request_context
-from serving.errors import InvalidParameterValue, ResourceDoesNotExist, SqlinferError
+from serving.errors import InvalidParameterValue, ResourceDoesNotExist, ResourceExhausted
 
 KEEP_SECONDS = 3600
+KEEP_PER_USER = 50
 MAX_ROW_LIMIT = 10_000
 MAX_STATEMENT_CHARS = 100_000
-
-
-class TooManyStatements(SqlinferError):
-    error_code = "RESOURCE_EXHAUSTED"
-    http_status = 429
 
 
 class ExecuteStatement(Strict):
@@ -77,28 +74,62 @@ def wait_seconds(value: str) -> int:
     return seconds
 
 
+def _setting(name: str, default: str) -> int:
+    return int(os.environ.get(name, default))
+
+
 class Statements:
-    """The statements of this server process, by id."""
+    """The statements of this server process, by id, and what each user has running.
+
+    Bounds, because a statement is work the server does for whoever asks: a user has at most
+    ``SQLINFER_SQL_STATEMENTS_PER_USER`` (4) statements and EXPLAINs running, the server at most
+    ``SQLINFER_SQL_STATEMENTS`` (8); each stops after ``SQLINFER_SQL_TIMEOUT_SECONDS`` (600); a
+    user's finished statements are kept for an hour, the last ``KEEP_PER_USER`` of them."""
 
     def __init__(self) -> None:
         self._by_id: dict[str, Statement] = {}
+        self._explaining: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._embedding_dimension: Any = None
+
+    def _admit(self, owner: str) -> None:
+        """Refuse a new statement or EXPLAIN of ``owner`` at a limit (the lock is held)."""
+        running = [s.owner for s in self._by_id.values() if not s.done.is_set()]
+        mine = running.count(owner) + self._explaining.get(owner, 0)
+        everyone = len(running) + sum(self._explaining.values())
+        if mine >= _setting("SQLINFER_SQL_STATEMENTS_PER_USER", "4"):
+            message = (f"user {owner!r} has {mine} statements or EXPLAINs running, the most allowed "
+                       f"(SQLINFER_SQL_STATEMENTS_PER_USER); wait for one or cancel it")
+        elif everyone >= _setting("SQLINFER_SQL_STATEMENTS", "8"):
+            message = (f"the server is running {everyone} statements, the most it runs at once "
+                       f"(SQLINFER_SQL_STATEMENTS); try again shortly")
+        else:
+            return
+        error = ResourceExhausted(message)
+        error.retry_after_seconds = 5
+        raise error
 
     def add(self, statement: Statement) -> None:
-        most = int(os.environ.get("SQLINFER_SQL_STATEMENTS_PER_USER", "4"))
         with self._lock:
             now = time.time()
-            for key, old in list(self._by_id.items()):
-                if old.finished is not None and now - old.finished > KEEP_SECONDS:
-                    del self._by_id[key]
-            running = sum(1 for s in self._by_id.values() if s.owner == statement.owner and not s.done.is_set())
-            if running >= most:
-                error = TooManyStatements(f"user {statement.owner!r} has {running} statements running, the most "
-                                          f"allowed (SQLINFER_SQL_STATEMENTS_PER_USER); wait for one or cancel it")
-                error.retry_after_seconds = 5
-                raise error
+            mine = sorted((s for s in self._by_id.values() if s.owner == statement.owner and s.finished is not None),
+                          key=lambda s: s.finished)
+            for old in [s for s in self._by_id.values() if s.finished is not None and now - s.finished > KEEP_SECONDS] \
+                    + mine[:max(0, len(mine) - KEEP_PER_USER + 1)]:
+                self._by_id.pop(old.statement_id, None)
+            self._admit(statement.owner)
             self._by_id[statement.statement_id] = statement
+
+    @contextlib.contextmanager
+    def explaining(self, owner: str) -> Iterator[None]:
+        """Count an EXPLAIN against ``owner``'s running statements while it runs."""
+        with self._lock:
+            self._admit(owner)
+            self._explaining[owner] = self._explaining.get(owner, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._explaining[owner] -= 1
 
     def get(self, statement_id: str, who: Principal) -> Statement:
         statement = self._by_id.get(statement_id)
@@ -107,13 +138,14 @@ class Statements:
                                        f"{KEEP_SECONDS // 60} minutes after they finish")
         return statement
 
-    def embedding_dimension(self, inner: Any) -> int | None:
-        """ai_embed's FLOAT[n] on this server (computed once: it may load an embedding model)."""
-        if self._embedding_dimension is None:
-            from connectors.duckdb import _embedding_dimension
 
-            self._embedding_dimension = (_embedding_dimension(inner),)
-        return self._embedding_dimension[0]
+async def _wait(statement: Statement, seconds: float) -> bool:
+    """Wait for ``statement`` without holding a thread (a thread per waiting client would starve
+    the control plane's few); whether it finished."""
+    deadline = time.monotonic() + seconds
+    while not statement.done.is_set() and time.monotonic() < deadline:
+        await anyio.sleep(0.05)
+    return statement.done.is_set()
 
 
 def caller_client(request: Request, who: Principal, cancel: threading.Event | None = None) -> CallerClient:
@@ -155,6 +187,13 @@ def response(statement: Statement) -> dict[str, Any]:
     return body
 
 
+def explain_threads(request: Request) -> "anyio.CapacityLimiter":
+    limiter = getattr(request.app.state, "explain_threads", None)
+    if limiter is None:
+        limiter = request.app.state.explain_threads = anyio.CapacityLimiter(_setting("SQLINFER_SQL_STATEMENTS", "8"))
+    return limiter
+
+
 def router() -> APIRouter:
     api = APIRouter(tags=["sql statements"], dependencies=[Depends(principal)], route_class=JsonRoute)
 
@@ -166,18 +205,15 @@ def router() -> APIRouter:
         wait = wait_seconds(body.wait_timeout)
         statement = Statement(statement_id=str(uuid.uuid4()), owner=who.user_name, text=body.statement, row_limit=body.row_limit)
         statements = registry(request)
-        # Everything that can fail comes before add(): a statement added is always started, so it
-        # never sits PENDING against the user's limit.
-        dimension = await anyio.to_thread.run_sync(statements.embedding_dimension, request.app.state.query_client)
         client = caller_client(request, who, statement.canceled)
-        statements.add(statement)
-        threading.Thread(target=statement.run, args=(client, dimension), name=f"sql-{statement.statement_id[:8]}",
-                         daemon=True).start()
+        statements.add(statement)  # nothing after this can fail: a statement added is always started
+        threading.Thread(target=statement.run, args=(client, _setting("SQLINFER_SQL_TIMEOUT_SECONDS", "600")),
+                         name=f"sql-{statement.statement_id[:8]}", daemon=True).start()
         if wait:
-            finished = await anyio.to_thread.run_sync(statement.done.wait, wait)
+            finished = await _wait(statement, wait)
             if not finished and body.on_wait_timeout == "CANCEL":
                 statement.cancel()
-                await anyio.to_thread.run_sync(statement.done.wait, 5)
+                await _wait(statement, 5)
         return response(statement)
 
     @api.get("/api/2.0/sql/statements/{statement_id}", summary="A statement's state, progress and result (its owner)")
@@ -191,9 +227,11 @@ def router() -> APIRouter:
 
     @api.post("/api/2.0/sqlinfer/sql/explain", summary="Rows, calls, tokens, cost and time of a statement's AI calls; no model is called")
     async def explain(body: ExplainStatement, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
-        dimension = await anyio.to_thread.run_sync(registry(request).embedding_dimension, request.app.state.query_client)
         client = caller_client(request, who)
-        planned = await anyio.to_thread.run_sync(plan, client, dimension, body.statement)
+        with registry(request).explaining(who.user_name):
+            # Its own threads: EXPLAIN runs the query's scans, and must not take the control plane's.
+            planned = await anyio.to_thread.run_sync(plan, client, body.statement, _setting("SQLINFER_SQL_TIMEOUT_SECONDS", "600"),
+                                                     who.user_name, limiter=explain_threads(request))
         return {
             "calls": [{"function": e.function, "endpoint": e.endpoint, "rows": e.rows, "distinct_requests": e.distinct_requests,
                        "cache_hits": e.cache_hits, "to_send": e.to_send, "input_tokens": e.input_tokens,

@@ -11,19 +11,20 @@ import { playground } from "./playground.js";
 import { sqlTab } from "./sql.js";
 import { secretsPage, tokensPage } from "./account.js";
 
-const view = document.getElementById("view");
+let view = document.getElementById("view");
+let routed = 0;  // the current route's number: views of older routes are dropped
 const nav = document.getElementById("nav");
 const who = document.getElementById("who");
 
 const ROUTES = [
-  [/^#\/endpoints\/([^/]+)$/, (name) => endpointPage(view, decodeURIComponent(name))],
-  [/^#\/edit\/([^/]+)$/, (name) => endpointForm(view, decodeURIComponent(name))],
-  [/^#\/create$/, () => endpointForm(view, null)],
-  [/^#\/playground(?:\?endpoint=(.+))?$/, (name) => playground(view, name)],
-  [/^#\/sql$/, () => sqlTab(view)],
-  [/^#\/secrets$/, () => secretsPage(view)],
-  [/^#\/tokens$/, () => tokensPage(view)],
-  [/^#\/endpoints$/, () => endpointList(view)],
+  [/^#\/endpoints\/([^/]+)$/, (target, name) => endpointPage(target, decodeURIComponent(name))],
+  [/^#\/edit\/([^/]+)$/, (target, name) => endpointForm(target, decodeURIComponent(name))],
+  [/^#\/create$/, (target) => endpointForm(target, null)],
+  [/^#\/playground(?:\?endpoint=(.+))?$/, (target, name) => playground(target, name)],
+  [/^#\/sql$/, (target) => sqlTab(target)],
+  [/^#\/secrets$/, (target) => secretsPage(target)],
+  [/^#\/tokens$/, (target) => tokensPage(target)],
+  [/^#\/endpoints$/, (target) => endpointList(target)],
 ];
 
 function signIn(message) {
@@ -78,11 +79,16 @@ async function route() {
   for (const [pattern, render] of ROUTES) {
     const match = hash.match(pattern);
     if (match) {
-      replace(view, h("p", {}, "Loading…"));
+      // Each route draws into a <main> of its own: a slow view of a route the user has already
+      // left finishes into a detached element instead of overwriting the page navigated to.
+      const mine = ++routed;
+      const target = h("main", { id: "view", tabindex: "-1" }, h("p", {}, "Loading…"));
+      view.replaceWith(target);
+      view = target;
       try {
-        await render(...match.slice(1));
+        await render(target, ...match.slice(1));
       } catch (error) {
-        replace(view, errorBox(error instanceof ApiError ? error : { message: String(error) }));
+        if (mine === routed) replace(target, errorBox(error instanceof ApiError ? error : { message: String(error) }));
       }
       return;
     }

@@ -37,11 +37,29 @@ function value(form, path) {
   return input.value.trim() || undefined;
 }
 
-function entityOf(form, kind) {
-  const entity = { name: value(form, `${E}.name`) };
+// What the GET view adds to a served entity; the config routes refuse it as unknown fields.
+const VIEW_ONLY = ["state", "creator", "creation_timestamp"];
+const KIND_FIELDS = ["external_model", "entity_name", "entity_version", "workload_size", "scale_to_zero_enabled"];
+
+// The served entity to send: the one being edited (so the fields this form does not show, such
+// as environment_vars or openai_organization, are kept), with the form's fields over it.
+function entityOf(form, kind, base) {
+  const entity = JSON.parse(JSON.stringify(base || {}));
+  for (const key of VIEW_ONLY) delete entity[key];
+  const sameKind = kind === (entity.external_model ? "external" : entity.entity_version ? "mlflow" : "local");
+  const previous = sameKind ? entity.external_model : undefined;
+  for (const key of KIND_FIELDS) delete entity[key];
+  entity.name = value(form, `${E}.name`);
   if (kind === "external") {
     const provider = value(form, `${X}.provider`);
-    const external = { name: value(form, `${X}.name`), provider, task: value(form, `${X}.task`) };
+    const kept = previous && previous.provider === provider ? previous : {};
+    const external = { ...kept, name: value(form, `${X}.name`), provider, task: value(form, `${X}.task`) };
+    for (const dotted of [KEY_FIELD[provider], BASE_FIELD[provider]].filter(Boolean)) {  // the form's, not the old ones
+      const parts = dotted.split(".");
+      let at = external;
+      for (const part of parts.slice(0, -1)) at = at[part] = { ...(at[part] || {}) };
+      delete at[parts[parts.length - 1]];
+    }
     const nest = (dotted, v) => {
       if (v === undefined) return;
       const parts = dotted.split(".");
@@ -65,11 +83,17 @@ function entityOf(form, kind) {
 }
 
 // The input an error message names: the longest path (with or without "config.") it contains.
-// The provider-specific key and URL inputs stand for each provider's own field names.
+// The provider-specific key and URL inputs stand for each provider's own field names. Inputs
+// of the kinds not shown do not count; a top-level name counts only as the message's subject.
 function inputFor(form, message) {
   let best = null, length = 0;
   for (const input of form.querySelectorAll("[data-path]")) {
     const path = input.dataset.path;
+    if (!path || input.disabled && path !== "name" || input.closest("[hidden]")) continue;
+    if (!path.includes(".")) {
+      if (message.startsWith(`${path}:`) && path.length > length) { best = input; length = path.length; }
+      continue;
+    }
     const provider = value(form, `${X}.provider`);
     const real = path === `${X}.key` ? `${X}.${KEY_FIELD[provider]}` : path === `${X}.base` && BASE_FIELD[provider] ? `${X}.${BASE_FIELD[provider]}` : path;
     const leaf = real.split(".").pop();
@@ -82,6 +106,14 @@ function inputFor(form, message) {
 
 export async function endpointForm(view, name) {
   const existing = name ? await get(`/api/2.0/serving-endpoints/${enc(name)}`) : null;
+  const current = existing ? (existing.pending_config || existing.config || {}) : null;
+  if (current && (current.served_entities || []).length > 1) {
+    return replace(view, h("h1", {}, `Edit ${name}`),
+      h("p", {}, `${name} serves ${current.served_entities.length} entities with a traffic split; the form edits one. `,
+        "Change it with PUT /api/2.0/serving-endpoints/{name}/config (", h("a", { href: "/docs" }, "API docs"), ") or ",
+        h("code", {}, "sqlinfer endpoints update-config"), "."),
+      h("a", { class: "button secondary", href: `#/endpoints/${enc(name)}` }, "Back"));
+  }
   const { endpoints = [] } = await get("/api/2.0/serving-endpoints");
   const bundled = endpoints.filter((e) => e.name.startsWith("system-")).map((e) => e.name.slice("system-".length));
   const kindInputs = [["local", "Local model"], ["external", "External provider"], ["mlflow", "MLflow model"]].map(([v, label]) =>
@@ -127,12 +159,22 @@ export async function endpointForm(view, name) {
     localName.dataset.path = kind() === "local" ? `${E}.entity_name` : "";
     mlflowName.dataset.path = kind() === "mlflow" ? `${E}.entity_name` : "";
   };
-  form.addEventListener("change", (event) => { if (event.target.name === "kind") show(); });
+  // Anthropic takes no base URL here: hide the input rather than drop what is typed into it.
+  const baseField = groups.external.querySelector(`[data-field="${X}.base"]`);
+  const showProvider = () => {
+    const none = !BASE_FIELD[value(form, `${X}.provider`)];
+    baseField.hidden = none;
+    baseField.querySelector("input").disabled = none || kind() !== "external";
+  };
+  form.addEventListener("change", (event) => {
+    if (event.target.name === "kind") show();
+    showProvider();
+  });
   show();
 
   if (existing) {
     set(form, "name", existing.name);
-    const entity = ((existing.pending_config || existing.config || {}).served_entities || [])[0] || {};
+    const entity = (current.served_entities || [])[0] || {};
     const chosen = entity.external_model ? "external" : entity.entity_version ? "mlflow" : "local";
     form.querySelector(`input[name=kind][value=${chosen}]`).checked = true;
     show();
@@ -153,13 +195,14 @@ export async function endpointForm(view, name) {
   } else {
     set(form, `${E}.entity_name`, bundled.find((b) => b.includes("instruct")) || bundled[0]);
   }
+  showProvider();
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     for (const message of form.querySelectorAll(".field-error")) replace(message);
     for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
     replace(problem);
-    const entity = entityOf(form, kind());
+    const entity = entityOf(form, kind(), current && (current.served_entities || [])[0]);
     const button = form.querySelector("button[type=submit]");
     button.disabled = true;
     try {

@@ -12,8 +12,18 @@ import { errorBox, h, money, number, replace } from "./dom.js";
 const MAX_PANES = 3;
 
 function pyString(value) { return JSON.stringify(value); }  // a JSON string is a Python string literal
-function pyValue(value) {
-  return JSON.stringify(value, null, 4).replace(/\btrue\b/g, "True").replace(/\bfalse\b/g, "False").replace(/\bnull\b/g, "None");
+// A Python literal of a JSON value (True/False/None outside strings only), indented by 4.
+function pyValue(value, indent = "") {
+  const inner = indent + "    ";
+  if (value === null || value === undefined) return "None";
+  if (value === true) return "True";
+  if (value === false) return "False";
+  if (typeof value === "number" || typeof value === "string") return JSON.stringify(value);
+  if (Array.isArray(value)) {
+    return value.length ? "[\n" + value.map((v) => inner + pyValue(v, inner)).join(",\n") + ",\n" + indent + "]" : "[]";
+  }
+  const entries = Object.entries(value);
+  return entries.length ? "{\n" + entries.map(([k, v]) => `${inner}${JSON.stringify(k)}: ${pyValue(v, inner)}`).join(",\n") + ",\n" + indent + "}" : "{}";
 }
 function sqlString(value) { return "'" + value.replace(/'/g, "''") + "'"; }
 function shellString(value) { return "'" + value.replace(/'/g, "'\\''") + "'"; }
@@ -23,7 +33,7 @@ export function codeFor(endpoint, messages, params) {
   const lastUser = [...messages].reverse().find((m) => m.role === "user");
   const sqlParams = Object.entries(params).filter(([k]) => k !== "stop")
     .map(([k, v]) => `'${k}': ${Number.isInteger(v) ? v : v.toFixed(2)}`).join(", ");
-  const kwargs = Object.entries(params).map(([k, v]) => `    ${k}=${pyValue(v)},`).join("\n");
+  const kwargs = Object.entries(params).map(([k, v]) => `    ${k}=${pyValue(v, "    ")},`).join("\n");
   return {
     "SQL (ai_query)": [
       "-- DuckDB with sqlinfer: the SQL tab, sqlinfer sql \"...\", or connectors.duckdb.connect().",
@@ -41,7 +51,7 @@ export function codeFor(endpoint, messages, params) {
       `client = OpenAI(base_url=${pyString(origin + "/serving-endpoints")}, api_key=os.environ["DATABRICKS_TOKEN"])`,
       "response = client.chat.completions.create(",
       `    model=${pyString(endpoint)},`,
-      `    messages=${pyValue(messages).replace(/\n/g, "\n    ")},`,
+      `    messages=${pyValue(messages, "    ")},`,
       kwargs,
       ")",
       "print(response.choices[0].message.content)"].join("\n"),
@@ -52,7 +62,7 @@ export function codeFor(endpoint, messages, params) {
       "",
       `os.environ.setdefault("DATABRICKS_HOST", ${pyString(origin)})  # and DATABRICKS_TOKEN: your token`,
       "client = get_deploy_client(\"databricks\")",
-      `response = client.predict(endpoint=${pyString(endpoint)}, inputs=${pyValue({ messages, ...params }).replace(/\n/g, "\n")})`,
+      `response = client.predict(endpoint=${pyString(endpoint)}, inputs=${pyValue({ messages, ...params })})`,
       "print(response[\"choices\"][0][\"message\"][\"content\"])"].join("\n"),
     "curl": [
       `curl -s ${origin}/serving-endpoints/${enc(endpoint)}/invocations \\`,
@@ -71,8 +81,10 @@ async function priceOf(name) {
 }
 
 export async function playground(view, preselected) {
-  const { endpoints = [] } = await get("/api/2.0/sqlinfer/endpoints");
-  const chat = endpoints.filter((e) => e.task === "llm/v1/chat").map((e) => e.name);
+  // The chat endpoints this user may query (viewing is not enough), as the registry lists them.
+  const { endpoints = [] } = await get("/api/2.0/serving-endpoints");
+  const chat = endpoints.filter((e) => e.task === "llm/v1/chat" &&
+    (e.name.startsWith("system-") || ["CAN_QUERY", "CAN_MANAGE"].includes(e.permission_level))).map((e) => e.name);
   if (!chat.length) return replace(view, h("h1", {}, "Playground"), h("p", {}, "You may query no chat endpoint."));
   const first = preselected && chat.includes(decodeURIComponent(preselected)) ? decodeURIComponent(preselected)
     : chat.find((n) => n.startsWith("system-") && n.includes("instruct")) || chat[0];
@@ -88,6 +100,10 @@ export async function playground(view, preselected) {
   const send = h("button", { type: "submit" }, "Send");
   const addButton = h("button", { type: "button", class: "secondary", onclick: () => addPane(chat.find((n) => !panes.some((p) => p.select.value === n)) || chat[0]) }, "Add endpoint to compare");
   const codeBox = h("section", { id: "code", hidden: true });
+  const clear = h("button", { type: "button", class: "secondary", onclick: () => {
+    userTurns.length = 0;
+    panes.forEach((p) => { p.answers = []; p.firstTurn = 0; replace(p.log); });
+  } }, "Clear");
 
   const params = () => {
     const p = { max_tokens: Number(maxTokens.value), temperature: Number(temperature.value), top_p: Number(topP.value) };
@@ -95,9 +111,12 @@ export async function playground(view, preselected) {
     if (stops.length) p.stop = stops;
     return p;
   };
+  // A pane's conversation: the turns since it was added, each with its own answer; a turn it
+  // failed is left out (user then user again is refused by some providers).
   const messagesFor = (pane) => {
     const messages = system.value.trim() ? [{ role: "system", content: system.value.trim() }] : [];
     userTurns.forEach((turn, i) => {
+      if (i < pane.firstTurn || pane.answers[i] === null) return;
       messages.push({ role: "user", content: turn });
       if (pane.answers[i] !== undefined) messages.push({ role: "assistant", content: pane.answers[i] });
     });
@@ -112,7 +131,7 @@ export async function playground(view, preselected) {
     const remove = h("button", { type: "button", class: "link", onclick: () => {
       panes.splice(panes.indexOf(pane), 1); pane.el.remove(); addButton.disabled = false;
     } }, "Remove");
-    const pane = { select, log, answers: [], el: h("article", { class: "pane", "data-pane": index }, h("div", { class: "pane-head" }, select, index ? remove : null), log) };
+    const pane = { select, log, answers: [], firstTurn: userTurns.length, el: h("article", { class: "pane", "data-pane": index }, h("div", { class: "pane-head" }, select, index ? remove : null), log) };
     panes.push(pane);
     paneRow.append(pane.el);
     addButton.disabled = panes.length >= MAX_PANES;
@@ -150,25 +169,25 @@ export async function playground(view, preselected) {
       stats.dataset.chunks = String(chunks);  // streamed deltas received (tests check it streamed)
       stats.dataset.done = "true";
     } catch (error) {
-      pane.answers[turn] = "";
+      pane.answers[turn] = null;
       replace(stats, errorBox(error instanceof ApiError ? error : { message: String(error) }));
       stats.dataset.done = "error";
     }
   }
 
   function showCode() {
-    const endpoints = panes.map((p) => p.select.value);
-    const which = h("select", { id: "code-endpoint", "aria-label": "Code for endpoint" }, endpoints.map((n) => h("option", { value: n }, n)));
+    const which = h("select", { id: "code-endpoint", "aria-label": "Code for endpoint" },
+      panes.map((p, index) => h("option", { value: index }, `${p.select.value} (pane ${index + 1})`)));
     const tabs = h("div", { role: "tablist", class: "tabs" });
     const body = h("pre", { id: "code-text", tabindex: 0 });
     const copied = h("span", { class: "help", "aria-live": "polite" });
     let current = "Python (OpenAI SDK)";
     const draw = () => {
-      const pane = panes[endpoints.indexOf(which.value)] || panes[0];
+      const pane = panes[Number(which.value)] || panes[0];
       // The request that produced the last answers: the conversation up to the last question.
       const messages = messagesFor(pane);
       if (messages.length && messages[messages.length - 1].role === "assistant") messages.pop();
-      const code = codeFor(which.value, messages, params());
+      const code = codeFor(pane.select.value, messages, params());
       replace(tabs, Object.keys(code).map((label) => h("button", { type: "button", role: "tab", "aria-selected": String(label === current),
         onclick: () => { current = label; draw(); } }, label)));
       body.textContent = code[current];
@@ -184,24 +203,29 @@ export async function playground(view, preselected) {
     codeBox.hidden = false;
   }
 
+  const busy = (on) => {  // one turn at a time: a second would be sent without the first's answers
+    for (const button of [send, clear, addButton, ...paneRow.querySelectorAll("button")]) button.disabled = on;
+    if (!on) addButton.disabled = panes.length >= MAX_PANES;
+  };
   const form = h("form", { class: "composer", onsubmit: async (event) => {
     event.preventDefault();
+    if (send.disabled) return;  // Ctrl+Enter while a turn is streaming
     const turn = prompt.value.trim();
     if (!turn) return prompt.focus();
     userTurns.push(turn);
     prompt.value = "";
-    send.disabled = true;
+    busy(true);
     try {
       await Promise.all(panes.map((pane) => ask(pane, userTurns.length - 1)));
     } finally {
-      send.disabled = false;
+      busy(false);
       if (!codeBox.hidden) showCode();
       prompt.focus();
     }
   } }, h("label", { for: "prompt" }, "Message"), prompt,
     h("div", { class: "actions" }, send,
       h("button", { type: "button", class: "secondary", onclick: showCode }, "Get code"),
-      h("button", { type: "button", class: "secondary", onclick: () => { userTurns.length = 0; panes.forEach((p) => { p.answers = []; replace(p.log); }); } }, "Clear")));
+      clear));
   prompt.addEventListener("keydown", (event) => { if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) form.requestSubmit(); });
 
   addPane(first);

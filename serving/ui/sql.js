@@ -67,15 +67,16 @@ export async function sqlTab(view) {
   };
 
   const run = async () => {
-    if (!(await explain())) return;
-    replace(result);
+    if (runButton.disabled) return;  // Ctrl+Enter while a run is going
     runButton.disabled = true;
+    if (!(await explain())) { runButton.disabled = false; return; }
+    replace(result);
     cancelButton.disabled = false;
     try {
       let statement = await post("/api/2.0/sql/statements", { statement: editor.value, wait_timeout: "0s", row_limit: 1000 });
       running = statement.statement_id;
       show(statement);
-      while (["PENDING", "RUNNING"].includes(statement.status.state)) {
+      while (["PENDING", "RUNNING"].includes(statement.status.state) && progress.isConnected) {  // stop polling once the tab is left
         await new Promise((resolve) => setTimeout(resolve, 400));
         statement = await get(`/api/2.0/sql/statements/${enc(running)}`);
         show(statement);
@@ -91,7 +92,9 @@ export async function sqlTab(view) {
 
   const explainButton = h("button", { type: "button", class: "secondary", onclick: explain }, "Explain");
   const runButton = h("button", { type: "submit" }, "Run");
-  const cancelButton = h("button", { type: "button", class: "secondary", disabled: true, onclick: () => running && post(`/api/2.0/sql/statements/${enc(running)}/cancel`) }, "Cancel");
+  const cancelButton = h("button", { type: "button", class: "secondary", disabled: true, onclick: () => {
+    if (running) post(`/api/2.0/sql/statements/${enc(running)}/cancel`).catch((error) => replace(progress, errorBox(error)));
+  } }, "Cancel");
   editor.addEventListener("keydown", (event) => { if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) { event.preventDefault(); run(); } });
   replace(view,
     h("h1", {}, "SQL"),
