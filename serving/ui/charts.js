@@ -16,6 +16,7 @@ function tick(value) {
   if (value >= 1e6) return (value / 1e6).toFixed(1) + "M";
   if (value >= 1e3) return (value / 1e3).toFixed(1) + "k";
   if (Number.isInteger(value)) return String(value);
+  if (value < 0.01) return value.toExponential(1);  // a cost of $0.0000049 fits the axis as 4.9e-6
   return value < 1 ? String(Number(value.toPrecision(2))) : value.toFixed(1);
 }
 
