@@ -60,13 +60,17 @@ class CallerClient:
     """A serving client that acts only as far as one caller may: ``may_query(name)`` raises unless
     the caller holds CAN_QUERY on ``name``; ``visible()`` is the set of names they may view.
 
-    Every method that names an endpoint checks it (``task`` included: it would tell whether a
-    hidden endpoint exists). ``on_call`` sets the caller's identity on the thread making the call
+    Every method that names an endpoint checks it (``task`` included: it would describe an
+    endpoint the caller may not query; the check itself answers 404 or 403 as the REST routes
+    do). ``on_call`` sets the caller's identity on the thread making the call
     (DuckDB may call a UDF from a thread of its own), so limits and usage rows are theirs."""
 
     def __init__(self, inner: Any, may_query: Callable[[str], None], visible: Callable[[], set[str]],
-                 on_call: Callable[[], None]):
+                 on_call: Callable[[], None], dimensions: dict[tuple[str, Any], int | None] | None = None):
         self._inner, self._may_query, self._visible, self._on_call = inner, may_query, visible, on_call
+        # Embedding dimensions by (endpoint, config version), shared by the server's statements:
+        # every statement registers ai_embed, and finding a bundled model's dimension may load it.
+        self._dimensions = dimensions if dimensions is not None else {}
         self._allowed: set[str] = set()
         self._lock = threading.Lock()
 
@@ -96,7 +100,10 @@ class CallerClient:
         return self._call('task', endpoint)
 
     def embedding_dimension(self, endpoint):
-        return self._call('embedding_dimension', endpoint)
+        key = (endpoint, self._call("config_version", endpoint))  # checked; a config update is a new key
+        if key not in self._dimensions:
+            self._dimensions[key] = self._call("embedding_dimension", endpoint)
+        return self._dimensions[key]
 
     def warm_up(self, endpoint):
         return self._call('warm_up', endpoint)
@@ -338,6 +345,10 @@ def _reported(error: SqlinferError, statement_id: str) -> SqlinferError:
     if type(error) is SqlinferError:
         log.error("SQL statement %s failed inside an AI function: %s", statement_id, error.message)
         return SqlinferError(INTERNAL_MESSAGE)
+    if isinstance(error, SqlError):  # DuckDB's own words may name the server's folders
+        for folder, shown in ((os.environ.get("SQLINFER_HOME"), "$SQLINFER_HOME"), (str(Path.home()), "~")):
+            if folder and folder in error.message:
+                error = SqlError(error.message.replace(folder, shown))
     return error
 
 

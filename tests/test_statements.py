@@ -27,6 +27,7 @@ What is pinned, and why:
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -161,6 +162,7 @@ def test_the_sandbox_reads_no_files_writes_none_and_loads_nothing(server, admin,
         assert error["message"].startswith(message), (statement, error["message"])
         assert "result" not in body and "manifest" not in body
         assert "root:" not in str(body)  # nothing of /etc/passwd came back
+        assert str(Path.home()) not in error["message"]  # nor where the server keeps its files
     assert not target.exists() and not (tmp_path / "exported").exists()
     assert upstream.calls == []
 
@@ -482,20 +484,20 @@ def test_an_error_inside_a_function_that_is_not_the_callers_is_logged_not_echoed
     assert error == {"error_code": "INTERNAL_ERROR", "message": "internal error in sqlinfer; the server log has the details"}, body
 
 
-def test_answers_are_kept_per_caller(server, admin, upstream, endpoint_id, tmp_path, monkeypatch):
+def test_answers_are_kept_per_caller(server, admin, upstream, endpoint_id, monkeypatch):
     """A re-run of one's own statement pays nothing twice; another user's identical statement is
     sent again, so nobody learns from a cache hit that someone else asked the same thing."""
-    monkeypatch.setenv("SQLINFER_RESULT_STORE", "on")
-    monkeypatch.setenv("SQLINFER_HOME", str(tmp_path / "store-home"))
-    query = f"SELECT ai_query('{EXTERNAL}', 'kept per caller', modelParameters => {{'temperature': 0.0}}) AS a"
+    monkeypatch.setenv("SQLINFER_RESULT_STORE", "on")  # in this session's SQLINFER_HOME; the prompt is this test's own
+    query = f"SELECT ai_query('{EXTERNAL}', 'kept per caller {time.time()}', modelParameters => {{'temperature': 0.0}}) AS a"
     first = execute(admin, query)
-    assert first["result"]["data_array"] == [["kept per caller"]] and len(upstream.calls) == 1
+    answer = [[query.split("'")[3]]]  # the provider echoes the prompt
+    assert first.get("result", {}).get("data_array") == answer and len(upstream.calls) == 1, first
     again = execute(admin, query)
-    assert again["result"]["data_array"] == [["kept per caller"]] and len(upstream.calls) == 1  # from the store
+    assert again["result"]["data_array"] == answer and len(upstream.calls) == 1  # from the store
     with user(server, "carol") as carol:
         grant(admin, endpoint_id, "carol", "CAN_QUERY")
         plan = carol.post(EXPLAIN, json={"statement": query}).json()
         assert plan["calls"][0]["cache_hits"] == 0  # admin's answer is not carol's
         theirs = execute(carol, query)
-        assert theirs["result"]["data_array"] == [["kept per caller"]]
+        assert theirs["result"]["data_array"] == answer
         assert theirs["sqlinfer_progress"]["requests"] == 1 and len(upstream.calls) == 2

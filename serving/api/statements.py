@@ -90,6 +90,7 @@ class Statements:
         self._by_id: dict[str, Statement] = {}
         self._explaining: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.dimensions: dict[tuple[str, Any], int | None] = {}  # ai_embed's FLOAT[n] by endpoint and version
 
     def _admit(self, owner: str) -> None:
         """Refuse a new statement or EXPLAIN of ``owner`` at a limit (the lock is held)."""
@@ -160,7 +161,8 @@ def caller_client(request: Request, who: Principal, cancel: threading.Event | No
         cancellation.CANCEL.set(cancel)
 
     return CallerClient(request.app.state.query_client, lambda name: may_query(request, who, name),
-                        lambda: {view["name"] for view in service.list(who)}, on_call)
+                        lambda: {view["name"] for view in service.list(who)}, on_call,
+                        request.app.state.statements.dimensions)
 
 
 def response(statement: Statement) -> dict[str, Any]:
