@@ -19,7 +19,7 @@ CLIENTS := .venv-clients
 CLIENTS_STAMP := $(CLIENTS)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow bench clean browser screenshots
+.PHONY: setup demo test test-slow bench bench-peers clean browser screenshots
 
 setup: $(STAMP)
 	# Converts the bundled chat model once (~30 s) into $$SQLINFER_HOME; instant when already there.
@@ -66,5 +66,13 @@ test-slow: setup $(CLIENTS_STAMP)
 bench: setup
 	$(PY) bench/run.py
 
+# The gateway next to its peers against one instant upstream (bench/bench_gateway_peers.py): wrk from
+# Debian's packages, and the LiteLLM proxy in a virtualenv of its own (its pins conflict with ours).
+LITELLM := .venv-litellm
+bench-peers: setup
+	command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
+	test -x $(LITELLM)/bin/litellm || ($(PYTHON) -m venv $(LITELLM) && $(LITELLM)/bin/python -m pip install -q "litellm[proxy]==1.110.2")
+	$(PY) bench/bench_gateway_peers.py --litellm $(LITELLM)/bin/litellm $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) $(CLIENTS) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(CLIENTS) $(LITELLM) build *.egg-info .pytest_cache

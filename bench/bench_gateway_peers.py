@@ -1,0 +1,190 @@
+"""The gateway next to its peers, in one run against the same instant upstream (``make bench-peers``).
+
+Issue 18 asks for a gateway whose cost is invisible next to the model's, and for the comparison
+to be measured side by side rather than quoted. This script starts, one after another, in front of
+the same loopback OpenAI-compatible upstream (``bench/upstream.py``, answers at once):
+
+- the upstream itself (direct: the floor of the load generator and the loopback);
+- ``sqlinfer serve`` with 1 and with 2 worker processes, OpenAI route (``/serving-endpoints/chat/completions``);
+- the LiteLLM proxy (its own virtualenv, 1 worker, logging at ERROR), when ``--litellm`` names its binary.
+
+Each is driven by ``wrk`` (Debian's package: C, one thread; it is not the bottleneck: direct
+reaches ~10k req/s at c=1 here) for ``--seconds`` per point at concurrency 1, 16 and 64, after a
+short warm-up, and the script reports req/s, p50 and p99 latency and non-2xx answers, and the
+ratios the issue's targets are stated in: sqlinfer / LiteLLM req/s at c=1 and c=16, p50 added over
+direct at c=1, and sqlinfer's c=16 / c=1 throughput. Ratios, never absolute targets: machines differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_gateway import start, upstream  # noqa: E402
+from tests.rest_server import free_port  # noqa: E402
+
+CONCURRENCY = (1, 16, 64)
+BODY = {"model": "fast", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+LUA = """wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+{auth}
+"""
+
+
+def wrk(url: str, token: str | None, connections: int, seconds: int, model: str) -> dict:
+    """One wrk point: req/s, p50/p99 in ms, non-2xx answers and socket errors."""
+    body = json.dumps(BODY | {"model": model})
+    auth = f'wrk.headers["Authorization"] = "Bearer {token}"' if token else ""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(LUA.format(body=body, auth=auth))
+    try:
+        done = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name, url],
+                              capture_output=True, text=True, timeout=seconds + 60)
+    finally:
+        os.unlink(script.name)
+    if done.returncode:
+        raise RuntimeError(f"wrk failed against {url}: {done.stderr[-500:]}")
+    return parse(done.stdout)
+
+
+def parse(output: str) -> dict:
+    def latency_ms(label: str) -> float:
+        match = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
+        if not match:
+            raise RuntimeError(f"no {label}th percentile in wrk's output:\n{output}")
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    requests = int(re.search(r"(\d+) requests in", output).group(1))
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    return {"rps": rps, "p50_ms": latency_ms("50"), "p99_ms": latency_ms("99"), "requests": requests,
+            "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+            "socket_errors": sum(int(g) for g in socket_errors.groups()) if socket_errors else 0}
+
+
+def measure(name: str, url: str, token: str | None, model: str, seconds: int) -> dict:
+    wrk(url, token, 4, 2, model)  # warm-up: connections, caches, the first import of each path
+    points = {}
+    for connections in CONCURRENCY:
+        points[connections] = wrk(url, token, connections, seconds, model)
+        point = points[connections]
+        print(f"  {name:28s} c={connections:<3d} {point['rps']:9.0f} req/s  p50 {point['p50_ms']:7.2f} ms  "
+              f"p99 {point['p99_ms']:8.2f} ms  non-2xx {point['non_2xx']}  socket errors {point['socket_errors']}", flush=True)
+    return points
+
+
+def sqlinfer(up_url: str, workers: int, seconds: int) -> dict:
+    from serving.control.service import EndpointService
+
+    home = Path(tempfile.mkdtemp(prefix="sqlinfer-peers-"))
+    service = EndpointService(home)
+    _, token = service.auth.create_token("bench", is_admin=True)
+    service.create({"name": "fast", "config": {"served_entities": [{"external_model": {
+        "name": "bench", "provider": "custom", "task": "llm/v1/chat",
+        "custom_provider_config": {"custom_provider_url": f"{up_url}/v1"}}}]}})
+    service.wait_for_deployments()
+    port = free_port()
+    server = start([sys.executable, "-m", "connectors.cli", "serve", "--port", str(port), "--log-level", "warning",
+                    "--workers", str(workers)], f"http://127.0.0.1:{port}/health",
+                   env=os.environ | {"SQLINFER_HOME": str(home), "SQLINFER_RESULT_STORE": "off"})
+    try:
+        return measure(f"sqlinfer serve, {workers} worker{'s' if workers > 1 else ''}",
+                       f"http://127.0.0.1:{port}/serving-endpoints/chat/completions", token, "fast", seconds)
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def litellm(binary: str, up_url: str, seconds: int) -> dict:
+    folder = Path(tempfile.mkdtemp(prefix="litellm-peers-"))
+    config = folder / "config.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        model_list:
+          - model_name: fast
+            litellm_params:
+              model: openai/bench
+              api_base: {up_url}/v1
+              api_key: unused
+        litellm_settings:
+          set_verbose: false
+          turn_off_message_logging: true
+        general_settings:
+          disable_spend_logs: true
+        """))
+    port = free_port()
+    key = "sk-bench-master-key"
+    env = os.environ | {"LITELLM_MASTER_KEY": key, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False",
+                        "DISABLE_SCHEMA_UPDATE": "True"}
+    server = start([binary, "--config", str(config), "--port", str(port), "--num_workers", "1"],
+                   f"http://127.0.0.1:{port}/health/liveliness", env=env)
+    try:
+        return measure("LiteLLM proxy, 1 worker", f"http://127.0.0.1:{port}/v1/chat/completions", key, "fast", seconds)
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10, help="per point (default 10)")
+    parser.add_argument("--litellm", help="the litellm binary of its own virtualenv (make bench-peers sets it)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        print("wrk is missing: apt-get install -y wrk (make bench-peers does it)", file=sys.stderr)
+        return 1
+    with open("/proc/cpuinfo") as cpuinfo:
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "unknown CPU")
+    print(f"gateway peers on {os.cpu_count()} cores of {cpu}, wrk -t1 -d{args.seconds}s, one instant upstream", flush=True)
+    up, up_url = upstream(0)
+    try:
+        results = {"direct": measure("upstream direct", f"{up_url}/v1/chat/completions", None, "bench", args.seconds)}
+        for workers in (1, 2):
+            results[f"sqlinfer_{workers}"] = sqlinfer(up_url, workers, args.seconds)
+        if args.litellm:
+            results["litellm"] = litellm(args.litellm, up_url, args.seconds)
+    finally:
+        up.terminate()
+        up.wait()
+
+    ours = results["sqlinfer_1"]
+    ratios = {"p50_added_ms_c1": ours[1]["p50_ms"] - results["direct"][1]["p50_ms"],
+              "c16_over_c1": ours[16]["rps"] / ours[1]["rps"],
+              "workers_2_over_1_c16": results["sqlinfer_2"][16]["rps"] / ours[16]["rps"]}
+    if "litellm" in results:
+        for c in CONCURRENCY:
+            ratios[f"vs_litellm_c{c}"] = max(ours[c]["rps"], results["sqlinfer_2"][c]["rps"]) / results["litellm"][c]["rps"]
+    print("ratios (same run):")
+    targets = {"vs_litellm_c1": (">=", 10), "vs_litellm_c16": (">=", 10), "p50_added_ms_c1": ("<=", 1.0), "c16_over_c1": (">=", 1.0)}
+    for name, value in ratios.items():
+        target = targets.get(name)
+        verdict = ""
+        if target:
+            met = value >= target[1] if target[0] == ">=" else value <= target[1]
+            verdict = f"  target {target[0]} {target[1]}: {'met' if met else 'MISSED'}"
+        print(f"  {name:24s} {value:8.2f}{verdict}")
+    if args.json:
+        args.json.write_text(json.dumps({"benchmark": "gateway vs peers", "cpu": cpu, "results": results, "ratios": ratios,
+                                         "ratio": ratios.get("vs_litellm_c16", 0.0), "target": 10}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
