@@ -67,11 +67,12 @@ bench: setup
 	$(PY) bench/run.py
 
 # The gateway next to its peers against one instant upstream (bench/bench_gateway_peers.py): wrk from
-# Debian's packages, and the LiteLLM proxy in a virtualenv of its own (its pins conflict with ours).
+# Debian's packages, and the LiteLLM proxy in a virtualenv of its own (its pins conflict with ours;
+# 1.106.12 is the newest whose [proxy] extra resolves from PyPI here).
 LITELLM := .venv-litellm
 bench-peers: setup
 	command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
-	test -x $(LITELLM)/bin/litellm || ($(PYTHON) -m venv $(LITELLM) && $(LITELLM)/bin/python -m pip install -q "litellm[proxy]==1.110.2")
+	test -x $(LITELLM)/bin/litellm || ($(PYTHON) -m venv $(LITELLM) && $(LITELLM)/bin/python -m pip install -q "litellm[proxy]==1.106.12")
 	$(PY) bench/bench_gateway_peers.py --litellm $(LITELLM)/bin/litellm $(BENCH_ARGS)
 
 clean:
