@@ -306,6 +306,18 @@ def test_a_user_without_permission_neither_sees_nor_queries_the_endpoint(browser
     options = page.locator("#pane-0-endpoint option").evaluate_all("options => options.map(o => o.value)")
     assert EXTERNAL not in options and BUNDLED_CHAT in options
 
+    # CAN_VIEW shows the endpoint in the list, but the Playground offers only what bob may query
+    endpoint_id = stack["server"].service.endpoint_id(EXTERNAL)
+    with stack["server"].client(stack["admin"]) as admin:
+        admin.patch(f"/api/2.0/permissions/serving-endpoints/{endpoint_id}", json={
+            "access_control_list": [{"user_name": "bob@example.com", "permission_level": "CAN_VIEW"}]}).raise_for_status()
+    page.goto(stack["server"].url + "/#/endpoints")
+    page.wait_for_selector(f"tr[data-endpoint='{EXTERNAL}']")
+    page.goto(stack["server"].url + "/#/playground")
+    page.wait_for_selector("#pane-0-endpoint")
+    options = page.locator("#pane-0-endpoint option").evaluate_all("options => options.map(o => o.value)")
+    assert EXTERNAL not in options
+
     calls_before = len(stack["upstream"].calls)
     page.goto(stack["server"].url + "/#/sql")
     page.fill("#statement", f"SELECT ai_query('{EXTERNAL}', 'hi')")
@@ -356,3 +368,17 @@ def test_get_code_quotes_any_text_exactly(admin_page, stack):
     sql = code["SQL (ai_query)"]
     prompt_literal = sql.split("'my-endpoint',\n  ", 1)[1].split(",\n  modelParameters", 1)[0]
     assert duckdb.sql(f"SELECT {prompt_literal}").fetchall() == [(TRICKY,)]
+
+
+def test_pages_fit_a_small_laptop_without_sideways_scrolling(admin_page, stack):
+    page = admin_page
+    page.set_viewport_size({"width": 1024, "height": 700})
+    try:
+        for route, ready in (("#/endpoints", "#endpoints"), (f"#/endpoints/{EXTERNAL}", "figure[data-chart='Requests']"),
+                             ("#/playground", "#prompt"), ("#/sql", "#statement"), ("#/create", "#name")):
+            page.goto(stack["server"].url + "/" + route)
+            page.wait_for_selector(ready)
+            width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+            assert width[0] <= width[1], (route, width)
+    finally:
+        page.set_viewport_size({"width": 1366, "height": 900})
