@@ -87,10 +87,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def bench_overhead() -> dict:
+def fast_endpoint_home(up_url: str) -> tuple[Path, str]:
+    """A new SQLINFER_HOME with the endpoint ``fast`` on the upstream at ``up_url``, and an admin token."""
     from serving.control.service import EndpointService
 
-    up, up_url = upstream(0)
     home = Path(tempfile.mkdtemp(prefix="sqlinfer-bench-"))
     service = EndpointService(home)
     _, token = service.auth.create_token("bench", is_admin=True)
@@ -98,6 +98,12 @@ def bench_overhead() -> dict:
         "name": "bench", "provider": "custom", "task": "llm/v1/chat",
         "custom_provider_config": {"custom_provider_url": f"{up_url}/v1"}}}]}})
     service.wait_for_deployments()
+    return home, token
+
+
+def bench_overhead() -> dict:
+    up, up_url = upstream(0)
+    home, token = fast_endpoint_home(up_url)
     direct_url = f"{up_url}/v1/chat/completions"
     results: dict = {}
     try:

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_gateway import start, upstream  # noqa: E402
+from bench.bench_gateway import fast_endpoint_home, start, upstream  # noqa: E402
 from tests.rest_server import free_port  # noqa: E402
 
 CONCURRENCY = (1, 16, 64)
@@ -89,15 +89,7 @@ def measure(name: str, url: str, token: str | None, model: str, seconds: int) ->
 
 
 def sqlinfer(up_url: str, workers: int, seconds: int) -> dict:
-    from serving.control.service import EndpointService
-
-    home = Path(tempfile.mkdtemp(prefix="sqlinfer-peers-"))
-    service = EndpointService(home)
-    _, token = service.auth.create_token("bench", is_admin=True)
-    service.create({"name": "fast", "config": {"served_entities": [{"external_model": {
-        "name": "bench", "provider": "custom", "task": "llm/v1/chat",
-        "custom_provider_config": {"custom_provider_url": f"{up_url}/v1"}}}]}})
-    service.wait_for_deployments()
+    home, token = fast_endpoint_home(up_url)
     port = free_port()
     server = start([sys.executable, "-m", "connectors.cli", "serve", "--port", str(port), "--log-level", "warning",
                     "--workers", str(workers)], f"http://127.0.0.1:{port}/health",
