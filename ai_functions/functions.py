@@ -218,8 +218,12 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
                 if tally is not None:
                     tally.add(weight[i], results[i])  # a store hit: rows, no tokens, no cost
     pending = [i for i, r in enumerate(results) if r is None]
+    # A store kept per caller (statements on a server) keeps the in-flight dedupe per caller too:
+    # waiting on another user's identical request would tell of it, and bill it to nobody.
+    scope = getattr(store, "scope", None) or (lambda key: key)
+    flight = [scope(key) for key in keys]
     if keyed:  # query-wide dedupe: what another chunk of this process is sending now, we wait for
-        mine, theirs = IN_FLIGHT.claim([keys[i] for i in pending])
+        mine, theirs = IN_FLIGHT.claim([flight[i] for i in pending])
         to_send = [pending[j] for j in mine]
         waiting = {pending[j]: slot for j, slot in theirs.items()}
     else:
@@ -236,7 +240,7 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
         if deterministic and not result.error:
             store.put(keys[position], endpoint, kind, encode_result(result))  # committed before anything else
         if keyed and not checked:  # checked answers are handed over once repaired
-            IN_FLIGHT.finish(keys[position], result)
+            IN_FLIGHT.finish(flight[position], result)
 
     if kind in ("chat", "complete"):
         # STRUCT requests become "field: value" prompts, fields ordered for shared prefixes; the
@@ -272,7 +276,7 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
     finally:
         if keyed:  # hand every answer over (a no-op for those handed over already); None makes a waiter send it itself
             for position in to_send:
-                IN_FLIGHT.finish(keys[position], results[position])
+                IN_FLIGHT.finish(flight[position], results[position])
     retry = []
     for position, slot in waiting.items():
         answer = IN_FLIGHT.wait(slot)

@@ -153,15 +153,16 @@ class CallerStore:
     def __init__(self, inner: Any, caller: str):
         self._inner, self._salt = inner, hashlib.sha256(caller.encode()).hexdigest()
 
-    def _key(self, key: str) -> str:
+    def scope(self, key: str) -> str:
+        """``key`` as this caller's (ai_functions also keys its in-flight dedupe with it)."""
         return hashlib.sha256(f"{self._salt}:{key}".encode()).hexdigest()
 
     def get_many(self, keys: Any) -> dict[str, Any]:
-        scoped = {self._key(key): key for key in keys}
+        scoped = {self.scope(key): key for key in keys}
         return {scoped[key]: found for key, found in self._inner.get_many(scoped).items()}
 
     def put(self, key: str, endpoint: str, kind: str, encoded: dict[str, Any]) -> None:
-        self._inner.put(self._key(key), endpoint, kind, encoded)
+        self._inner.put(self.scope(key), endpoint, kind, encoded)
 
 
 def sandboxed(client: CallerClient, caller: str | None = None) -> tuple[duckdb.DuckDBPyConnection, AIFunctions]:
@@ -261,17 +262,16 @@ class Statement:
         Past ``timeout_seconds`` the statement is cancelled and FAILS with STATEMENT_TIMEOUT. The
         connection is closed before the outcome is set, so a client that sees the outcome can
         start its next statement at once (its slot is free)."""
-        outcome: tuple[str, StatementResult | None, SqlinferError | None]
+        outcome: tuple[str, StatementResult | None, SqlinferError | None] = ("CANCELED", None, None)
         timer = threading.Timer(timeout_seconds, self._time_out, args=(timeout_seconds,)) if timeout_seconds else None
         try:
             self._con, self._ai = sandboxed(client, self.owner)
-            if not self._settle("RUNNING"):
-                return
-            if timer is not None:
-                timer.start()
-            relation = self._con.sql(self.text)
-            outcome = ("SUCCEEDED", _collect(relation, self.row_limit) if relation is not None
-                       else StatementResult([], [], 0, False), None)
+            if self._settle("RUNNING"):  # (not if it was cancelled while the connection was made)
+                if timer is not None:
+                    timer.start()
+                relation = self._con.sql(self.text)
+                outcome = ("SUCCEEDED", _collect(relation, self.row_limit, self.canceled) if relation is not None
+                           else StatementResult([], [], 0, False), None)
         except duckdb.InterruptException:
             outcome = ("CANCELED", None, None)
         except duckdb.Error as exc:  # (no connection yet: sandboxed() itself failed)
@@ -304,7 +304,8 @@ class Statement:
         with self._lock:
             if self.canceled.is_set():
                 return False
-            self.state, self.result, self.error = state, result, error
+            self.result, self.error = result, error
+            self.state = state  # last: a poll that sees the state sees its result or error
             return True
 
     def cancel(self, reason: SqlinferError | None = None) -> None:
@@ -312,19 +313,24 @@ class Statement:
         with self._lock:
             if self.state not in ("PENDING", "RUNNING"):
                 return
-            self.state, self.error = ("FAILED", reason) if reason is not None else ("CANCELED", None)
+            self.error = reason
+            self.state = "FAILED" if reason is not None else "CANCELED"
             self.canceled.set()
-            con = self._con
-        if con is not None:
-            con.interrupt()
+            if self._con is not None:  # under the lock: run() closes the connection under it too
+                self._con.interrupt()
 
 
-def _collect(relation: duckdb.DuckDBPyRelation, row_limit: int) -> StatementResult:
-    """The first ``row_limit`` rows (and at most ``result_bytes()`` of text); the rest only counted."""
+def _collect(relation: duckdb.DuckDBPyRelation, row_limit: int, canceled: threading.Event | None = None) -> StatementResult:
+    """The first ``row_limit`` rows (and at most ``result_bytes()`` of text); the rest only counted.
+
+    DuckDB forgets an interrupt that arrives between two queries, or before the reader starts:
+    ``canceled`` is checked before every batch, so such a cancel or timeout still stops it."""
     columns = [Column(name, str(kind), position) for position, (name, kind) in enumerate(zip(relation.columns, relation.types))]
     rows: list[list[str | None]] = []
     total, size, full, budget = 0, 0, False, result_bytes()
     for batch in relation.to_arrow_reader(BATCH_ROWS):  # a DuckDB 2.0 relation runs again on every call: once
+        if canceled is not None and canceled.is_set():
+            raise duckdb.InterruptException("the statement was cancelled")
         total += batch.num_rows
         if full:
             continue
@@ -347,16 +353,23 @@ def _reported(error: SqlinferError, statement_id: str) -> SqlinferError:
         return SqlinferError(INTERNAL_MESSAGE)
     if isinstance(error, SqlError):  # DuckDB's own words may name the server's folders
         for folder, shown in ((os.environ.get("SQLINFER_HOME"), "$SQLINFER_HOME"), (str(Path.home()), "~")):
-            if folder and folder in error.message:
+            if folder and len(folder) > 1 and folder in error.message:  # (HOME=/ in containers)
                 error = SqlError(error.message.replace(folder, shown))
     return error
+
+
+def _interrupt(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.interrupt()
+    except duckdb.Error:  # closed meanwhile: EXPLAIN ended as the timer fired
+        pass
 
 
 def plan(client: CallerClient, text: str, timeout_seconds: float | None = None, caller: str | None = None) -> Plan:
     """What ``text`` would send and cost, with no model called (connectors.duckdb.explain); past
     ``timeout_seconds`` it stops with STATEMENT_TIMEOUT."""
     con, ai = sandboxed(client, caller)
-    timer = threading.Timer(timeout_seconds, con.interrupt) if timeout_seconds else None
+    timer = threading.Timer(timeout_seconds, _interrupt, args=(con,)) if timeout_seconds else None
     try:
         if timer is not None:
             timer.start()

@@ -307,8 +307,8 @@ def test_a_terminal_state_is_final(echo_client, monkeypatch):
     late = Statement(statement_id="late", owner="me", text="SELECT ai_query('echo', 'hi') AS a", row_limit=10)
     collect = sql_session._collect
 
-    def collected_then_canceled(relation, row_limit):
-        result = collect(relation, row_limit)
+    def collected_then_canceled(relation, row_limit, canceled=None):
+        result = collect(relation, row_limit)  # the whole result, as if the cancel came just after
         late.cancel()
         return result
 
@@ -330,7 +330,7 @@ def test_a_bug_while_running_still_ends_the_statement(echo_client, monkeypatch):
     from connectors import sql_session
     from connectors.sql_session import Statement
 
-    def broken(relation, row_limit):
+    def broken(relation, row_limit, canceled=None):
         raise RuntimeError("a bug in sqlinfer at /srv/secret/path")
 
     monkeypatch.setattr(sql_session, "_collect", broken)
@@ -496,8 +496,37 @@ def test_answers_are_kept_per_caller(server, admin, upstream, endpoint_id, monke
     assert again["result"]["data_array"] == answer and len(upstream.calls) == 1  # from the store
     with user(server, "carol") as carol:
         grant(admin, endpoint_id, "carol", "CAN_QUERY")
+        assert admin.post(EXPLAIN, json={"statement": query}).json()["calls"][0]["cache_hits"] == 1  # admin's own
         plan = carol.post(EXPLAIN, json={"statement": query}).json()
         assert plan["calls"][0]["cache_hits"] == 0  # admin's answer is not carol's
         theirs = execute(carol, query)
         assert theirs["result"]["data_array"] == answer
         assert theirs["sqlinfer_progress"]["requests"] == 1 and len(upstream.calls) == 2
+
+
+def test_a_statement_cancelled_before_it_starts_still_ends_and_frees_its_slot(echo_client):
+    from connectors.sql_session import Statement
+
+    statement = Statement(statement_id="early", owner="someone", text="SELECT 1", row_limit=10)
+    statement.cancel()
+    statement.run(in_process_client(echo_client))
+    assert statement.done.is_set() and statement.finished is not None  # counted as finished: its slot is free
+    assert (statement.state, statement.result, statement.error) == ("CANCELED", None, None)
+
+
+def test_a_cancel_that_lands_between_queries_still_stops_the_reader(echo_client, monkeypatch):
+    """DuckDB forgets an interrupt that arrives before the reader starts; the cancel event does not."""
+    from connectors import sql_session
+    from connectors.sql_session import Statement
+
+    statement = Statement(statement_id="between", owner="someone", text="SELECT * FROM range(100000)", row_limit=10)
+    collect = sql_session._collect
+
+    def cancel_first(relation, row_limit, canceled=None):
+        statement.cancel()  # lands after con.sql() and before the first batch is read
+        return collect(relation, row_limit, canceled)
+
+    monkeypatch.setattr(sql_session, "_collect", cancel_first)
+    statement.run(in_process_client(echo_client))
+    assert statement.done.is_set()
+    assert (statement.state, statement.result) == ("CANCELED", None)

@@ -281,6 +281,21 @@ def test_the_edit_form_updates_the_config_and_history_shows_both_versions(admin_
     assert "openai: gpt-4o" in page.locator("#entities").inner_text()
 
 
+def test_a_custom_provider_needs_no_key(admin_page, stack):
+    page = admin_page
+    page.goto(stack["server"].url + "/#/create")
+    page.fill("#name", "ui-custom")
+    page.check("input[name=kind][value=external]")
+    page.select_option("[data-path$='external_model.provider']", "custom")
+    page.fill("[data-path$='external_model.name']", "model-x")
+    page.fill("[data-path$='external_model.base']", stack["upstream"].url)
+    page.get_by_role("button", name="Create endpoint").click()
+    page.wait_for_url("**/#/endpoints/ui-custom")
+    page.wait_for_selector(".badge[data-state=ready]", timeout=60_000)
+    config = stack["server"].service.get("ui-custom")["config"]["served_entities"][0]["external_model"]
+    assert config["custom_provider_config"] == {"custom_provider_url": stack["upstream"].url}
+
+
 def test_tokens_page_lists_and_makes_the_users_own_tokens(admin_page, stack):
     page = admin_page
     page.goto(stack["server"].url + "/#/tokens")
@@ -374,7 +389,7 @@ def test_pages_fit_a_small_laptop_without_sideways_scrolling(admin_page, stack):
     page = admin_page
     page.set_viewport_size({"width": 1024, "height": 700})
     try:
-        for route, ready in (("#/endpoints", "#endpoints"), (f"#/endpoints/{EXTERNAL}", "figure[data-chart='Requests']"),
+        for route, ready in (("#/endpoints", "#endpoints"), (f"#/endpoints/{BUNDLED_CHAT}", "figure[data-chart='Requests']"),
                              ("#/playground", "#prompt"), ("#/sql", "#statement"), ("#/create", "#name")):
             page.goto(stack["server"].url + "/" + route)
             page.wait_for_selector(ready)

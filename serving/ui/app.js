@@ -27,7 +27,17 @@ const ROUTES = [
   [/^#\/endpoints$/, (target) => endpointList(target)],
 ];
 
+// A fresh <main> for a new view; a view still drawing into the old one draws off screen.
+function freshView() {
+  const target = h("main", { id: "view", tabindex: "-1" });
+  view.replaceWith(target);
+  view = target;
+  return target;
+}
+
 function signIn(message) {
+  routed += 1;  // a view still loading (say, the one whose call found the token revoked) is dropped
+  freshView();
   nav.hidden = true;
   replace(who);
   const input = h("input", { id: "token", type: "password", autocomplete: "off", required: true, "aria-describedby": "token-help" });
@@ -82,9 +92,8 @@ async function route() {
       // Each route draws into a <main> of its own: a slow view of a route the user has already
       // left finishes into a detached element instead of overwriting the page navigated to.
       const mine = ++routed;
-      const target = h("main", { id: "view", tabindex: "-1" }, h("p", {}, "Loading…"));
-      view.replaceWith(target);
-      view = target;
+      const target = freshView();
+      replace(target, h("p", {}, "Loading…"));
       try {
         await render(target, ...match.slice(1));
       } catch (error) {
@@ -97,6 +106,8 @@ async function route() {
 }
 
 window.addEventListener("hashchange", route);
+// The skip link moves the focus to the content; as a plain #view link it would change the route.
+document.querySelector(".skip").addEventListener("click", (event) => { event.preventDefault(); view.focus(); });
 window.addEventListener("sqlinfer:signed-out", (event) => {
   session.token = null;
   session.user = null;

@@ -57,8 +57,11 @@ function entityOf(form, kind, base) {
     for (const dotted of [KEY_FIELD[provider], BASE_FIELD[provider]].filter(Boolean)) {  // the form's, not the old ones
       const parts = dotted.split(".");
       let at = external;
-      for (const part of parts.slice(0, -1)) at = at[part] = { ...(at[part] || {}) };
-      delete at[parts[parts.length - 1]];
+      for (const part of parts.slice(0, -1)) {
+        if (!at[part]) { at = null; break; }  // nothing there to clear (and no empty object made)
+        at = at[part] = { ...at[part] };
+      }
+      if (at) delete at[parts[parts.length - 1]];
     }
     const nest = (dotted, v) => {
       if (v === undefined) return;
@@ -69,6 +72,9 @@ function entityOf(form, kind, base) {
     };
     nest(KEY_FIELD[provider], value(form, `${X}.key`));
     if (BASE_FIELD[provider]) nest(BASE_FIELD[provider], value(form, `${X}.base`));
+    // A key that was cleared leaves an empty auth object behind: a custom provider needs none.
+    const auth = external.custom_provider_config && external.custom_provider_config.bearer_token_auth;
+    if (auth && !Object.keys(auth).length) delete external.custom_provider_config.bearer_token_auth;
     if (provider === "custom" && !external.custom_provider_config) external.custom_provider_config = {};
     entity.external_model = external;
   } else {

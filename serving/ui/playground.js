@@ -83,7 +83,7 @@ async function priceOf(name) {
 export async function playground(view, preselected) {
   // The chat endpoints this user may query (viewing is not enough), as the registry lists them.
   const { endpoints = [] } = await get("/api/2.0/serving-endpoints");
-  const chat = endpoints.filter((e) => e.task === "llm/v1/chat" &&
+  const chat = endpoints.filter((e) => e.task === "llm/v1/chat" && (e.state || {}).ready === "READY" &&
     (e.name.startsWith("system-") || ["CAN_QUERY", "CAN_MANAGE"].includes(e.permission_level))).map((e) => e.name);
   if (!chat.length) return replace(view, h("h1", {}, "Playground"), h("p", {}, "You may query no chat endpoint."));
   const first = preselected && chat.includes(decodeURIComponent(preselected)) ? decodeURIComponent(preselected)
