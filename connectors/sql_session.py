@@ -41,19 +41,24 @@ log = logging.getLogger("sqlinfer.sql")
 INTERNAL_MESSAGE = "internal error in sqlinfer; the server log has the details"
 
 
-class StatementTimeout(SqlinferError):
-    """A statement (or its EXPLAIN) ran past SQLINFER_SQL_TIMEOUT_SECONDS on the server."""
-
-    error_code = "STATEMENT_TIMEOUT"
-    http_status = 400
-
-MEMORY_LIMIT = os.environ.get("SQLINFER_SQL_MEMORY_LIMIT", "1GB")
 SHARED_SUFFIXES = {".csv": "read_csv_auto", ".parquet": "read_parquet"}
 BATCH_ROWS = 2048
 
 
 def result_bytes() -> int:
     return int(os.environ.get("SQLINFER_SQL_RESULT_BYTES", str(25 * 1024 * 1024)))
+
+
+def memory_limit() -> str:
+    """DuckDB's buffer cap per statement, read when the statement starts (as the other settings)."""
+    return os.environ.get("SQLINFER_SQL_MEMORY_LIMIT", "1GB")
+
+
+class StatementTimeout(SqlinferError):
+    """A statement (or its EXPLAIN) ran past SQLINFER_SQL_TIMEOUT_SECONDS on the server."""
+
+    error_code = "STATEMENT_TIMEOUT"
+    http_status = 400
 
 
 class CallerClient:
@@ -171,7 +176,7 @@ def sandboxed(client: CallerClient, caller: str | None = None) -> tuple[duckdb.D
     ``ai_embed``'s FLOAT[n] is read from the embedding endpoints this caller may query, when the
     statement starts (an endpoint added since then counts at once). Answers are kept in the
     result store under ``caller``'s own keys (:class:`CallerStore`); no caller, no store."""
-    con = duckdb.connect(":memory:", config={"threads": 1, "memory_limit": MEMORY_LIMIT, "temp_directory": "",
+    con = duckdb.connect(":memory:", config={"threads": 1, "memory_limit": memory_limit(), "temp_directory": "",
                                              "autoinstall_known_extensions": False, "autoload_known_extensions": False,
                                              "allow_persistent_secrets": False, "python_enable_replacements": False})
     ai = register(con, client)

@@ -21,13 +21,12 @@ from starlette.concurrency import run_in_threadpool
 
 from engine.types import SamplingOptions
 from serving.api.guard import JsonRoute, principal
-from serving.api.queries import may_query
+from serving.api.queries import as_sql_caller, may_query
 from serving.control.auth import Principal
 from serving.control.wire import BatchRequest, describe_validation_error
 from serving.data.batch_wire import encode_result
 from serving.data.batches import run_batch
-from serving.data.limits import current_user, limit_mode
-from serving.data.usage import ai_function, request_context
+from serving.data.usage import ai_function
 from serving.errors import InvalidParameterValue, SqlinferError
 
 log = logging.getLogger("sqlinfer.rest")
@@ -62,9 +61,7 @@ def router() -> APIRouter:
 
     def answer(request: Request, who: Principal, body: BatchRequest, emit, cancel=None) -> None:
         may_query(request, who, body.endpoint)
-        current_user.set(who.user_name)
-        limit_mode.set("wait")  # a SQL job slows down under a rate limit instead of failing
-        request_context.set({})  # recorded as source "sql"
+        as_sql_caller(who)
         ai_function.set(body.function)
         run_batch(request.app.state.query_client, request.app.state.result_store, body.endpoint, body.kind,
                   body.requests, options_of(body), body.params, emit, cancel)

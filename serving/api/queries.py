@@ -62,6 +62,15 @@ def as_rest_caller(who: Principal, context: dict[str, Any]) -> None:
     request_context.set(context)
 
 
+def as_sql_caller(who: Principal) -> None:
+    """Set up this thread's calls as a SQL job's (a Spark batch, a statement run on the server):
+    whose limits and usage rows, waiting for the next window at a rate limit instead of failing,
+    and no REST context (recorded as source "sql")."""
+    current_user.set(who.user_name)
+    limit_mode.set("wait")
+    request_context.set({})
+
+
 def query_threads(request: Request, name: str) -> "anyio.CapacityLimiter":
     """The threads a query waits for its answer on (a thread per query in flight).
 

@@ -36,11 +36,9 @@ from pydantic import Field
 from connectors.sql_session import CallerClient, Statement, plan
 from engine import cancellation
 from serving.api.guard import JsonRoute, principal
-from serving.api.queries import may_query
+from serving.api.queries import as_sql_caller, may_query
 from serving.control.auth import Principal
 from serving.control.wire import Strict
-from serving.data.limits import current_user, limit_mode
-from serving.data.usage import request_context
 from serving.errors import InvalidParameterValue, ResourceDoesNotExist, ResourceExhausted
 
 KEEP_SECONDS = 3600
@@ -155,9 +153,7 @@ def caller_client(request: Request, who: Principal, cancel: threading.Event | No
     service = request.app.state.service
 
     def on_call() -> None:
-        current_user.set(who.user_name)
-        limit_mode.set("wait")  # SQL waits for the next window at a rate limit, as SQL jobs do
-        request_context.set({})  # recorded as source "sql"
+        as_sql_caller(who)
         cancellation.CANCEL.set(cancel)
 
     return CallerClient(request.app.state.query_client, lambda name: may_query(request, who, name),

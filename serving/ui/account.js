@@ -1,9 +1,9 @@
 // The secrets page (scopes and key names, never values) and the signed-in user's tokens page.
 
-import { ApiError, enc, get, post } from "./api.js";
+import { enc, get, post } from "./api.js";
 import { errorBox, h, replace, table, when } from "./dom.js";
 
-function failure(box, error) { replace(box, errorBox(error instanceof ApiError ? error : { message: String(error) })); }
+function failure(box, error) { replace(box, errorBox(error)); }
 
 export async function secretsPage(view) {
   const { scopes = [] } = await get("/api/2.0/secrets/scopes/list");

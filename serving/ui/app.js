@@ -3,7 +3,7 @@
 // Views: #/endpoints, #/endpoints/<name>, #/create, #/edit/<name>, #/playground, #/sql,
 // #/secrets, #/tokens. Each view module exports render(view, ...args) and draws into <main>.
 
-import { ApiError, get, session } from "./api.js";
+import { get, session } from "./api.js";
 import { h, replace, errorBox } from "./dom.js";
 import { endpointList, endpointPage } from "./endpoints.js";
 import { endpointForm } from "./endpoint_form.js";
@@ -97,7 +97,7 @@ async function route() {
       try {
         await render(target, ...match.slice(1));
       } catch (error) {
-        if (mine === routed) replace(target, errorBox(error instanceof ApiError ? error : { message: String(error) }));
+        if (mine === routed) replace(target, errorBox(error));
       }
       return;
     }

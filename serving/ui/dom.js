@@ -53,6 +53,7 @@ export function table(columns, rows, caption) {
     h("tbody", {}, rows.map((cells) => h("tr", {}, cells.map((c) => h("td", {}, c))))));
 }
 
+// Any error: the server's (ApiError: its code, then its message), or a script's own (its message).
 export function errorBox(error) {
   const code = error && error.code ? `${error.code}: ` : "";
   return h("p", { class: "error", role: "alert" }, code + (error && error.message ? error.message : String(error)));

@@ -6,7 +6,7 @@
 // own answers, so a follow-up question goes to each model with what that model said.
 // "Get code" writes the conversation as ai_query SQL, OpenAI SDK, MLflow deployments and curl.
 
-import { ApiError, enc, get, stream } from "./api.js";
+import { enc, get, stream } from "./api.js";
 import { errorBox, h, money, number, replace } from "./dom.js";
 
 const MAX_PANES = 3;
@@ -170,7 +170,7 @@ export async function playground(view, preselected) {
       stats.dataset.done = "true";
     } catch (error) {
       pane.answers[turn] = null;
-      replace(stats, errorBox(error instanceof ApiError ? error : { message: String(error) }));
+      replace(stats, errorBox(error));
       stats.dataset.done = "error";
     }
   }

@@ -5,7 +5,7 @@
 // Databricks' Statement Execution API) and polls it, showing the AI rows done (of the rows
 // EXPLAIN counted), tokens and cost as they grow, then the result table and the summary line.
 
-import { ApiError, enc, get, post } from "./api.js";
+import { enc, get, post } from "./api.js";
 import { errorBox, h, money, number, replace, table } from "./dom.js";
 
 const EXAMPLE = `SELECT i AS n,
@@ -41,7 +41,7 @@ export async function sqlTab(view) {
             c.seconds === null ? "unknown" : `~${number(c.seconds, 1)} s`])) : h("p", {}, "No AI function calls: nothing to pay for."));
       return true;
     } catch (error) {
-      replace(plan, errorBox(error instanceof ApiError ? error : { message: String(error) }));
+      replace(plan, errorBox(error));
       return false;
     }
   };
@@ -82,7 +82,7 @@ export async function sqlTab(view) {
         show(statement);
       }
     } catch (error) {
-      replace(progress, errorBox(error instanceof ApiError ? error : { message: String(error) }));
+      replace(progress, errorBox(error));
     } finally {
       running = null;
       runButton.disabled = false;
