@@ -49,7 +49,7 @@ $(CLIENTS_STAMP): constraints-clients.txt
 	touch $(CLIENTS_STAMP)
 
 # The Serving UI's browser tests (tests/test_ui.py) drive Debian's chromium through Playwright with
-# executable_path set: no browser download. Installed here when missing (root; ~40 s), never for the demo.
+# executable_path set: no browser download. Installed here when missing (as root), never for the demo.
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
