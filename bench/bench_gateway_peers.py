@@ -95,12 +95,36 @@ def sqlinfer(up_url: str, workers: int, seconds: int) -> dict:
                     "--workers", str(workers)], f"http://127.0.0.1:{port}/health",
                    env=os.environ | {"SQLINFER_HOME": str(home), "SQLINFER_RESULT_STORE": "off"})
     try:
-        return measure(f"sqlinfer serve, {workers} worker{'s' if workers > 1 else ''}",
-                       f"http://127.0.0.1:{port}/serving-endpoints/chat/completions", token, "fast", seconds)
+        points = measure(f"sqlinfer serve, {workers} worker{'s' if workers > 1 else ''}",
+                         f"http://127.0.0.1:{port}/serving-endpoints/chat/completions", token, "fast", seconds)
+        answered = posts_answered(f"http://127.0.0.1:{port}/metrics") if workers == 1 else None
     finally:
-        server.terminate()
+        server.terminate()  # SIGTERM: the server writes the usage rows it still holds, then exits
         server.wait()
+    try:
+        if answered is not None:  # one worker: /metrics counts every answer of the one process
+            import sqlite3
+
+            with sqlite3.connect(home / "registry.db") as con:
+                rows = con.execute("SELECT count(*), sum(status_code = 200) FROM usage WHERE endpoint_name = 'fast'").fetchone()
+            points["usage"] = {"posts_answered": answered, "usage_rows": rows[0], "usage_rows_200": rows[1] or 0}
+            print(f"  usage: {sum(answered.values())} POSTs answered ({answered}), {rows[0]} usage rows "
+                  f"({rows[1]} with status 200)", flush=True)
+    finally:
         shutil.rmtree(home, ignore_errors=True)
+    return points
+
+
+def posts_answered(metrics_url: str) -> dict[str, int]:
+    """POST answers by status, from the server's own counters (the warm-up included)."""
+    import httpx
+
+    counts: dict[str, int] = {}
+    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+        match = re.match(r'sqlinfer_http_requests_total\{method="POST",status="(\d+)"\} (\d+)', line)
+        if match:
+            counts[match.group(1)] = counts.get(match.group(1), 0) + int(match.group(2))
+    return counts
 
 
 def litellm(binary: str, up_url: str, seconds: int) -> dict:
@@ -160,11 +184,18 @@ def main() -> int:
     ratios = {"p50_added_ms_c1": ours[1]["p50_ms"] - results["direct"][1]["p50_ms"],
               "c16_over_c1": ours[16]["rps"] / ours[1]["rps"],
               "workers_2_over_1_c16": results["sqlinfer_2"][16]["rps"] / ours[16]["rps"]}
+    usage = ours.get("usage")
+    if usage:
+        answered = sum(usage["posts_answered"].values())
+        ratios["requests_checked"] = answered
+        ratios["non_2xx"] = answered - usage["posts_answered"].get("200", 0)
+        ratios["usage_rows_lost"] = answered - usage["usage_rows"]
     if "litellm" in results:
         for c in CONCURRENCY:
             ratios[f"vs_litellm_c{c}"] = max(ours[c]["rps"], results["sqlinfer_2"][c]["rps"]) / results["litellm"][c]["rps"]
     print("ratios (same run):")
-    targets = {"vs_litellm_c1": (">=", 10), "vs_litellm_c16": (">=", 10), "p50_added_ms_c1": ("<=", 1.0), "c16_over_c1": (">=", 1.0)}
+    targets = {"vs_litellm_c1": (">=", 10), "vs_litellm_c16": (">=", 10), "p50_added_ms_c1": ("<=", 1.0), "c16_over_c1": (">=", 1.0),
+               "requests_checked": (">=", 20000), "non_2xx": ("<=", 0), "usage_rows_lost": ("<=", 0)}
     for name, value in ratios.items():
         target = targets.get(name)
         verdict = ""

@@ -27,6 +27,8 @@ class ScriptedOpenAIServer:
         self.latency = 0.0  # seconds every answer takes (a slow provider)
         self.ignore_stream = False  # answer stream=true with plain JSON (a server without SSE)
         self.calls: list[tuple[str, dict, str | None]] = []  # (path, body, Authorization)
+        self.agents: list[str | None] = []  # each request's User-Agent (which HTTP client sent it)
+        self.arrivals: list[float] = []  # each request's time.monotonic() on arrival
         self.lock = threading.Lock()
         owner = self
 
@@ -38,6 +40,8 @@ class ScriptedOpenAIServer:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 with owner.lock:
                     owner.calls.append((self.path, body, self.headers.get("Authorization") or self.headers.get("x-api-key")))
+                    owner.agents.append(self.headers.get("User-Agent"))
+                    owner.arrivals.append(time.monotonic())
                     fault = owner.faults.popleft() if owner.faults else None
                 if owner.latency:
                     time.sleep(owner.latency)

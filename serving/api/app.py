@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.api import ai_functions, batch, endpoints, insights, ops, permissions, queries, scim, secrets, statements, tokens, ui
+from serving.api.fast_lane import FastLane
 from serving.api.guard import Guard, error_response
 from serving.control.service import EndpointService
 from serving.control.wire import describe_errors
@@ -47,8 +48,10 @@ async def _lifespan(app: FastAPI):
     # without this, the vLLM EngineCore and workers outlive the server (seen: 3 GiB each) and the
     # last usage rows are lost. Shutdown is the last moment the process is ours. (An app embedded
     # in a larger process, as in the tests, leaves the process's engines alone.)
+    from serving.data.upstream import close_sessions
     from serving.data.usage import flush_all
 
+    await close_sessions()  # the pooled provider connections of this loop
     flush_all()
     engine_module = sys.modules.get("engine.vllm_engine") if app.state.owns_process else None
     if engine_module is not None:
@@ -97,13 +100,16 @@ def create_app(service: EndpointService | None = None, owns_process: bool = Fals
     app.state.query_limiters = {}  # thread pools of queries (serving.api.queries.query_threads)
     app.state.statements = statements.Statements()  # SQL statements run for REST callers
 
-    for family in (endpoints, permissions, secrets, tokens, scim, queries, batch, ai_functions, statements, insights):
+    # Queries first: Starlette tries routes in order, and they are what the server answers most.
+    for family in (queries, endpoints, permissions, secrets, tokens, scim, batch, ai_functions, statements, insights):
         app.include_router(family.router())
     app.include_router(scim.token_management_router())
     app.include_router(ops.router(started=time.time()))
     ui.mount(app)  # the Serving UI at / (static files; it reads the same REST API with the user's token)
 
-    # Outermost first: count every response (401s included), then guard everything behind it.
+    # Outermost first: count every response (401s included), then guard everything behind it,
+    # then the fast lane of the hot query routes (serving.api.fast_lane), then FastAPI's routes.
+    app.add_middleware(FastLane)
     app.add_middleware(Guard, authenticate=service.auth.authenticate)
     app.add_middleware(_CountRequests, counts=app.state.request_counts)
 

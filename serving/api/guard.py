@@ -27,9 +27,11 @@ from typing import Any, Callable
 
 from fastapi import Request
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from serving.control.auth import Principal
+from serving.control.generation import NotCached, memory_only
 from serving.errors import MalformedRequest, PermissionDenied, RequestTooLarge, SqlinferError, Unauthenticated
 
 log = logging.getLogger("sqlinfer.rest")
@@ -102,7 +104,7 @@ class Guard:
                 raise RequestTooLarge(f"the request body has {declared} bytes; this server accepts at most {limit} "
                                       f"(SQLINFER_MAX_BODY_BYTES); send fewer rows per request")
             if path not in public_paths() and not path.startswith(PUBLIC_PREFIXES):
-                scope.setdefault("state", {})["principal"] = self.authenticate(headers.get("authorization"))
+                scope.setdefault("state", {})["principal"] = await self._principal(headers.get("authorization"))
             await self.app(scope, _limited(receive, limit), tracking_send)
         except Exception as exc:  # noqa: BLE001  (every failure must end as one response, not a dropped connection)
             if started:  # the response is under way (a stream): nothing more can be said in HTTP
@@ -113,6 +115,15 @@ class Guard:
                           exc_info=os.environ.get("SQLINFER_DEBUG_TRACEBACKS") == "1")
                 exc = SqlinferError("internal error in sqlinfer; the server log has the details")
             await error_response(exc, path)(scope, receive, send)
+
+
+    async def _principal(self, authorization: str | None) -> Principal:
+        """From memory when the token is cached (the hot path); a miss reads SQLite on a thread."""
+        try:
+            with memory_only():
+                return self.authenticate(authorization)
+        except NotCached:
+            return await run_in_threadpool(self.authenticate, authorization)
 
 
 def _limited(receive: Callable, limit: int) -> Callable:
@@ -134,16 +145,21 @@ def _limited(receive: Callable, limit: int) -> Callable:
 # -- dependencies ------------------------------------------------------------------------------
 
 
-def principal(request: Request) -> Principal:
-    """Who is calling, as the guard authenticated them; a route reached without it is refused."""
+async def principal(request: Request) -> Principal:
+    """Who is calling, as the guard authenticated them; a route reached without it is refused.
+    (``async``: FastAPI runs a plain ``def`` dependency on a worker thread, a hop per request.)"""
+    return _authenticated(request)
+
+
+def _authenticated(request: Request) -> Principal:
     who = getattr(request.state, "principal", None)
     if who is None:
         raise Unauthenticated("missing Authorization header; send 'Authorization: Bearer <token>'")
     return who
 
 
-def admin(request: Request) -> Principal:
-    who = principal(request)
+async def admin(request: Request) -> Principal:
+    who = _authenticated(request)
     if not who.is_admin:
         raise PermissionDenied(f"user {who.user_name!r} is not an admin; this needs an admin token "
                                f"(`sqlinfer tokens create --user NAME --admin`)")

@@ -9,6 +9,7 @@ answers server-sent events. The OpenAI routes answer errors in OpenAI's shape (t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -23,8 +24,9 @@ from starlette.concurrency import run_in_threadpool
 
 from serving.api.guard import JsonRoute, principal
 from serving.control.auth import Principal
+from serving.control.generation import NotCached, memory_only
 from serving.control.store import SYSTEM_PREFIX
-from serving.data.invocations import invoke
+from serving.data.invocations import ainvoke, invoke
 from serving.data.limits import current_user, limit_mode
 from serving.data.query_wire import (
     ChatRequest,
@@ -52,6 +54,49 @@ def may_query(request: Request, who: Principal, name: str) -> None:
         return
     service = request.app.state.service
     service.auth.require(who, service.endpoint_id(name), name, "CAN_QUERY")
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryTarget:
+    """What a query resolved to: the endpoint's backend and task, and whether the backend's
+    whole chain answers on the event loop (``native_async``: the fast path)."""
+
+    backend: Any
+    task: str
+
+    @property
+    def fast(self) -> bool:
+        return bool(self.backend.native_async)
+
+
+def resolve(request: Request, who: Principal, name: str, build: bool) -> QueryTarget:
+    """CAN_QUERY on ``name`` checked, then its backend. Without ``build``, a backend not built yet
+    raises NotCached (building one may read the registry: the caller does it on a thread)."""
+    may_query(request, who, name)
+    directory = request.app.state.query_client.directory
+    endpoint = directory.endpoint(name)
+    if endpoint.backend is None and not build:
+        raise NotCached(name)
+    return QueryTarget(directory.backend(name), endpoint.task)
+
+
+async def resolved(request: Request, who: Principal, name: str) -> QueryTarget:
+    """:func:`resolve` from memory on the hot path; the first request after a registry change (or
+    to a backend not built yet) reads the registry on a worker thread."""
+    try:
+        with memory_only():
+            return resolve(request, who, name, build=False)
+    except NotCached:
+        return await run_in_threadpool(resolve, request, who, name, True)
+
+
+async def answer_on_loop(target: QueryTarget, who: Principal, name: str, payload: dict[str, Any],
+                         task: str | None) -> Response:
+    """The fast path: a query that is not streamed, to a backend whose whole chain is async,
+    answered on the event loop (no thread, no SQLite: usage rows are queued, limits cached)."""
+    as_rest_caller(who, {"client_request_id": payload.get("client_request_id"), "usage_context": payload.get("usage_context")})
+    result, served = await ainvoke(target.backend, name, target.task, payload, task)
+    return JSONResponse(result, headers={"served-model-name": served or name.removeprefix(SYSTEM_PREFIX)})
 
 
 def as_rest_caller(who: Principal, context: dict[str, Any]) -> None:
@@ -107,10 +152,12 @@ def router() -> APIRouter:
         return invoke(client, name, payload, task)
 
     async def answer(request: Request, who: Principal, name: str, payload: dict[str, Any], task: str | None) -> Response:
-        await run_in_threadpool(may_query, request, who, name)
+        target = await resolved(request, who, name)
+        if target.fast and not payload.get("stream") and task != RESPONSES:
+            return await answer_on_loop(target, who, name, payload, task)
         if payload.get("stream"):
             return await stream(request, who, name, payload, task)
-        limiter = await run_in_threadpool(query_threads, request, name)
+        limiter = await run_in_threadpool(query_threads, request, name)  # the threaded path: SDKs, engines, guardrails
         result, served = await anyio.to_thread.run_sync(
             functools.partial(invoke_as, request, who, name, payload, task), limiter=limiter)
         return JSONResponse(result, headers={"served-model-name": served or name.removeprefix(SYSTEM_PREFIX)})

@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 
 from serving.control.db import Database
+from serving.control.generation import GenerationCache
 from serving.control.principals import ALL_USERS, GROUP_PREFIX, PrincipalDirectory
 from serving.errors import InvalidParameterValue, PermissionDenied, ResourceDoesNotExist, Unauthenticated
 
@@ -54,6 +55,9 @@ class Auth:
     def __init__(self, db: Database):
         self._db = db
         self.principals = PrincipalDirectory(db)
+        # every query asks both: answered from memory until the config generation moves
+        self._tokens = GenerationCache(db.path)
+        self._levels = GenerationCache(db.path)
 
     # -- tokens ------------------------------------------------------------------------------
 
@@ -102,12 +106,15 @@ class Auth:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
-        row = self._db.read().execute(
-            "SELECT user_name, is_admin, expiry_time FROM tokens WHERE token_hash = ?", (_hash(token.strip()),)
-        ).fetchone()
-        if row is None or (row["expiry_time"] is not None and row["expiry_time"] <= time.time() * 1000):
+        found = self._tokens.get(_hash(token.strip()), lambda: self._token_principal(_hash(token.strip())))
+        if found is None or (found.expires_at_ms is not None and found.expires_at_ms <= time.time() * 1000):
             raise Unauthenticated("invalid, expired or revoked token")
-        return Principal(row["user_name"], bool(row["is_admin"]), row["expiry_time"])
+        return found
+
+    def _token_principal(self, token_hash: str) -> Principal | None:
+        row = self._db.read().execute(
+            "SELECT user_name, is_admin, expiry_time FROM tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+        return Principal(row["user_name"], bool(row["is_admin"]), row["expiry_time"]) if row is not None else None
 
     def principal_named(self, user_name: str) -> Principal:
         """The principal a stored name stands for now (an admin if any of its tokens is one):
@@ -145,6 +152,9 @@ class Auth:
         """The strongest level ``principal`` holds on the endpoint: directly, or through a group."""
         if principal.is_admin:
             return "CAN_MANAGE"
+        return self._levels.get((principal.user_name, endpoint_id), lambda: self._load_level(principal, endpoint_id))
+
+    def _load_level(self, principal: Principal, endpoint_id: str) -> str | None:
         names = [principal.user_name] + [GROUP_PREFIX + g for g in self.principals.groups_of(principal.user_name)]
         rows = self._db.read().execute(
             f"SELECT level FROM permissions WHERE endpoint_id = ? AND principal IN ({', '.join('?' * len(names))})",

@@ -17,6 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+def _generation_migration() -> str:
+    from serving.control.generation import migration
+
+    return migration()
+
+
 MIGRATIONS: list[str] = [
     # 1: the registry
     """
@@ -187,6 +193,9 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE usage ADD COLUMN ai_function TEXT;
     """,
+    # 10: the config generation: triggers count changes to what decides who may do what, so the
+    # gateway's caches know when to read again (serving.control.generation)
+    _generation_migration(),
 ]
 
 
@@ -210,6 +219,18 @@ def _process_generation(path: Path) -> list[int]:
         return _GENERATIONS.setdefault(str(path.resolve()), [0])
 
 
+def _statements(script: str) -> list[str]:
+    """A migration's statements; a trigger's body keeps its own semicolons."""
+    statements, pending = [], ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending)
+            pending = ""
+    return statements
+
+
 class Database:
     """One SQLite file; a connection per thread; writes serialized by ``BEGIN IMMEDIATE``."""
 
@@ -222,7 +243,7 @@ class Database:
         with self.write() as con:  # migrate under the write lock: two processes never race it
             version = con.execute("PRAGMA user_version").fetchone()[0]
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in filter(str.strip, script.split(";")):
+                for statement in _statements(script):
                     con.execute(statement)
                 con.execute(f"PRAGMA user_version = {number}")
 
@@ -259,6 +280,9 @@ class Database:
                 raise
             con.execute("COMMIT")
             self._generation[0] += 1
+            from serving.control.generation import after_commit
+
+            after_commit(self.path, con)
 
     def change_token(self) -> tuple[int, int, int]:
         """Changes whenever anything may have changed the database: a commit by another process

@@ -102,7 +102,7 @@ class EndpointService:
         return self.store.serving(name)
 
     def endpoint_id(self, name: str) -> str:
-        return name if name.startswith(SYSTEM_PREFIX) else self.store.row(name)["id"]
+        return name if name.startswith(SYSTEM_PREFIX) else self.store.endpoint_id(name)
 
     def local_model_path(self, entity_name: str) -> Path | None:
         return self.validator.local_model_path(entity_name)

@@ -56,7 +56,10 @@ class ServingConfig:
 class EndpointStore:
     def __init__(self, db: Database):
         self.db = db
-        self._serving_cache: dict[tuple[str, int], tuple[tuple[int, int, int], ServingConfig]] = {}
+        from serving.control.generation import GenerationCache
+
+        self._serving_cache = GenerationCache(db.path)
+        self._ids = GenerationCache(db.path)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -91,12 +94,15 @@ class EndpointStore:
         rows = self.db.read().execute("SELECT id, config_version FROM endpoints WHERE state_config_update = 'IN_PROGRESS'")
         return [(row["id"], row["config_version"]) for row in rows]
 
+    def endpoint_id(self, name: str) -> str:
+        """The id of ``name`` (cached until the config generation moves: every query asks)."""
+        return self._ids.get(name, lambda: self.row(name)["id"])
+
     def serving(self, name: str) -> ServingConfig:
-        """The config serving ``name`` now; cached until the database changes (every query asks)."""
-        token = self.db.change_token()
-        cached = self._serving_cache.get((name, token[2]))
-        if cached is not None and cached[0] == token:
-            return cached[1]
+        """The config serving ``name`` now; cached until the config generation moves (every query asks)."""
+        return self._serving_cache.get(name, lambda: self._load_serving(name))
+
+    def _load_serving(self, name: str) -> ServingConfig:
         row = self.row(name)
         if row["config_json"] is None:
             raise ResourceConflict(f"endpoint {name!r} is not ready yet (state {row['state_ready']}); try again shortly")
@@ -111,7 +117,6 @@ class EndpointStore:
             fallback=bool((gateway.get("fallback_config") or {}).get("enabled")),
             guardrails=gateway.get("guardrails") or None,
         )
-        self._serving_cache[(name, token[2])] = (token, answer)
         return answer
 
     # -- writes ------------------------------------------------------------------------------

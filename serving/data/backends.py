@@ -12,6 +12,7 @@ model. It ships with the library; register it under any endpoint name.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 from abc import ABC
@@ -25,9 +26,24 @@ Conversation = Sequence[dict[str, Any]]  # OpenAI messages: role, content, and t
 
 
 class Backend(ABC):
-    """What serves one endpoint. Subclasses implement the methods of their task."""
+    """What serves one endpoint. Subclasses implement the methods of their task.
+
+    ``achat``/``acomplete``/``aembed`` are the same calls for an async caller (the REST server's
+    loop). A backend whose whole chain answers them without a thread says so with
+    ``native_async``; the default runs the blocking call on a worker thread.
+    """
 
     task: Task
+    native_async: bool = False
+
+    async def achat(self, conversations: Sequence[Conversation], options: SamplingOptions) -> list[GenerationResult]:
+        return await asyncio.to_thread(self.chat, conversations, options)
+
+    async def acomplete(self, prompts: Sequence[str], options: SamplingOptions) -> list[GenerationResult]:
+        return await asyncio.to_thread(self.complete, prompts, options)
+
+    async def aembed(self, texts: Sequence[str]) -> list[EmbeddingResult]:
+        return await asyncio.to_thread(self.embed, texts)
 
     def chat(
         self, conversations: Sequence[Conversation], options: SamplingOptions, on_result: ResultCallback | None = None
@@ -88,7 +104,11 @@ class Backend(ABC):
 
 
 class DelegatingBackend(Backend):
-    """A backend wrapped around another (limits, usage, tags): everything but the calls delegates."""
+    """A backend wrapped around another (limits, usage, tags): everything but the calls delegates.
+
+    A layer that implements the async calls too declares ``native_async`` as its inner's
+    (:func:`async_like_inner`); one that does not stays ``False``, so its own logic is never skipped.
+    """
 
     def __init__(self, inner: Backend):
         self.inner = inner
@@ -108,6 +128,11 @@ class DelegatingBackend(Backend):
 
     def release(self) -> None:
         self.inner.release()
+
+
+def async_like_inner(layer: DelegatingBackend) -> bool:
+    """``native_async`` of a layer that implements the async calls: its inner backend's."""
+    return layer.inner.native_async
 
 
 class LocalEngineBackend(Backend):

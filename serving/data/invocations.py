@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from engine.types import CUSTOM_TASK, SamplingOptions
 from serving.data.client import ServingClient
@@ -41,7 +41,11 @@ REFUSED_FIELDS = {
 
 def require_task(client: ServingClient, endpoint: str, expected_task: str | None) -> str:
     """The endpoint's task, which must be what the route serves (400 naming both otherwise)."""
-    task = client.task(endpoint)
+    return route_task(endpoint, client.task(endpoint), expected_task)
+
+
+def route_task(endpoint: str, task: str, expected_task: str | None) -> str:
+    """``task`` as the route serves it: a chat model also answers completions; anything else must match."""
     if expected_task == "llm/v1/completions" and task == "llm/v1/chat":
         task = expected_task  # a chat model also continues raw prompts (as vLLM's OpenAI server does)
     if expected_task is not None and task != expected_task:
@@ -56,6 +60,47 @@ def invoke(client: ServingClient, endpoint: str, body: dict[str, Any], expected_
         if body.get("stream"):
             raise InvalidParameterValue(f"{endpoint!r} is a custom model: it answers at once; remove stream")
         return _predictions(client, endpoint, body)
+    body, options = _checked(endpoint, task, body)
+    if body.get("stream"):
+        return _stream(client, endpoint, task, body, options), None
+    query = _query(endpoint, task, body, options)
+    return query.render(query.call(client, endpoint))
+
+
+async def ainvoke(backend: Any, endpoint: str, endpoint_task: str, body: dict[str, Any],
+                  expected_task: str | None = None) -> tuple[dict[str, Any], str | None]:
+    """:func:`invoke` on the caller's event loop, for a chat, completions or embeddings query that
+    is not streamed, to a backend whose whole chain is ``native_async`` (the gateway's fast path)."""
+    task = route_task(endpoint, endpoint_task, expected_task)
+    body, options = _checked(endpoint, task, body)
+    query = _query(endpoint, task, body, options)
+    return query.render(await query.acall(backend))
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedQuery:
+    """A validated chat, completions or embeddings query: the backend call it makes and how the
+    answers become the OpenAI object, the same whether it is awaited or run on a thread."""
+
+    kind: str  # chat, complete or embed: the backend method
+    requests: list[Any]
+    options: SamplingOptions | None
+    render: Callable[[list[Any]], tuple[dict[str, Any], str | None]]
+
+    def call(self, client: ServingClient, endpoint: str) -> list[Any]:
+        if self.kind == "embed":
+            return client.embed(endpoint, self.requests)
+        return getattr(client, self.kind)(endpoint, self.requests, self.options)
+
+    async def acall(self, backend: Any) -> list[Any]:
+        if self.kind == "embed":
+            return await backend.aembed(self.requests)
+        return await getattr(backend, "a" + self.kind)(self.requests, self.options)
+
+
+def _checked(endpoint: str, task: str, body: dict[str, Any]) -> tuple[dict[str, Any], SamplingOptions | None]:
+    """The body with every field checked for ``task`` (unknown and refused ones named), and its
+    sampling options (None for embeddings)."""
     refused = [f"{name} ({REFUSED_FIELDS[name]})" for name in REFUSED_FIELDS if body.get(name) is not None]
     if body.get("store"):
         refused.append("store: true (completions are not stored for later retrieval; send false or leave it out)")
@@ -79,14 +124,15 @@ def invoke(client: ServingClient, endpoint: str, body: dict[str, Any], expected_
         raise InvalidParameterValue(f"{input_field!r} is required for {task} endpoints such as {endpoint!r}")
     if body.get("stream") and task == "llm/v1/embeddings":
         raise InvalidParameterValue("stream=true is for chat and completions; embeddings are answered at once")
+    return body, (None if task == "llm/v1/embeddings" else _options(body))
+
+
+def _query(endpoint: str, task: str, body: dict[str, Any], options: SamplingOptions | None) -> PreparedQuery:
     if task == "llm/v1/embeddings":
-        return _embeddings(client, endpoint, body["input"], body.get("encoding_format") or "float")
-    options = _options(body)
-    if body.get("stream"):
-        return _stream(client, endpoint, task, body, options), None
+        return _embeddings(endpoint, body["input"], body.get("encoding_format") or "float")
     if task == "llm/v1/chat":
-        return _chat(client, endpoint, _messages(body["messages"]), options)
-    return _completions(client, endpoint, body["prompt"], options)
+        return PreparedQuery("chat", [_messages(body["messages"])], options, lambda results: _chat(endpoint, results))
+    return _completions(endpoint, body["prompt"], options)
 
 
 @dataclasses.dataclass
@@ -263,8 +309,8 @@ def _message(choice: Any) -> dict[str, Any]:
     return {"role": "assistant", "content": choice.text}
 
 
-def _chat(client, endpoint, messages, options) -> tuple[dict[str, Any], str | None]:
-    [result] = client.chat(endpoint, [messages], options)
+def _chat(endpoint, results) -> tuple[dict[str, Any], str | None]:
+    [result] = results
     _raise_row_error(result)
     choices = [{"index": i, "message": _message(c), "finish_reason": c.finish_reason,
                 "logprobs": _logprobs(c)} for i, c in enumerate(result.choices)]
@@ -280,11 +326,14 @@ def _logprobs(choice: Any) -> dict[str, Any] | None:
                          "top_logprobs": [{"token": t, "logprob": lp} for t, lp in p.top_logprobs]} for p in choice.logprobs]}
 
 
-def _completions(client, endpoint, prompt, options) -> tuple[dict[str, Any], str | None]:
+def _completions(endpoint, prompt, options) -> PreparedQuery:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts) or not prompts:
         raise InvalidParameterValue("prompt must be a string or a non-empty list of strings")
-    results = client.complete(endpoint, prompts, options)
+    return PreparedQuery("complete", prompts, options, lambda results: _completions_answer(endpoint, results))
+
+
+def _completions_answer(endpoint, results) -> tuple[dict[str, Any], str | None]:
     choices = []
     for result in results:
         _raise_row_error(result)
@@ -295,13 +344,16 @@ def _completions(client, endpoint, prompt, options) -> tuple[dict[str, Any], str
             "usage": _usage(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))}, results[0].served_entity
 
 
-def _embeddings(client, endpoint, texts, encoding: str) -> tuple[dict[str, Any], str | None]:
+def _embeddings(endpoint, texts, encoding: str) -> PreparedQuery:
     if encoding not in ("float", "base64"):
         raise InvalidParameterValue(f"encoding_format must be 'float' or 'base64', got {encoding!r}")
     inputs = [texts] if isinstance(texts, str) else texts
     if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs) or not inputs:
         raise InvalidParameterValue("input must be a string or a non-empty list of strings")
-    results = client.embed(endpoint, inputs)
+    return PreparedQuery("embed", inputs, None, lambda results: _embeddings_answer(endpoint, results, encoding))
+
+
+def _embeddings_answer(endpoint, results, encoding: str) -> tuple[dict[str, Any], str | None]:
     for result in results:
         _raise_row_error(result)
     data = [{"object": "embedding", "index": i, "embedding": _encode(r.vector, encoding)} for i, r in enumerate(results)]

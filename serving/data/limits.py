@@ -21,12 +21,13 @@ the next window and carry on, so a long ``ai_query`` job slows down instead of f
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from serving.data.backends import Backend, DelegatingBackend, ResultCallback
+from serving.data.backends import Backend, DelegatingBackend, ResultCallback, async_like_inner
 from serving.control.db import Database
 from serving.errors import RequestLimitExceeded
 
@@ -95,7 +96,10 @@ def applicable(limits: Sequence[Limit], user: str, groups: Sequence[str]) -> App
 
 class RateLimiter:
     def __init__(self, db: Database, clock: Callable[[], float] = time.time):
+        from serving.control.generation import GenerationCache
+
         self.db, self.clock = db, clock
+        self._groups = GenerationCache(db.path)  # asked per request when a limit names a group
 
     def _window(self) -> tuple[int, float]:
         now = self.clock()
@@ -103,6 +107,9 @@ class RateLimiter:
         return start, start + WINDOW_SECONDS - now
 
     def groups_of(self, user: str) -> list[str]:
+        return self._groups.get(user, lambda: self._load_groups(user))
+
+    def _load_groups(self, user: str) -> list[str]:
         rows = self.db.read().execute("SELECT group_name FROM group_members WHERE member = ?", (user,)).fetchall()
         return ["users"] + [row["group_name"] for row in rows]  # everyone is in ``users``
 
@@ -165,6 +172,47 @@ class RateLimitedBackend(DelegatingBackend):
         groups = self.limiter.groups_of(user) if any(limit.key == "user_group" for limit in self.limits) else []
         return applicable(self.limits, user, groups)
 
+    native_async = property(async_like_inner)
+
+    def _refused(self, wait: float) -> RequestLimitExceeded:
+        return RequestLimitExceeded(
+            f"rate limit of endpoint {self.endpoint_name!r} reached for this minute; retry in {wait:.0f} s",
+            retry_after_seconds=wait)
+
+    async def _aadmitted(self, items: Sequence[Any], call: Callable[[list[Any]], Any]) -> list[Any]:
+        """:meth:`_admitted` for an async caller. The counters are SQLite rows shared by every
+        process (that is what keeps a limit exact across workers), so admitting and charging
+        run on a worker thread, never on the loop."""
+        limits = self._caller_limits()
+        if not limits:
+            return await call(list(items))
+        results: list[Any] = [None] * len(items)
+        pending = list(range(len(items)))
+        while pending:
+            admission = await asyncio.to_thread(self.limiter.acquire, self.endpoint_id, limits, len(pending))
+            if admission.admitted == 0:
+                if limit_mode.get() == "refuse":
+                    raise self._refused(admission.wait_seconds)
+                await asyncio.sleep(min(admission.wait_seconds + 0.01, WINDOW_SECONDS))
+                continue
+            batch, pending = pending[:admission.admitted], pending[admission.admitted:]
+            answers = await call([items[i] for i in batch])
+            used = sum(a.prompt_tokens + getattr(a, "completion_tokens", 0) for a in answers)
+            if used and any(item.limit.tokens is not None for item in admission.counters):
+                await asyncio.to_thread(self.limiter.charge_tokens, self.endpoint_id, admission.counters, used)
+            for position, answer in zip(batch, answers):
+                results[position] = answer
+        return results
+
+    async def achat(self, conversations, options):
+        return await self._aadmitted(conversations, lambda part: self.inner.achat(part, options))
+
+    async def acomplete(self, prompts, options):
+        return await self._aadmitted(prompts, lambda part: self.inner.acomplete(part, options))
+
+    async def aembed(self, texts):
+        return await self._aadmitted(texts, lambda part: self.inner.aembed(part))
+
     def _admitted(self, items: Sequence[Any], call: Callable[[list[Any], ResultCallback | None], list[Any]],
                   on_result: ResultCallback | None) -> list[Any]:
         limits = self._caller_limits()
@@ -177,10 +225,7 @@ class RateLimitedBackend(DelegatingBackend):
             admitted, wait = admission.admitted, admission.wait_seconds
             if admitted == 0:
                 if limit_mode.get() == "refuse":
-                    raise RequestLimitExceeded(
-                        f"rate limit of endpoint {self.endpoint_name!r} reached for this minute; retry in {wait:.0f} s",
-                        retry_after_seconds=wait,
-                    )
+                    raise self._refused(wait)
                 self._sleep(min(wait + 0.01, WINDOW_SECONDS))
                 continue
             batch, pending = pending[:admitted], pending[admitted:]
@@ -216,9 +261,7 @@ class RateLimitedBackend(DelegatingBackend):
             if admission.admitted:
                 break
             if limit_mode.get() == "refuse":
-                raise RequestLimitExceeded(
-                    f"rate limit of endpoint {self.endpoint_name!r} reached for this minute; retry in {wait:.0f} s",
-                    retry_after_seconds=wait)
+                raise self._refused(wait)
             self._sleep(min(wait + 0.01, WINDOW_SECONDS))
         last = None
         try:

@@ -9,12 +9,20 @@ chunks (one request per ``embedding_chunk`` texts), as the APIs accept lists.
 The API key is resolved (secret reference or sealed plaintext) when the first call is made,
 never earlier, and is scrubbed from any error message that might echo it. The SDK's own retries
 are off: this module owns the retry policy, so ``Retry-After`` and budgets are honoured once.
+
+OpenAI and OpenAI-compatible calls that are not streamed go out as coroutines on the pooled async
+client of :mod:`serving.data.upstream`: the REST server awaits them on its own loop
+(``achat``/``acomplete``/``aembed``), and batches from SQL run on the background loop of
+:mod:`serving.data.aio`. The official SDKs stay where they carry protocol we would otherwise
+rewrite: Azure OpenAI (deployment URLs, ``api-key`` header), Anthropic's Messages API, and
+streamed answers (server-sent events); those run on threads as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import asyncio
 import json
 import os
 import random
@@ -69,6 +77,7 @@ class ProviderBackend(Backend):
         self._key: str | None = None
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=f"provider-{model}")
+        self._semaphores: dict[int, tuple[Any, asyncio.Semaphore]] = {}
 
     def _make_client(self, key: str) -> Any:
         raise NotImplementedError
@@ -144,6 +153,85 @@ class ProviderBackend(Backend):
         futures = [self._pool.submit(run, i, item) for i, item in enumerate(items)]
         return [future.result() for future in futures]
 
+    # -- the async client ----------------------------------------------------------------------
+
+    def _resolve_key(self) -> str:
+        """The API key, resolved at the first call (a secret read: off the event loop)."""
+        with self._lock:
+            if self._key is None:
+                self._key = self._api_key() or "unused"
+            return self._key
+
+    async def _akey(self) -> str:
+        return self._key if self._key is not None else await asyncio.to_thread(self._resolve_key)
+
+    def _limiter(self) -> asyncio.Semaphore:
+        """``max_concurrency`` requests in flight per loop (a semaphore belongs to one loop)."""
+        loop = asyncio.get_running_loop()
+        held = self._semaphores.get(id(loop))
+        if held is None or held[0] is not loop:
+            held = self._semaphores[id(loop)] = (loop, asyncio.Semaphore(self.max_concurrency))
+        return held[1]
+
+    async def _apost(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
+        """One JSON POST with the retry policy on the pooled async client; raises ProviderError
+        when it gives up (the async twin of :meth:`_call`)."""
+        from serving.data.upstream import UpstreamUnreachable, post_json
+
+        attempt = 0
+        while True:
+            try:
+                answer = await post_json(url, body, headers, self.timeout)
+                if answer.status < 400:
+                    return json.loads(answer.body)
+                status = answer.status
+                error = ProviderError(self._scrub(f"provider answered HTTP {status}: {_message_of(answer.body)}"),
+                                      status == 429 or status >= 500, _seconds(answer.retry_after), status)
+            except UpstreamUnreachable as exc:
+                error = ProviderError(self._scrub(str(exc)), retryable=True)
+            attempt += 1
+            if not error.retryable or attempt >= self.retry.max_attempts:
+                if error.retryable:
+                    error.args = (f"{error.args[0]} (gave up after {attempt} attempts)",)
+                raise error
+            await asyncio.sleep(self.retry.delay(attempt, error.retry_after))
+
+    async def _amap(self, items: Sequence[Any], one: Callable[[Any], Any], failed: Callable[[str, int], Any],
+                    cancel: Any = None) -> list[Any]:
+        """``one(item)`` (a coroutine function) for every item, at most ``max_concurrency`` at once;
+        a failure becomes that item's ``failed`` result, as in :meth:`_map`."""
+        limiter = self._limiter()
+
+        async def run(item: Any) -> Any:
+            async with limiter:
+                if cancel is not None and cancel.is_set():  # the caller went away: start nothing more
+                    return failed("cancelled: the caller went away before this request was sent", 499)
+                try:
+                    return await one(item)
+                except ProviderError as exc:  # a dropped connection or timeout counts as 503
+                    return failed(str(exc), exc.status or 503)
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not the API's shape
+                    return failed(self._scrub(f"the provider's answer is not the expected API shape ({type(exc).__name__}: "
+                                              f"{str(exc)[:200]})"), 502)
+
+        if len(items) == 1:
+            return [await run(items[0])]
+        return list(await asyncio.gather(*(run(item) for item in items)))
+
+    def _map_async(self, items: Sequence[Any], one: Callable[[Any], Any], failed: Callable[[str, int], Any],
+                   on_result: ResultCallback | None) -> list[Any]:
+        """:meth:`_amap` for a caller that is not async (a SQL batch): on the background loop, with
+        each answer handed to ``on_result`` on the caller's thread as it arrives."""
+        from serving.data import aio
+
+        cancel = cancellation.current()  # read here: the loop's tasks do not run in the caller's context
+
+        async def each(index: int, item: Any) -> Any:
+            [result] = await self._amap([item], one, failed, cancel)
+            return result
+
+        return aio.run_batch(items, each, on_result)
+
     def close(self) -> None:
         with self._lock:
             clients, self._clients, self._client = self._clients, [], None
@@ -181,22 +269,71 @@ class OpenAICompatibleBackend(ProviderBackend):
         bounds batch dispatch on a small machine."""
         return self._call(lambda sdk: sdk.post(path, body=body, cast_to=_RAW_RESPONSE[0])).json()
 
-    def chat(self, conversations, options, on_result=None):
+    @property
+    def native_async(self) -> bool:
+        """Answered on the pooled async client, except Azure OpenAI (its SDK builds the URLs)."""
+        return self._azure is None
+
+    async def _apost_api(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        key = await self._akey()
+        headers = {"Authorization": f"Bearer {key}"} if key != "unused" else {}
+        if self._organization:
+            headers["OpenAI-Organization"] = self._organization
+        return await self._apost(self.base_url.rstrip("/") + path, body, headers)
+
+    def _chat_one(self, options: SamplingOptions) -> Callable[[Any], Any]:
         kwargs = _openai_kwargs(options)
 
-        def one(messages):
-            answer = _generation(self._post("/chat/completions", {"model": self.model, "messages": list(messages), **kwargs}), chat=True)
-            return _chosen(answer) if options.choice is not None else answer
+        def answer(response: dict[str, Any]) -> GenerationResult:
+            result = _generation(response, chat=True)
+            return _chosen(result) if options.choice is not None else result
 
-        return self._map(conversations, one, lambda e, status: GenerationResult(error=e, error_status=status), on_result)
+        if not self.native_async:
+            return lambda messages: answer(self._post("/chat/completions", {"model": self.model, "messages": list(messages), **kwargs}))
+
+        async def one(messages):
+            return answer(await self._apost_api("/chat/completions", {"model": self.model, "messages": list(messages), **kwargs}))
+        return one
+
+    def _complete_one(self, options: SamplingOptions) -> Callable[[Any], Any]:
+        kwargs = _openai_kwargs(options, chat=False)
+        if not self.native_async:
+            return lambda prompt: _generation(self._post("/completions", {"model": self.model, "prompt": prompt, **kwargs}), chat=False)
+
+        async def one(prompt):
+            return _generation(await self._apost_api("/completions", {"model": self.model, "prompt": prompt, **kwargs}), chat=False)
+        return one
+
+    def _embed_one(self) -> Callable[[Any], Any]:
+        def answer(response: dict[str, Any], chunk: list[str]) -> list[EmbeddingResult]:
+            usage = response.get("usage") or {}
+            per_text = (usage.get("prompt_tokens") or 0) // max(1, len(chunk))
+            ordered = sorted(response["data"], key=lambda d: d["index"])
+            return [EmbeddingResult(vector=list(d["embedding"]), prompt_tokens=per_text) for d in ordered]
+
+        body = lambda chunk: {"model": self.model, "input": chunk, "encoding_format": "float"}  # noqa: E731
+        if not self.native_async:
+            return lambda chunk: answer(self._post("/embeddings", body(chunk)), chunk)
+
+        async def one(chunk):
+            return answer(await self._apost_api("/embeddings", body(chunk)), chunk)
+        return one
+
+    def _dispatch(self, items, one, failed, on_result):
+        """Sync callers: the async client on the background loop, or the SDK on threads (Azure)."""
+        return (self._map_async if self.native_async else self._map)(items, one, failed, on_result)
+
+    def chat(self, conversations, options, on_result=None):
+        return self._dispatch(conversations, self._chat_one(options), _failed_generation, on_result)
 
     def complete(self, prompts, options, on_result=None):
-        kwargs = _openai_kwargs(options, chat=False)
+        return self._dispatch(prompts, self._complete_one(options), _failed_generation, on_result)
 
-        def one(prompt):
-            return _generation(self._post("/completions", {"model": self.model, "prompt": prompt, **kwargs}), chat=False)
+    async def achat(self, conversations, options):
+        return await self._amap(conversations, self._chat_one(options), _failed_generation)
 
-        return self._map(prompts, one, lambda e, status: GenerationResult(error=e, error_status=status), on_result)
+    async def acomplete(self, prompts, options):
+        return await self._amap(prompts, self._complete_one(options), _failed_generation)
 
     def stream(self, request, options, chat):
         """Token by token from the provider (``stream=True``); usage from its final chunk.
@@ -247,30 +384,39 @@ class OpenAICompatibleBackend(ProviderBackend):
             raise TemporarilyUnavailable(self._scrub(f"the provider's stream broke: {type(exc).__name__}: {exc}")) from None
         yield StreamDelta(finish_reason=finish or "stop", prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
+    def _chunks(self, texts: Sequence[str]) -> list[list[str]]:
+        return [list(texts[i:i + self.embedding_chunk]) for i in range(0, len(texts), self.embedding_chunk)]
+
     def embed(self, texts, on_result=None):
-        chunks = [list(texts[i:i + self.embedding_chunk]) for i in range(0, len(texts), self.embedding_chunk)]
-
-        def one(chunk):
-            response = self._post("/embeddings", {"model": self.model, "input": chunk, "encoding_format": "float"})
-            usage = response.get("usage") or {}
-            per_text = (usage.get("prompt_tokens") or 0) // max(1, len(chunk))
-            ordered = sorted(response["data"], key=lambda d: d["index"])
-            return [EmbeddingResult(vector=list(d["embedding"]), prompt_tokens=per_text) for d in ordered]
-
-        def failed(message, status):
-            return None, message, status
-
-        results: list[EmbeddingResult] = []
-        for chunk, answer in zip(chunks, self._map(chunks, one, failed, None)):
-            if isinstance(answer, tuple):
-                results.extend(EmbeddingResult(error=answer[1], error_status=answer[2]) for _ in chunk)
-            else:
-                results.extend(answer)
+        chunks = self._chunks(texts)
+        results = _flatten_chunks(chunks, self._dispatch(chunks, self._embed_one(), _failed_chunk, None))
         if on_result is not None:
             for index, result in enumerate(results):
                 on_result(index, result)
         return results
 
+    async def aembed(self, texts):
+        chunks = self._chunks(texts)
+        return _flatten_chunks(chunks, await self._amap(chunks, self._embed_one(), _failed_chunk))
+
+
+def _failed_generation(message: str, status: int) -> GenerationResult:
+    return GenerationResult(error=message, error_status=status)
+
+
+def _failed_chunk(message: str, status: int) -> tuple[None, str, int]:
+    return None, message, status
+
+
+def _flatten_chunks(chunks: list[list[str]], answers: list[Any]) -> list[EmbeddingResult]:
+    """Per-chunk answers as per-text results; a failed chunk fails each of its texts."""
+    results: list[EmbeddingResult] = []
+    for chunk, answer in zip(chunks, answers):
+        if isinstance(answer, tuple):
+            results.extend(EmbeddingResult(error=answer[1], error_status=answer[2]) for _ in chunk)
+        else:
+            results.extend(answer)
+    return results
 
 
 _RAW_RESPONSE: list[Any] = [None]  # httpx.Response, set when the first SDK client is made
@@ -349,6 +495,25 @@ def _retry_after(response: Any) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _message_of(body: bytes) -> str:
+    """The provider's error message from an error answer's body (OpenAI's ``{"error": {"message"}}``)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body[:500].decode("utf-8", "replace")
+    if isinstance(parsed, dict):
+        error = parsed.get("error", parsed)
+        return str(error.get("message") or error) if isinstance(error, dict) else str(error)
+    return str(parsed)
 
 
 def _provider_message(exc: Any) -> str:

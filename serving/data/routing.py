@@ -16,6 +16,7 @@ registered endpoints by name; a config update changes the version and so the bac
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import random
@@ -23,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from engine.errors import InvalidParameterValue
 from engine.types import CUSTOM_TASK, EmbeddingResult, GenerationResult, PredictionResult, Task
-from serving.data.backends import Backend, DelegatingBackend, LocalEngineBackend, ResultCallback
+from serving.data.backends import Backend, DelegatingBackend, LocalEngineBackend, ResultCallback, async_like_inner
 from serving.control.service import SEALED, SYSTEM_PREFIX, EndpointService
 from serving.errors import ResourceDoesNotExist, SqlinferError
 from serving.data.limits import RateLimitedBackend, RateLimiter, limits_from
@@ -43,14 +44,42 @@ class TrafficSplitBackend(Backend):
         self.routes = [(name, weight, backend) for name, weight, backend in routes if weight > 0]
         self._rng = rng or random.Random()
 
-    def _fan_out(self, call: Callable[[Backend, list[Any], ResultCallback | None], list[Any]],
-                 items: Sequence[Any], on_result: ResultCallback | None) -> list[Any]:
-        choices = self._rng.choices(range(len(self.routes)), weights=[w for _, w, _ in self.routes], k=len(items))
-        results: list[Any] = [None] * len(items)
+    @property
+    def native_async(self) -> bool:
+        return all(backend.native_async for _, _, backend in self.routes)
+
+    def _shares(self, count: int) -> list[tuple[str, Backend, list[int]]]:
+        """Which positions of a batch each entity answers, drawn with the traffic weights."""
+        choices = self._rng.choices(range(len(self.routes)), weights=[w for _, w, _ in self.routes], k=count)
+        shares = []
         for route_index, (entity, _, backend) in enumerate(self.routes):
             positions = [i for i, chosen in enumerate(choices) if chosen == route_index]
-            if not positions:
-                continue
+            if positions:
+                shares.append((entity, backend, positions))
+        return shares
+
+    async def _afan_out(self, call: Callable[[Backend, list[Any]], Any], items: Sequence[Any]) -> list[Any]:
+        shares = self._shares(len(items))
+        answers = await asyncio.gather(*(call(backend, [items[i] for i in positions]) for _, backend, positions in shares))
+        results: list[Any] = [None] * len(items)
+        for (entity, _, positions), answered in zip(shares, answers):
+            for position, answer in zip(positions, answered):
+                results[position] = dataclasses.replace(answer, served_entity=entity)
+        return results
+
+    async def achat(self, conversations, options):
+        return await self._afan_out(lambda b, part: b.achat(part, options), conversations)
+
+    async def acomplete(self, prompts, options):
+        return await self._afan_out(lambda b, part: b.acomplete(part, options), prompts)
+
+    async def aembed(self, texts):
+        return await self._afan_out(lambda b, part: b.aembed(part), texts)
+
+    def _fan_out(self, call: Callable[[Backend, list[Any], ResultCallback | None], list[Any]],
+                 items: Sequence[Any], on_result: ResultCallback | None) -> list[Any]:
+        results: list[Any] = [None] * len(items)
+        for entity, backend, positions in self._shares(len(items)):
 
             def tagged(local_index: int, result: Any, positions=positions, entity=entity) -> None:
                 if on_result is not None:
@@ -206,35 +235,73 @@ class FallbackBackend(Backend):
         self.primary, self.ordered, self.task = primary, list(ordered), primary.task
         self._position = {name: i for i, (name, _) in enumerate(self.ordered)}
 
+    @property
+    def native_async(self) -> bool:
+        return self.primary.native_async and all(backend.native_async for _, backend in self.ordered)
+
+    def _failed_whole(self, exc: SqlinferError, part: list[Any], name: str | None) -> list[Any]:
+        """Every request of ``part`` failed by an entity that failed as a whole (e.g. its engine cannot start)."""
+        failed = {"llm/v1/embeddings": EmbeddingResult, CUSTOM_TASK: PredictionResult}.get(self.task, GenerationResult)
+        return [failed(error=exc.message, error_status=exc.http_status, served_entity=name) for _ in part]
+
+    def _next_round(self, results: list[Any], tried: list[set]) -> dict[int, list[int]]:
+        """Which entity each failed-but-worth-retrying request goes to next (entity index -> positions)."""
+        by_next: dict[int, list[int]] = {}
+        for i, result in enumerate(results):
+            if not _worth_a_fallback(result):
+                continue
+            start = self._position.get(result.served_entity, -1) + 1
+            following = [k for k in range(start, len(self.ordered)) if self.ordered[k][0] not in tried[i]]
+            if following:
+                by_next.setdefault(following[0], []).append(i)
+        return by_next
+
+    @staticmethod
+    def _merge(results: list[Any], tried: list[set], positions: list[int], answers: list[Any], name: str) -> None:
+        for i, answer in zip(positions, answers):
+            results[i] = dataclasses.replace(answer, served_entity=name)
+            tried[i].add(name)
+
+    async def _awith_fallback(self, items: Sequence[Any], call: Callable[[Backend, list[Any]], Any]) -> list[Any]:
+        async def attempt(backend: Backend, part: list[Any], name: str | None) -> list[Any]:
+            try:
+                return await call(backend, part)
+            except SqlinferError as exc:
+                return self._failed_whole(exc, part, name)
+
+        first = self.primary.entity if isinstance(self.primary, TaggedBackend) else None
+        results = await attempt(self.primary, list(items), first)
+        tried = [{r.served_entity} for r in results]
+        while by_next := self._next_round(results, tried):
+            for k, positions in by_next.items():
+                name, backend = self.ordered[k]
+                self._merge(results, tried, positions, await attempt(backend, [items[i] for i in positions], name), name)
+        return results
+
+    async def achat(self, conversations, options):
+        return await self._awith_fallback(conversations, lambda b, part: b.achat(part, options))
+
+    async def acomplete(self, prompts, options):
+        return await self._awith_fallback(prompts, lambda b, part: b.acomplete(part, options))
+
+    async def aembed(self, texts):
+        return await self._awith_fallback(texts, lambda b, part: b.aembed(part))
+
     def _with_fallback(self, items: Sequence[Any], call: Callable[[Backend, list[Any]], list[Any]],
                        on_result: ResultCallback | None) -> list[Any]:
         def attempt(backend: Backend, part: list[Any], name: str | None) -> list[Any]:
             try:
                 return call(backend, part)
-            except SqlinferError as exc:  # the entity failed as a whole (e.g. its engine cannot start)
-                failed = {"llm/v1/embeddings": EmbeddingResult, CUSTOM_TASK: PredictionResult}.get(self.task, GenerationResult)
-                return [failed(error=exc.message, error_status=exc.http_status, served_entity=name) for _ in part]
+            except SqlinferError as exc:
+                return self._failed_whole(exc, part, name)
 
         first = self.primary.entity if isinstance(self.primary, TaggedBackend) else None
         results = attempt(self.primary, list(items), first)
         tried = [{r.served_entity} for r in results]
-        while True:
-            by_next: dict[int, list[int]] = {}
-            for i, result in enumerate(results):
-                if not _worth_a_fallback(result):
-                    continue
-                start = self._position.get(result.served_entity, -1) + 1
-                following = [k for k in range(start, len(self.ordered)) if self.ordered[k][0] not in tried[i]]
-                if following:
-                    by_next.setdefault(following[0], []).append(i)
-            if not by_next:
-                break
+        while by_next := self._next_round(results, tried):
             for k, positions in by_next.items():
                 name, backend = self.ordered[k]
-                answers = attempt(backend, [items[i] for i in positions], name)
-                for i, answer in zip(positions, answers):
-                    results[i] = dataclasses.replace(answer, served_entity=name)
-                    tried[i].add(name)
+                self._merge(results, tried, positions, attempt(backend, [items[i] for i in positions], name), name)
         if on_result is not None:  # reported once, final answers only (so nothing is counted twice)
             for i, result in enumerate(results):
                 on_result(i, result)
@@ -306,6 +373,20 @@ class EgressCheckedBackend(DelegatingBackend):
         for field, url in self.urls:
             check_url(url, f"external_model.{field}")
 
+    native_async = property(async_like_inner)
+
+    async def achat(self, conversations, options):
+        self._check()
+        return await self.inner.achat(conversations, options)
+
+    async def acomplete(self, prompts, options):
+        self._check()
+        return await self.inner.acomplete(prompts, options)
+
+    async def aembed(self, texts):
+        self._check()
+        return await self.inner.aembed(texts)
+
     def chat(self, conversations, options, on_result=None):
         self._check()
         return self.inner.chat(conversations, options, on_result)
@@ -332,6 +413,17 @@ class TaggedBackend(DelegatingBackend):
 
     def _tag(self, results: list[Any]) -> list[Any]:
         return [dataclasses.replace(r, served_entity=self.entity) for r in results]
+
+    native_async = property(async_like_inner)
+
+    async def achat(self, conversations, options):
+        return self._tag(await self.inner.achat(conversations, options))
+
+    async def acomplete(self, prompts, options):
+        return self._tag(await self.inner.acomplete(prompts, options))
+
+    async def aembed(self, texts):
+        return self._tag(await self.inner.aembed(texts))
 
     def chat(self, conversations, options, on_result=None):
         return self._tag(self.inner.chat(conversations, options, on_result))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from engine.types import Choice, GenerationResult
-from serving.data.backends import Backend, DelegatingBackend
+from serving.data.backends import Backend, DelegatingBackend, async_like_inner
 from serving.control.db import Database
 from serving.errors import SqlinferError
 from serving.data.limits import current_user
@@ -69,7 +69,8 @@ class _PendingRows:
 
     def __init__(self, db: Database):
         self.db = db
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards the lists only
+        self.writing = threading.Lock()  # one flush at a time
         self.rows: list[tuple[Any, ...]] = []
         self.payloads: list[tuple[Any, ...]] = []
         self.interval = float(os.environ.get("SQLINFER_USAGE_FLUSH_SECONDS", "0.05"))
@@ -83,15 +84,22 @@ class _PendingRows:
             self.payloads.extend(payloads)
 
     def flush(self) -> None:
-        with self.lock:
-            rows, payloads, self.rows, self.payloads = self.rows, self.payloads, [], []
+        # Taken in turn: a reader that flushed waits for a flush under way, so it sees every row
+        # recorded before; ``add`` (on the server's event loop) never waits for SQLite.
+        with self.writing:
+            with self.lock:
+                rows, payloads, self.rows, self.payloads = self.rows, self.payloads, [], []
             if not rows and not payloads:
                 return
-            # written under the lock, so a reader that flushed sees every row recorded before
-            with self.db.write() as con:
-                con.executemany(f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows)
-                if payloads:
-                    con.executemany("INSERT INTO inference_payloads VALUES (?, ?, ?, ?, ?)", payloads)
+            try:
+                with self.db.write() as con:
+                    con.executemany(f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows)
+                    if payloads:
+                        con.executemany("INSERT INTO inference_payloads VALUES (?, ?, ?, ?, ?)", payloads)
+            except Exception:  # kept for the next flush (a locked database): a usage row is never dropped
+                with self.lock:
+                    self.rows[:0], self.payloads[:0] = rows, payloads
+                raise
 
     def _run(self) -> None:
         while True:
@@ -192,6 +200,32 @@ class UsageRecordingBackend(DelegatingBackend):
         self.recorder, self.endpoint_id, self.endpoint_name = recorder, endpoint_id, endpoint_name
         self.log_payloads = log_payloads
 
+    native_async = property(async_like_inner)
+
+    async def _arecorded(self, items: Sequence[Any], call: Callable[[], Any], describe: Callable[[Any], Any]) -> list[Any]:
+        """:meth:`_recorded` for an async call: the row is queued, never written, on the loop."""
+        started = time.perf_counter()
+        _in_flight(self.endpoint_name, len(items))
+        try:
+            results = await call()
+        except SqlinferError as exc:
+            refused = _Refused(error=exc.message, status=exc.http_status, guardrail=getattr(exc, "guardrail", None))
+            self._write(items, [refused] * len(items), (time.perf_counter() - started) * 1000, describe)
+            raise
+        finally:
+            _in_flight(self.endpoint_name, -len(items))
+        self._write(items, results, (time.perf_counter() - started) * 1000, describe)
+        return results
+
+    async def achat(self, conversations, options):
+        return await self._arecorded(conversations, lambda: self.inner.achat(conversations, options), _describe_text)
+
+    async def acomplete(self, prompts, options):
+        return await self._arecorded(prompts, lambda: self.inner.acomplete(prompts, options), _describe_text)
+
+    async def aembed(self, texts):
+        return await self._arecorded(texts, lambda: self.inner.aembed(texts), _describe_vector)
+
     def _recorded(self, items: Sequence[Any], call: Callable[[], list[Any]], describe: Callable[[Any], Any]) -> list[Any]:
         started = time.perf_counter()
         _in_flight(self.endpoint_name, len(items))
@@ -232,20 +266,17 @@ class UsageRecordingBackend(DelegatingBackend):
         return redact(item) if redact is not None else item
 
     def chat(self, conversations, options, on_result=None):
-        return self._recorded(conversations, lambda: self.inner.chat(conversations, options, on_result),
-                              lambda r: {"choices": [c.text for c in r.choices], "error": r.error})
+        return self._recorded(conversations, lambda: self.inner.chat(conversations, options, on_result), _describe_text)
 
     def complete(self, prompts, options, on_result=None):
-        return self._recorded(prompts, lambda: self.inner.complete(prompts, options, on_result),
-                              lambda r: {"choices": [c.text for c in r.choices], "error": r.error})
+        return self._recorded(prompts, lambda: self.inner.complete(prompts, options, on_result), _describe_text)
 
     def embed(self, texts, on_result=None):
-        return self._recorded(texts, lambda: self.inner.embed(texts, on_result),
-                              lambda r: {"embedding": r.vector, "error": r.error})
+        return self._recorded(texts, lambda: self.inner.embed(texts, on_result), _describe_vector)
 
     def stream(self, request, options, chat):
         started, text, last = time.perf_counter(), [], None
-        describe = lambda r: {"choices": [c.text for c in r.choices], "error": r.error}  # noqa: E731
+        describe = _describe_text
         _in_flight(self.endpoint_name, 1)
         try:
             yield from self._stream(request, options, chat, started, text, describe)
@@ -277,3 +308,12 @@ class UsageRecordingBackend(DelegatingBackend):
     def predict(self, rows, params=None, on_result=None):
         return self._recorded(rows, lambda: self.inner.predict(rows, params, on_result),
                               lambda r: {"prediction": r.value, "error": r.error})
+
+
+def _describe_text(result: Any) -> dict[str, Any]:
+    """A text answer as the payload table keeps it."""
+    return {"choices": [c.text for c in result.choices], "error": result.error}
+
+
+def _describe_vector(result: Any) -> dict[str, Any]:
+    return {"embedding": result.vector, "error": result.error}
