@@ -203,7 +203,8 @@ def test_a_5xx_falls_back_to_the_next_entity(upstream, server, admin, monkeypatc
                     for name, model, base in (("primary", "model-a", upstream.url), ("spare", "model-b", second.url))]
         admin.post("/api/2.0/serving-endpoints", json={
             "name": "fast", "config": {"served_entities": entities,
-                                       "traffic_config": {"routes": [{"served_model_name": "primary", "traffic_percentage": 100}]}},
+                                       "traffic_config": {"routes": [{"served_model_name": "primary", "traffic_percentage": 100},
+                                                                     {"served_model_name": "spare", "traffic_percentage": 0}]}},
             "ai_gateway": {"fallback_config": {"enabled": True}}}).raise_for_status()
         server.service.wait_for_deployments()
         upstream.faults.extend([("status", 503)] * 2)

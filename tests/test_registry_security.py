@@ -145,10 +145,14 @@ BAD_REQUESTS = [
         "served_entities": [{"entity_name": "smollm2-135m-instruct", "name": "a"}, {"entity_name": "smollm2-135m-instruct", "name": "b"}],
         "traffic_config": {"routes": [{"served_model_name": "a", "traffic_percentage": 60}, {"served_model_name": "b", "traffic_percentage": 30}]}}},
      400, "INVALID_PARAMETER_VALUE", "percentages must sum to 100, got 90"),
-    ("two external entities", "POST", "", {"name": "x", "config": {"served_entities": [
-        {"external_model": external(), "name": "a"}, {"external_model": external(), "name": "b"}],
+    ("an external entity next to a local one", "POST", "", {"name": "x", "config": {"served_entities": [
+        {"external_model": external(), "name": "a"}, {"entity_name": "smollm2-135m-instruct", "name": "b"}],
         "traffic_config": {"routes": [{"served_model_name": "a", "traffic_percentage": 50}, {"served_model_name": "b", "traffic_percentage": 50}]}}},
-     400, "INVALID_PARAMETER_VALUE", "exactly one served entity"),
+     400, "INVALID_PARAMETER_VALUE", "external models cannot share an endpoint with local or MLflow models"),
+    ("external entities of two tasks", "POST", "", {"name": "x", "config": {"served_entities": [
+        {"external_model": external(), "name": "a"}, {"external_model": external("openai", "llm/v1/embeddings"), "name": "b"}],
+        "traffic_config": {"routes": [{"served_model_name": "a", "traffic_percentage": 50}, {"served_model_name": "b", "traffic_percentage": 50}]}}},
+     400, "INVALID_PARAMETER_VALUE", "must serve one task, got llm/v1/chat, llm/v1/embeddings"),
     ("more than 10 entities", "POST", "", {"name": "x", "config": {"served_entities": [
         {"entity_name": "smollm2-135m-instruct", "name": f"e{i}"} for i in range(11)]}},
      400, "INVALID_PARAMETER_VALUE", "at most 10 served entities"),

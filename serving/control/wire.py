@@ -277,8 +277,13 @@ class EndpointConfig(Strict):
         entities = self.served_entities
         if len(entities) > MAX_SERVED_ENTITIES:
             raise ValueError(f"an endpoint has at most {MAX_SERVED_ENTITIES} served entities, got {len(entities)}")
-        if any(e.external_model is not None for e in entities) and len(entities) > 1:
-            raise ValueError("an endpoint with an external_model has exactly one served entity")
+        externals = [e.external_model for e in entities if e.external_model is not None]
+        if externals and len(externals) != len(entities):  # Databricks: one kind of model per endpoint
+            raise ValueError("external models cannot share an endpoint with local or MLflow models; "
+                             "serve only external_model entities here, or put them on their own endpoint")
+        tasks = sorted({external.task for external in externals})
+        if len(tasks) > 1:
+            raise ValueError(f"the external models of one endpoint must serve one task, got {', '.join(tasks)}")
         names = [e.name or e.default_name() for e in entities]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
