@@ -51,6 +51,10 @@ def run_batch(items: Sequence[Any], one: Callable[[int, Any], Awaitable[Any]],
     order. ``on_result`` is called on *this* thread as each answer arrives."""
     if not items:
         return []
+    if on_result is None:  # nothing to hand over one by one: wait for them all
+        async def gathered() -> list[Any]:
+            return list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
+        return run(gathered())
     arrived: queue.SimpleQueue = queue.SimpleQueue()
 
     async def all_of() -> None:

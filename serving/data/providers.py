@@ -204,19 +204,23 @@ class ProviderBackend(Backend):
 
         async def run(item: Any) -> Any:
             async with limiter:
-                if cancel is not None and cancel.is_set():  # the caller went away: start nothing more
-                    return failed("cancelled: the caller went away before this request was sent", 499)
-                try:
-                    return await one(item)
-                except ProviderError as exc:  # a dropped connection or timeout counts as 503
-                    return failed(str(exc), exc.status or 503)
-                except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not the API's shape
-                    return failed(self._scrub(f"the provider's answer is not the expected API shape ({type(exc).__name__}: "
-                                              f"{str(exc)[:200]})"), 502)
+                return await self._one(item, one, failed, cancel)
 
         if len(items) == 1:
             return [await run(items[0])]
         return list(await asyncio.gather(*(run(item) for item in items)))
+
+    async def _one(self, item: Any, one: Callable[[Any], Any], failed: Callable[[str, int], Any], cancel: Any) -> Any:
+        """One request, its failure turned into that item's ``failed`` result."""
+        if cancel is not None and cancel.is_set():  # the caller went away: start nothing more
+            return failed("cancelled: the caller went away before this request was sent", 499)
+        try:
+            return await one(item)
+        except ProviderError as exc:  # a dropped connection or timeout counts as 503
+            return failed(str(exc), exc.status or 503)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not the API's shape
+            return failed(self._scrub(f"the provider's answer is not the expected API shape ({type(exc).__name__}: "
+                                      f"{str(exc)[:200]})"), 502)
 
     def _map_async(self, items: Sequence[Any], one: Callable[[Any], Any], failed: Callable[[str, int], Any],
                    on_result: ResultCallback | None) -> list[Any]:
@@ -227,8 +231,15 @@ class ProviderBackend(Backend):
         cancel = cancellation.current()  # read here: the loop's tasks do not run in the caller's context
 
         async def each(index: int, item: Any) -> Any:
-            [result] = await self._amap([item], one, failed, cancel)
-            return result
+            return await run(item)
+
+        limiter: asyncio.Semaphore | None = None
+
+        async def run(item: Any) -> Any:
+            nonlocal limiter
+            limiter = limiter or self._limiter()  # the background loop's
+            async with limiter:
+                return await self._one(item, one, failed, cancel)
 
         return aio.run_batch(items, each, on_result)
 
