@@ -13,6 +13,8 @@ reaches ~10k req/s at c=1 here) for ``--seconds`` per point at concurrency 1, 16
 short warm-up, and the script reports req/s, p50 and p99 latency and non-2xx answers, and the
 ratios the issue's targets are stated in: sqlinfer / LiteLLM req/s at c=1 and c=16, p50 added over
 direct at c=1, and sqlinfer's c=16 / c=1 throughput. Ratios, never absolute targets: machines differ.
+For the one-worker server it then checks that nothing was lost: the POSTs it answered (its own
+``/metrics``), their statuses, and, after a SIGTERM, the usage rows in its registry.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

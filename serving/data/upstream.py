@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ def _session(origin: str) -> Any:
     session = entry[1] if entry is not None and entry[0] is loop else None  # an id may be reused by a later loop
     if session is None or session.closed:
         connector = aiohttp.TCPConnector(limit=connections_per_upstream(), ttl_dns_cache=300)
-        session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": USER_AGENT}, json_serialize=_dumps)
+        session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": USER_AGENT})
         session.sqlinfer_proxy = _proxy_for(origin)
         with _LOCK:
             _SESSIONS[key] = (loop, session)
@@ -75,24 +76,37 @@ def _proxy_for(origin: str) -> str | None:
     return proxy
 
 
-def _dumps(value: Any) -> str:
+def _dumps(value: Any) -> bytes:
     import json
 
-    return json.dumps(value, separators=(",", ":"))
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+@functools.lru_cache(maxsize=1024)
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+@functools.lru_cache(maxsize=64)
+def _timeout(seconds: float) -> Any:
+    import aiohttp
+
+    return aiohttp.ClientTimeout(total=seconds)
 
 
 async def post_json(url: str, body: Any, headers: Mapping[str, str], timeout: float) -> UpstreamAnswer:
     """POST ``body`` as JSON; the whole answer read, or :class:`UpstreamUnreachable`."""
     import aiohttp
 
-    parts = urlsplit(url)
-    session = _session(f"{parts.scheme}://{parts.netloc}")
+    origin = _origin(url)
+    session = _session(origin)
     try:
-        async with session.post(url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout),
-                                proxy=session.sqlinfer_proxy) as response:
+        async with session.post(url, data=_dumps(body), headers={**headers, "Content-Type": "application/json"},
+                                timeout=_timeout(timeout), proxy=session.sqlinfer_proxy) as response:
             return UpstreamAnswer(response.status, response.headers.get("retry-after"), await response.read())
     except asyncio.TimeoutError:
-        raise UpstreamUnreachable(f"APITimeoutError: no answer from {parts.netloc} within {timeout:g} s") from None
+        raise UpstreamUnreachable(f"APITimeoutError: no answer from {urlsplit(origin).netloc} within {timeout:g} s") from None
     except aiohttp.ClientError as exc:
         raise UpstreamUnreachable(f"APIConnectionError: {type(exc).__name__}: {exc}") from None
 
