@@ -228,6 +228,7 @@ TASK_QUERIES = [  # (Spark SQL, DuckDB SQL): the same calls, each engine's spell
 
 
 @pytest.mark.engine
+@pytest.mark.slow  # about 200 s on 2 cores: in `make test-slow`, which CI runs too
 def test_the_task_functions_give_duckdbs_typed_answers_in_spark(spark, duck):
     """DuckDB asks first; Spark's identical requests are then answered from the server's store, so
     the comparison holds whatever the CPU's dtype does to batch invariance."""
