@@ -17,6 +17,7 @@ as Prometheus text at ``GET /serving-endpoints/{name}/metrics``.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import contextvars
 import json
 import logging
@@ -25,7 +26,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from engine.types import Choice, GenerationResult
 from serving.data.backends import Backend, DelegatingBackend, async_like_inner
@@ -202,20 +203,33 @@ class UsageRecordingBackend(DelegatingBackend):
 
     native_async = property(async_like_inner)
 
-    async def _arecorded(self, items: Sequence[Any], call: Callable[[], Any], describe: Callable[[Any], Any]) -> list[Any]:
-        """:meth:`_recorded` for an async call: the row is queued, never written, on the loop."""
+    @contextlib.contextmanager
+    def _recording(self, items: Sequence[Any], describe: Callable[[Any], Any]) -> Iterator[list[Any]]:
+        """Around one call: its requests counted in flight, and its usage rows queued when it ends
+        (the caller appends the results); a refusal as a whole (e.g. 429) is recorded with its status."""
         started = time.perf_counter()
         _in_flight(self.endpoint_name, len(items))
+        answered: list[Any] = []
         try:
-            results = await call()
+            yield answered
         except SqlinferError as exc:
             refused = _Refused(error=exc.message, status=exc.http_status, guardrail=getattr(exc, "guardrail", None))
             self._write(items, [refused] * len(items), (time.perf_counter() - started) * 1000, describe)
             raise
         finally:
             _in_flight(self.endpoint_name, -len(items))
-        self._write(items, results, (time.perf_counter() - started) * 1000, describe)
-        return results
+        self._write(items, answered[0], (time.perf_counter() - started) * 1000, describe)
+
+    def _recorded(self, items: Sequence[Any], call: Callable[[], list[Any]], describe: Callable[[Any], Any]) -> list[Any]:
+        with self._recording(items, describe) as answered:
+            answered.append(call())
+        return answered[0]
+
+    async def _arecorded(self, items: Sequence[Any], call: Callable[[], Any], describe: Callable[[Any], Any]) -> list[Any]:
+        """:meth:`_recorded` for an async call: the rows are queued, never written, on the loop."""
+        with self._recording(items, describe) as answered:
+            answered.append(await call())
+        return answered[0]
 
     async def achat(self, conversations, options):
         return await self._arecorded(conversations, lambda: self.inner.achat(conversations, options), _describe_text)
@@ -225,20 +239,6 @@ class UsageRecordingBackend(DelegatingBackend):
 
     async def aembed(self, texts):
         return await self._arecorded(texts, lambda: self.inner.aembed(texts), _describe_vector)
-
-    def _recorded(self, items: Sequence[Any], call: Callable[[], list[Any]], describe: Callable[[Any], Any]) -> list[Any]:
-        started = time.perf_counter()
-        _in_flight(self.endpoint_name, len(items))
-        try:
-            results = call()
-        except SqlinferError as exc:  # refused as a whole (e.g. 429): recorded with that status
-            refused = _Refused(error=exc.message, status=exc.http_status, guardrail=getattr(exc, "guardrail", None))
-            self._write(items, [refused] * len(items), (time.perf_counter() - started) * 1000, describe)
-            raise
-        finally:
-            _in_flight(self.endpoint_name, -len(items))
-        self._write(items, results, (time.perf_counter() - started) * 1000, describe)
-        return results
 
     def _write(self, items: Sequence[Any], results: Sequence[Any], latency_ms: float, describe: Callable[[Any], Any]) -> None:
         context = request_context.get()
