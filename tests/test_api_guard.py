@@ -87,6 +87,17 @@ ROUTES = {
     ("GET", "/api/2.0/sql/statements/{statement_id}"): ("/nope", None, 404),
     ("POST", "/api/2.0/sql/statements/{statement_id}/cancel"): ("/nope/cancel", None, 404),
     ("POST", "/api/2.0/sqlinfer/sql/explain"): ("", {"statement": f"SELECT ai_query('{OWNED}', 'hi')"}, 403),
+    # OpenAI's Files and Batch APIs, under both prefixes: a user sees only their own (tests/test_batch_api.py)
+    **{route: answer for prefix in ("/v1", "/serving-endpoints") for route, answer in {
+        ("POST", f"{prefix}/files"): ("", {"purpose": "batch"}, 400),  # not multipart: the file is missing
+        ("GET", f"{prefix}/files"): ("", None, 200),
+        ("GET", f"{prefix}/files/{{file_id}}"): ("/nope", None, 404),
+        ("GET", f"{prefix}/files/{{file_id}}/content"): ("/nope/content", None, 404),
+        ("POST", f"{prefix}/batches"): ("", {"input_file_id": "nope", "endpoint": "/v1/chat/completions"}, 404),
+        ("GET", f"{prefix}/batches"): ("", None, 200),
+        ("GET", f"{prefix}/batches/{{batch_id}}"): ("/nope", None, 404),
+        ("POST", f"{prefix}/batches/{{batch_id}}/cancel"): ("/nope/cancel", None, 404),
+    }.items()},
 }
 
 

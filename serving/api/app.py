@@ -21,11 +21,13 @@ from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.api import ai_functions, batch, endpoints, insights, ops, permissions, queries, scim, secrets, statements, tokens, ui
+from serving.api import (ai_functions, batch, endpoints, insights, openai_batches, ops, permissions, queries, scim, secrets,
+                         statements, tokens, ui)
 from serving.api.fast_lane import FastLane
 from serving.api.guard import Guard, error_response
 from serving.control.service import EndpointService
 from serving.control.wire import describe_errors
+from serving.data.batch_jobs import BatchStore
 from serving.data.client import InProcessClient
 from serving.data.directory import directory_for
 from serving.data.result_store import default_store
@@ -43,7 +45,14 @@ async def _lifespan(app: FastAPI):
 
     anyio.to_thread.current_default_thread_limiter().total_tokens = int(os.environ.get("SQLINFER_SERVE_THREADS", "8"))
     app.state.service.start()  # deployments a restart interrupted
+    import asyncio
+
+    from serving.data.batch_runner import BatchWorker
+
+    # batch jobs (OpenAI's Batch API): taken over from a previous server once their lease lapses
+    batches = asyncio.create_task(BatchWorker(app.state.service, app.state.query_client).run())
     yield
+    batches.cancel()
     # uvicorn ends a SIGTERM'd server by re-raising the signal, so atexit handlers never run:
     # without this, the vLLM EngineCore and workers outlive the server (seen: 3 GiB each) and the
     # last usage rows are lost. Shutdown is the last moment the process is ours. (An app embedded
@@ -99,11 +108,14 @@ def create_app(service: EndpointService | None = None, owns_process: bool = Fals
     app.state.request_counts = {}
     app.state.query_limiters = {}  # thread pools of queries (serving.api.queries.query_threads)
     app.state.statements = statements.Statements()  # SQL statements run for REST callers
+    app.state.batch_store = BatchStore(service.db)  # OpenAI-compatible batch jobs (serving.data.batch_jobs)
 
     # Queries first: Starlette tries routes in order, and they are what the server answers most.
     for family in (queries, endpoints, permissions, secrets, tokens, scim, batch, ai_functions, statements, insights):
         app.include_router(family.router())
     app.include_router(scim.token_management_router())
+    for prefix in openai_batches.PREFIXES:
+        app.include_router(openai_batches.router(prefix))
     app.include_router(ops.router(started=time.time()))
     ui.mount(app)  # the Serving UI at / (static files; it reads the same REST API with the user's token)
 

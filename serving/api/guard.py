@@ -45,7 +45,8 @@ PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-red
 # the REST API like any client).
 PUBLIC_PREFIXES = ("/ui/",)
 OPENAI_PREFIXES = ("/serving-endpoints/chat/", "/serving-endpoints/completions", "/serving-endpoints/embeddings",
-                   "/serving-endpoints/models", "/serving-endpoints/responses")
+                   "/serving-endpoints/models", "/serving-endpoints/responses", "/serving-endpoints/files",
+                   "/serving-endpoints/batches", "/v1/")
 MAX_JSON_DEPTH = 64
 
 

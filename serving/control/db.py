@@ -196,6 +196,49 @@ MIGRATIONS: list[str] = [
     # 10: the config generation: triggers count changes to what decides who may do what, so the
     # gateway's caches know when to read again (serving.control.generation)
     _generation_migration(),
+    # 11: OpenAI-compatible batch jobs on sqlinfer serve (serving.data.batch_jobs)
+    """
+CREATE TABLE batch_files (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    purpose TEXT NOT NULL,         -- batch (uploaded) or batch_output (written by a job)
+    filename TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    content BLOB NOT NULL
+);
+CREATE TABLE batch_jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    input_file_id TEXT NOT NULL,
+    completion_window TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    in_progress_at INTEGER, finalizing_at INTEGER, completed_at INTEGER, failed_at INTEGER, expired_at INTEGER,
+    cancelling_at INTEGER, cancelled_at INTEGER,
+    output_file_id TEXT,
+    error_file_id TEXT,
+    total INTEGER NOT NULL DEFAULT 0,
+    completed INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    metadata_json TEXT,
+    errors_json TEXT,
+    lease_owner TEXT,
+    lease_until REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX batch_jobs_by_owner ON batch_jobs (owner, created_at);
+CREATE TABLE batch_job_lines (
+    batch_id TEXT NOT NULL REFERENCES batch_jobs(id) ON DELETE CASCADE,
+    line INTEGER NOT NULL,
+    custom_id TEXT NOT NULL,
+    request_json TEXT NOT NULL,
+    outcome TEXT,                  -- NULL until answered; ok or error
+    result_json TEXT,              -- the output-file line
+    PRIMARY KEY (batch_id, line)
+);
+""",
 ]
 
 
