@@ -48,7 +48,12 @@ def _cmd_sql(args: argparse.Namespace) -> int:
             _register_usage_view(con)
         try:
             with ai.stats.progress(description="ai rows") if args.progress else nullcontext():
-                if args.max_cost is not None or args.max_tokens is not None:
+                if args.batch_mode:
+                    from connectors.duckdb import execute_batched
+
+                    result = execute_batched(con, args.query, ai, poll_seconds=args.poll_seconds,
+                                             progress=lambda line: print(line, file=sys.stderr))
+                elif args.max_cost is not None or args.max_tokens is not None:
                     from ai_functions.explain import Budget
                     from connectors.duckdb import execute_within
 
@@ -327,6 +332,31 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_batches(args: argparse.Namespace) -> int:
+    from ai_functions.batch_mode import batch_provider, default_ledger
+
+    ledger = default_ledger()
+    known = {batch["batch_id"]: batch for batch in ledger.batches()}
+    if args.action == "list":
+        _print_columns([("batch_id", "provider", "endpoint", "requests", "state")] +
+                       [(b["batch_id"], b["provider"], b["endpoint"], str(b["requests"]), b["state"]) for b in known.values()])
+        return 0
+    batch = known.get(_need(args.batch_id, "a batch id"))
+    if batch is None:
+        raise SqlinferError(f"no batch {args.batch_id!r} in {ledger.path}; `sqlinfer batches list` shows them")
+    from serving.data.client import InProcessClient
+
+    found = batch_provider(InProcessClient(), batch["endpoint"])
+    if found is None:
+        raise SqlinferError(f"endpoint {batch['endpoint']!r} of batch {args.batch_id!r} is no longer an OpenAI or Anthropic endpoint")
+    provider, _ = found
+    if args.action == "cancel":
+        provider.cancel(args.batch_id)
+    state = provider.progress(args.batch_id)
+    print(f"{args.batch_id}: {state.state}, {state.succeeded} succeeded, {state.failed} failed, {state.total} in all")
+    return 0
+
+
 def _print_columns(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -349,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="neither read nor keep answers in the result store for this query")
     sql.add_argument("--max-cost", type=float, help="refuse (before any call) or stop a query that would cost more")
     sql.add_argument("--max-tokens", type=int, help="refuse (before any call) or stop a query that would use more tokens")
+    sql.add_argument("--batch-mode", action="store_true",
+                     help="send ai_query's calls to OpenAI/Anthropic endpoints through their batch APIs (half price, "
+                          "answers within 24 h); a re-run re-attaches to the batches in flight")
+    sql.add_argument("--poll-seconds", type=float, default=30.0, help="with --batch-mode: how often to poll (default 30)")
     _add_server_options(sql)
 
     explain = commands.add_parser("explain", help="what a query's AI calls would send and cost, without calling a model")
@@ -412,6 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     side = commands.add_parser("sidecar", help="this host's sidecar sqlinfer serve (Spark's engines next to the executors)")
     side.add_argument("action", choices=("status", "stop"), nargs="?", default="status")
     side.set_defaults(handler=_cmd_sidecar)
+
+    batches = commands.add_parser("batches", help="provider batches of --batch-mode queries ($SQLINFER_HOME/provider_batches.db)")
+    batches.add_argument("action", choices=["list", "status", "cancel"], nargs="?", default="list")
+    batches.add_argument("batch_id", nargs="?", help="the batch (status, cancel)")
+    batches.set_defaults(handler=_cmd_batches)
 
     cache = commands.add_parser("cache", help="the durable result store ($SQLINFER_HOME/results.db)")
     cache.add_argument("action", choices=["info", "clear"], nargs="?", default="info")

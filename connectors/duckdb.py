@@ -256,6 +256,37 @@ def execute_within(con: duckdb.DuckDBPyConnection, query: str, budget: Budget, a
         ai.budget = None
 
 
+def execute_batched(con: duckdb.DuckDBPyConnection, query: str, ai: AIFunctions | None = None, poll_seconds: float = 30.0,
+                    progress: Any = None, ledger: Any = None, max_requests: int | None = None) -> Any:
+    """Run ``query`` (an Arrow table back) with its ai_query calls to OpenAI and Anthropic endpoints
+    sent through the providers' batch APIs (``ai_functions.batch_mode``): plan, submit or
+    re-attach, wait for the batches, then answer the query from their results."""
+    from ai_functions.batch_mode import BatchAnsweringClient, default_ledger, prefetch
+
+    ai = ai or functions(con)
+    ai.planner = Planner()
+    try:
+        relation = con.sql(query)
+        if relation is not None:
+            for _ in relation.to_arrow_reader(2048):
+                pass
+        planner = ai.planner
+    finally:
+        ai.planner = None
+    ledger = ledger or default_ledger()
+    report = prefetch(ai.client, planner, ledger, poll_seconds, progress, max_requests)
+    endpoints = {call.endpoint for call in planner.calls.values() if call.function == "ai_query"}
+    online, ai.client = ai.client, BatchAnsweringClient(ai.client, ledger, endpoints)
+    try:
+        relation = con.sql(query)
+        table = relation.to_arrow_table() if relation is not None else None
+    finally:
+        answering, ai.client = ai.client, online
+    ai.batch_report = report
+    ai.batch_report.sent_online = answering.sent_online
+    return table
+
+
 class SqlError(SqlinferError):
     """DuckDB refused the query itself (syntax, an unknown table or column, a failed cast)."""
 

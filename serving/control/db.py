@@ -253,15 +253,6 @@ def _process_lock(path: Path) -> threading.RLock:
         return _PROCESS_LOCKS.setdefault(key, threading.RLock())
 
 
-_GENERATIONS: dict[str, list[int]] = {}
-
-
-def _process_generation(path: Path) -> list[int]:
-    """A counter of this process's commits to one file (a list: shared and mutable)."""
-    with _PROCESS_LOCKS_GUARD:
-        return _GENERATIONS.setdefault(str(path.resolve()), [0])
-
-
 def _statements(script: str) -> list[str]:
     """A migration's statements; a trigger's body keeps its own semicolons."""
     statements, pending = [], ""
@@ -282,7 +273,7 @@ class Database:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._writer = _process_lock(self.path)
-        self._generation = _process_generation(self.path)
+        self._key = str(self.path.resolve())  # what per-file state of this process is keyed by
         with self.write() as con:  # migrate under the write lock: two processes never race it
             version = con.execute("PRAGMA user_version").fetchone()[0]
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
@@ -322,17 +313,9 @@ class Database:
                 con.execute("ROLLBACK")
                 raise
             con.execute("COMMIT")
-            self._generation[0] += 1
             from serving.control.generation import after_commit
 
-            after_commit(self.path, con)
-
-    def change_token(self) -> tuple[int, int, int]:
-        """Changes whenever anything may have changed the database: a commit by another process
-        or connection (SQLite's ``data_version`` on this thread's connection) or by this process.
-        Caches of derived values compare it instead of re-reading rows."""
-        version = self._connection().execute("PRAGMA data_version").fetchone()[0]
-        return version, self._generation[0], threading.get_ident()
+            after_commit(self._key, con)
 
     def read(self) -> sqlite3.Connection:
         return self._connection()

@@ -122,9 +122,10 @@ def generation_of(path: Path) -> ConfigGeneration:
         return watch
 
 
-def after_commit(path: Path, con: sqlite3.Connection) -> None:
-    """A write transaction of this process committed: take a config change into account now."""
-    watch = _WATCHES.get(str(path.resolve()))
+def after_commit(key: str, con: sqlite3.Connection) -> None:
+    """A write transaction of this process committed on the file ``key`` (its resolved path):
+    take a config change into account now."""
+    watch = _WATCHES.get(key)
     if watch is not None:
         watch.refresh_from(con)
 
