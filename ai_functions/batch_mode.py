@@ -23,6 +23,7 @@ The ledger is ``$SQLINFER_HOME/provider_batches.db`` (SQLite, WAL).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sqlite3
@@ -125,22 +126,37 @@ def request_key(endpoint: str, version: str | None, options: Any, messages: list
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def batch_provider(client: Any, endpoint: str) -> tuple[Any, Callable[[list[dict[str, Any]], Any], dict[str, Any]]] | None:
-    """The provider batch client behind ``endpoint`` and how it shapes one request's body, or None
-    when the endpoint is not an OpenAI or Anthropic external model (not an Azure one either)."""
+@dataclass(frozen=True)
+class BatchTarget:
+    """An endpoint as batch mode reaches it: the provider's batch client, how one request's body
+    is shaped for it, the usage recorder of the endpoint, and the served entity that answers."""
+
+    provider: Any
+    shape: Callable[[list[dict[str, Any]], Any], dict[str, Any]]
+    usage: Any
+    entity: str | None
+
+
+def batch_provider(client: Any, endpoint: str) -> BatchTarget | None:
+    """How batch mode reaches ``endpoint``, or None when it is not an OpenAI or Anthropic external
+    model (not an Azure one either)."""
     from serving.data.provider_batches import AnthropicBatches, OpenAIBatches
     from serving.data.providers import AnthropicBackend, OpenAICompatibleBackend, _openai_kwargs
+    from serving.data.usage import UsageRecordingBackend
 
     directory = getattr(client, "directory", None)
     backend = directory.backend(endpoint) if directory is not None else None
-    seen = 0
+    usage, entity, seen = None, None, 0
     while backend is not None and not isinstance(backend, (OpenAICompatibleBackend, AnthropicBackend)) and seen < 16:
+        usage = usage or (backend if isinstance(backend, UsageRecordingBackend) else None)
+        entity = entity or getattr(backend, "entity", None)
         backend = getattr(backend, "inner", None) or getattr(backend, "primary", None)
         seen += 1
     if isinstance(backend, OpenAICompatibleBackend) and backend.native_async:
         model = backend.model
-        return (OpenAIBatches(backend.base_url, backend._resolve_key()),
-                lambda messages, options: {"model": model, "messages": messages, **_openai_kwargs(options)})
+        return BatchTarget(OpenAIBatches(backend.base_url, backend._resolve_key()),
+                           lambda messages, options: {"model": model, "messages": messages, **_openai_kwargs(options)},
+                           usage, entity)
     if isinstance(backend, AnthropicBackend):
         import os
 
@@ -158,21 +174,34 @@ def batch_provider(client: Any, endpoint: str) -> tuple[Any, Callable[[list[dict
             if options.stop:
                 params["stop_sequences"] = list(options.stop)
             return params
-        return AnthropicBatches(os.environ.get("ANTHROPIC_BASE_URL"), backend._resolve_key()), anthropic_params
+        return BatchTarget(AnthropicBatches(os.environ.get("ANTHROPIC_BASE_URL"), backend._resolve_key()), anthropic_params,
+                           usage, entity)
     return None
 
 
+@dataclass(frozen=True)
+class BatchCounts:
+    """The progress of a query's provider batches: what its progress bar shows."""
+
+    submitted: int  # batches of this query at the provider (created now or re-attached)
+    in_progress: int
+    completed: int
+
+
 def prefetch(client: Any, planner: Any, ledger: BatchLedger, poll_seconds: float = 30.0,
-             progress: Callable[[str], None] | None = None, max_requests: int | None = None) -> PrefetchReport:
+             progress: Callable[[str], None] | None = None, max_requests: int | None = None,
+             on_counts: Callable[[BatchCounts], None] | None = None) -> PrefetchReport:
     """Step 2 for every ai_query call the planner recorded (see the module docstring)."""
     from serving.data.batch_wire import encode_result
     from serving.data.provider_batches import BatchItem, split
+    from serving.data.usage import ai_function
 
     report = PrefetchReport()
     if planner.calls and getattr(client, "directory", None) is None:
         raise InvalidArgument("batch mode submits the provider batches from this process: leave out --server "
                               "(SQLINFER_SERVER) and run the query with the registry at hand")
     providers: dict[str, Any] = {}
+    targets: dict[str, BatchTarget] = {}
     for call in planner.calls.values():
         if call.function != "ai_query" or not call.requests:
             continue
@@ -182,8 +211,9 @@ def prefetch(client: Any, planner: Any, ledger: BatchLedger, poll_seconds: float
             raise InvalidArgument(f"batch mode sends chat requests to OpenAI or Anthropic external endpoints; "
                                   f"{call.endpoint!r} serves {client.task(call.endpoint)} here. Run the query online "
                                   f"(without --batch-mode), or point it at such an endpoint")
-        provider, shape = found
+        provider, shape = found.provider, found.shape
         providers[provider.provider] = provider
+        targets[call.endpoint] = found
         options = request_options(call.parameters, call.spec, kind)
         if options.tools:
             raise InvalidArgument("batch mode does not send tools; remove them from modelParameters or run online")
@@ -203,21 +233,35 @@ def prefetch(client: Any, planner: Any, ledger: BatchLedger, poll_seconds: float
             report.submitted.append(submitted.batch_id)
             if progress:
                 progress(f"submitted {submitted.batch_id} ({len(part)} requests) to {provider.provider}")
-    waiting = {(batch["batch_id"], batch["provider"]) for batch in ledger.batches() if batch["state"] == "in_progress"}
-    waiting = {(b, p) for b, p in waiting if b in set(report.submitted) | set(report.reattached)}
-    while waiting:
-        for batch_id, name in sorted(waiting):
-            provider = providers[name]
-            state = provider.progress(batch_id)
+    mine = set(report.submitted) | set(report.reattached)
+    open_batches = {batch["batch_id"]: batch for batch in ledger.batches() if batch["state"] == "in_progress"
+                    and batch["batch_id"] in mine}
+    total = len(mine)
+    while True:
+        if on_counts:
+            on_counts(BatchCounts(total, len(open_batches), total - len(open_batches)))
+        if not open_batches:
+            return report
+        for batch_id, batch in sorted(open_batches.items()):
+            state = providers[batch["provider"]].progress(batch_id)
             if progress:
                 progress(f"{batch_id}: {state.state}, {state.succeeded + state.failed} of {state.total} done")
-            if state.ended:
-                answers = provider.results(batch_id)
-                ledger.ended(batch_id, state.state, {key: json.dumps(encode_result(result)) for key, result in answers.items()})
-                waiting.discard((batch_id, name))
-        if waiting:
+            if not state.ended:
+                continue
+            answers = providers[batch["provider"]].results(batch_id)
+            target = targets[batch["endpoint"]]
+            if target.entity:
+                answers = {key: dataclasses.replace(result, served_entity=target.entity) for key, result in answers.items()}
+            ledger.ended(batch_id, state.state, {key: json.dumps(encode_result(result)) for key, result in answers.items()})
+            if target.usage is not None and answers:  # one usage row per answered request, naming the batch
+                named = ai_function.set("ai_query")
+                try:
+                    target.usage.record_batch(list(answers.values()), batch_id, list(answers), time.time() * 1000 - batch["created_ms"])
+                finally:
+                    ai_function.reset(named)
+            del open_batches[batch_id]
+        if open_batches:
             time.sleep(poll_seconds)
-    return report
 
 
 def _conversations(requests: Sequence[Any]) -> list[list[dict[str, Any]]]:

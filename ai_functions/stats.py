@@ -51,16 +51,17 @@ class StatsSnapshot:
         )
 
 
-def prices_from_env() -> dict[str, tuple[float, float]]:
-    """``SQLINFER_PRICES="endpoint=0.15/0.60,other=1/2"``: per million input/output tokens."""
+def prices_from_env(variable: str = "SQLINFER_PRICES") -> dict[str, tuple[float, float]]:
+    """``SQLINFER_PRICES="endpoint=0.15/0.60,other=1/2"``: per million input/output tokens.
+    ``SQLINFER_BATCH_PRICES`` has the same form: the prices of provider batch mode."""
     prices: dict[str, tuple[float, float]] = {}
-    for item in filter(None, (part.strip() for part in os.environ.get("SQLINFER_PRICES", "").split(","))):
+    for item in filter(None, (part.strip() for part in os.environ.get(variable, "").split(","))):
         try:
             endpoint, pair = item.split("=", 1)
             given, produced = pair.split("/", 1)
             prices[endpoint.strip()] = (float(given), float(produced))
         except ValueError:
-            raise ValueError(f"SQLINFER_PRICES entry {item!r} must look like endpoint=INPUT/OUTPUT "
+            raise ValueError(f"{variable} entry {item!r} must look like endpoint=INPUT/OUTPUT "
                              f"(prices per million tokens, e.g. my-endpoint=0.15/0.60)") from None
     return prices
 
@@ -73,6 +74,9 @@ class QueryStats:
     _last_done: float | None = None
     _bar: Any = None
     prices: dict[str, tuple[float, float]] = field(default_factory=prices_from_env)
+    # Endpoints answered through provider batch APIs since the last reset, costed at these prices
+    # (SQLINFER_BATCH_PRICES) instead (connectors.duckdb.execute_batched sets them).
+    batch_prices: dict[str, tuple[float, float] | None] = field(default_factory=dict)
 
     def set_price(self, endpoint: str, input_per_million: float, output_per_million: float) -> None:
         """Price one endpoint's tokens so summaries report cost."""
@@ -105,6 +109,7 @@ class QueryStats:
         with self._lock:
             self._totals = StatsSnapshot()
             self._first_call = self._last_done = None
+            self.batch_prices = {}
 
     def batch_started(self) -> None:
         with self._lock:
@@ -132,8 +137,11 @@ class QueryStats:
             snap = StatsSnapshot(**(vars(self._totals) | {
                 "tokens_by_endpoint": {k: list(v) for k, v in self._totals.tokens_by_endpoint.items()}}))
             used = snap.tokens_by_endpoint
-            if used and all(e in self.prices for e in used):
-                snap.cost = sum(i * self.prices[e][0] / 1e6 + o * self.prices[e][1] / 1e6 for e, (i, o) in used.items())
+            batched = set(self.batch_prices)
+            prices = {e: p for e, p in self.prices.items() if e not in batched} | {
+                e: p for e, p in self.batch_prices.items() if p is not None}
+            if used and all(e in prices for e in used):
+                snap.cost = sum(i * prices[e][0] / 1e6 + o * prices[e][1] / 1e6 for e, (i, o) in used.items())
             if self._first_call is not None and self._last_done is not None:
                 snap.wall_seconds = self._last_done - self._first_call
             return snap

@@ -29,7 +29,7 @@ import logging
 import os
 import sys
 from contextlib import nullcontext
-from typing import Sequence
+from typing import Any, Sequence
 
 from engine.errors import SqlinferError
 
@@ -49,10 +49,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
         try:
             with ai.stats.progress(description="ai rows") if args.progress else nullcontext():
                 if args.batch_mode:
-                    from connectors.duckdb import execute_batched
-
-                    result = execute_batched(con, args.query, ai, poll_seconds=args.poll_seconds,
-                                             progress=lambda line: print(line, file=sys.stderr))
+                    result = _run_batched(con, args, ai)
                 elif args.max_cost is not None or args.max_tokens is not None:
                     from ai_functions.explain import Budget
                     from connectors.duckdb import execute_within
@@ -75,6 +72,32 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     finally:
         con.close()
     return 0
+
+
+def _run_batched(con: Any, args: argparse.Namespace, ai: Any) -> Any:
+    """``sql --batch-mode``: the provider batches' progress as a bar (submitted, in progress,
+    completed), their ids on stderr, and --max-cost / --max-tokens checked at batch prices."""
+    from ai_functions.explain import Budget
+    from connectors.duckdb import execute_batched
+
+    bar = None
+    if args.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="provider batches", unit="batch", file=sys.stderr, dynamic_ncols=True)
+
+    def counts(now: Any) -> None:
+        if bar is not None:
+            bar.total, bar.n = now.submitted, now.completed
+            bar.set_postfix_str(f"submitted {now.submitted}, in progress {now.in_progress}, completed {now.completed}")
+
+    budget = Budget(args.max_cost, args.max_tokens) if args.max_cost is not None or args.max_tokens is not None else None
+    try:
+        return execute_batched(con, args.query, ai, poll_seconds=args.poll_seconds, budget=budget, on_counts=counts,
+                               progress=lambda line: print(line, file=sys.stderr) if line.startswith("submitted") else None)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _serving_client(args: argparse.Namespace):
@@ -303,8 +326,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     con = connect(args.database, client=_serving_client(args))
     try:
+        ai = functions(con)
+        if args.batch_mode:  # costed as the providers' batch APIs would charge it
+            from ai_functions.stats import prices_from_env
+
+            ai.stats.prices = prices_from_env("SQLINFER_BATCH_PRICES")
         try:
-            estimates = explain(con, args.query, functions(con))
+            estimates = explain(con, args.query, ai)
         except duckdb.Error as exc:
             raise translate_error(con, exc) from None
         for estimate in estimates:
@@ -349,7 +377,7 @@ def _cmd_batches(args: argparse.Namespace) -> int:
     found = batch_provider(InProcessClient(), batch["endpoint"])
     if found is None:
         raise SqlinferError(f"endpoint {batch['endpoint']!r} of batch {args.batch_id!r} is no longer an OpenAI or Anthropic endpoint")
-    provider, _ = found
+    provider = found.provider
     if args.action == "cancel":
         provider.cancel(args.batch_id)
     state = provider.progress(args.batch_id)
@@ -388,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="what a query's AI calls would send and cost, without calling a model")
     explain.add_argument("query")
     explain.add_argument("--database", default=":memory:", help="DuckDB database file (default: in memory)")
+    explain.add_argument("--batch-mode", action="store_true", help="cost it at the batch prices of SQLINFER_BATCH_PRICES")
     _add_server_options(explain)
     explain.set_defaults(handler=_cmd_explain)
     sql.set_defaults(handler=_cmd_sql)

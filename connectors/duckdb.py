@@ -257,13 +257,17 @@ def execute_within(con: duckdb.DuckDBPyConnection, query: str, budget: Budget, a
 
 
 def execute_batched(con: duckdb.DuckDBPyConnection, query: str, ai: AIFunctions | None = None, poll_seconds: float = 30.0,
-                    progress: Any = None, ledger: Any = None, max_requests: int | None = None) -> Any:
+                    progress: Any = None, ledger: Any = None, max_requests: int | None = None,
+                    budget: Budget | None = None, on_counts: Any = None) -> Any:
     """Run ``query`` (an Arrow table back) with its ai_query calls to OpenAI and Anthropic endpoints
-    sent through the providers' batch APIs (``ai_functions.batch_mode``): plan, submit or
-    re-attach, wait for the batches, then answer the query from their results."""
+    sent through the providers' batch APIs (``ai_functions.batch_mode``): plan, check ``budget``
+    against the estimate at batch prices (``SQLINFER_BATCH_PRICES``), submit or re-attach, wait for
+    the batches, then answer the query from their results (costed at batch prices too)."""
     from ai_functions.batch_mode import BatchAnsweringClient, default_ledger, prefetch
+    from ai_functions.stats import prices_from_env
 
     ai = ai or functions(con)
+    batch_prices = prices_from_env("SQLINFER_BATCH_PRICES")
     ai.planner = Planner()
     try:
         relation = con.sql(query)
@@ -273,17 +277,23 @@ def execute_batched(con: duckdb.DuckDBPyConnection, query: str, ai: AIFunctions 
         planner = ai.planner
     finally:
         ai.planner = None
+    if budget is not None:
+        tokens, cost = totals(estimate(ai.client, planner, ai.store, batch_prices))
+        budget.check(tokens, cost, "before submitting any batch (estimate at batch prices)")
     ledger = ledger or default_ledger()
-    report = prefetch(ai.client, planner, ledger, poll_seconds, progress, max_requests)
+    report = prefetch(ai.client, planner, ledger, poll_seconds, progress, max_requests, on_counts)
     endpoints = {call.endpoint for call in planner.calls.values() if call.function == "ai_query"}
-    online, ai.client = ai.client, BatchAnsweringClient(ai.client, ledger, endpoints)
+    ai.stats.reset()  # this run's stats: the batched endpoints costed at their batch prices (None: no price)
+    ai.stats.batch_prices = {endpoint: batch_prices.get(endpoint) for endpoint in endpoints}
+    online = ai.client
+    ai.client = answering = BatchAnsweringClient(online, ledger, endpoints)
     try:
         relation = con.sql(query)
         table = relation.to_arrow_table() if relation is not None else None
     finally:
-        answering, ai.client = ai.client, online
+        ai.client = online
+    report.sent_online = answering.sent_online
     ai.batch_report = report
-    ai.batch_report.sent_online = answering.sent_online
     return table
 
 

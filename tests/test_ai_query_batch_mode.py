@@ -122,3 +122,40 @@ def test_the_cli_runs_a_query_in_batch_mode_and_lists_its_batches(endpoints, pro
     assert "claude-batch" in listed.stdout and "ended" in listed.stdout
     status = subprocess.run([SQLINFER, "batches", "status", batch_id], env=env, capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and f"{batch_id}: ended, 5 succeeded, 0 failed, 5 in all" in status.stdout
+    priced = env | {"SQLINFER_PRICES": "claude-batch=2/2", "SQLINFER_BATCH_PRICES": "claude-batch=1/1"}
+    query = "SELECT ai_query('claude-batch', 'row ' || i || ' again', modelParameters => {'max_tokens': 10}) FROM range(4) t(i)"
+    online = subprocess.run([SQLINFER, "explain", query], env=priced, capture_output=True, text=True, timeout=60)
+    batched = subprocess.run([SQLINFER, "explain", "--batch-mode", query], env=priced, capture_output=True, text=True, timeout=60)
+    cost = lambda out: float(out.split("cost ")[-1].split(";")[0])  # noqa: E731  (the total line)
+    assert cost(batched.stdout) > 0 and cost(online.stdout) == pytest.approx(2 * cost(batched.stdout))
+
+
+def test_batch_prices_budgets_usage_rows_and_progress(endpoints, provider, tmp_path, monkeypatch):
+    """Budgets are checked at batch prices before any batch exists; every answered request leaves
+    a usage row naming its batch; the progress callback ends with every batch completed."""
+    from ai_functions.errors import BudgetExceeded
+    from ai_functions.explain import Budget
+    from serving.data.usage import flush_all
+
+    monkeypatch.setenv("SQLINFER_PRICES", "oa-batch=100/100")  # online: would break the budget
+    monkeypatch.setenv("SQLINFER_BATCH_PRICES", "oa-batch=0.5/0.5")
+    con = connect(client=InProcessClient(directory_for(endpoints)))
+    ledger = BatchLedger(tmp_path / "ledger.db")
+    query = QUERY.format(endpoint="oa-batch", rows=200, extra=", modelParameters => {'max_tokens': 8}")
+    with pytest.raises(BudgetExceeded, match="at batch prices"):
+        execute_batched(con, query, poll_seconds=0.01, ledger=ledger, budget=Budget(max_cost=0.0001))
+    assert provider.creates["openai"] == 0  # refused before anything was submitted
+    counts = []
+    table = execute_batched(con, query, poll_seconds=0.01, ledger=ledger, budget=Budget(max_cost=0.01), on_counts=counts.append)
+    assert table.num_rows == 200 and provider.creates["openai"] == 1
+    assert (counts[0].submitted, counts[0].in_progress) == (1, 1) and (counts[-1].in_progress, counts[-1].completed) == (0, 1)
+    snapshot = functions(con).stats.snapshot()
+    assert snapshot.cost == pytest.approx((200 * 3 + 200 * 2) * 0.5 / 1e6)  # the provider's usage, at batch prices
+    flush_all()
+    [batch] = ledger.batches()
+    rows = endpoints.db.read().execute("SELECT source, ai_function, usage_context, client_request_id, status_code, input_tokens "
+                                       "FROM usage WHERE endpoint_name = 'oa-batch'").fetchall()
+    assert len(rows) == 200 and {r["source"] for r in rows} == {"sql"} and {r["ai_function"] for r in rows} == {"ai_query"}
+    assert {r["usage_context"] for r in rows} == {f'{{"provider_batch": "{batch["batch_id"]}"}}'}
+    assert {r["status_code"] for r in rows} == {200} and sum(r["input_tokens"] for r in rows) == 600
+    assert len({r["client_request_id"] for r in rows}) == 200

@@ -240,19 +240,28 @@ class UsageRecordingBackend(DelegatingBackend):
     async def aembed(self, texts):
         return await self._arecorded(texts, lambda: self.inner.aembed(texts), _describe_vector)
 
-    def _write(self, items: Sequence[Any], results: Sequence[Any], latency_ms: float, describe: Callable[[Any], Any]) -> None:
-        context = request_context.get()
-        source = "rest" if context else "sql"
+    def record_batch(self, results: Sequence[Any], batch_id: str, custom_ids: Sequence[str], latency_ms: float) -> None:
+        """Usage rows for answers a provider's batch API gave (``ai_query`` in batch mode): source
+        ``sql``, each request's ``custom_id`` as its client request id, the batch in ``usage_context``."""
+        self._write(custom_ids, results, latency_ms, _describe_text, context={"usage_context": {"provider_batch": batch_id}},
+                    source="sql", client_ids=custom_ids)
+
+    def _write(self, items: Sequence[Any], results: Sequence[Any], latency_ms: float, describe: Callable[[Any], Any],
+               context: dict[str, Any] | None = None, source: str | None = None,
+               client_ids: Sequence[str] | None = None) -> None:
+        context = request_context.get() if context is None else context
+        source = source or ("rest" if context else "sql")
         function = ai_function.get()
         usage_context = json.dumps(context["usage_context"]) if context.get("usage_context") is not None else None
         now = int(time.time() * 1000)
         rows, payloads = [], []
-        for item, result in zip(items, results):
+        for position, (item, result) in enumerate(zip(items, results)):
             request_id = uuid.uuid4().hex
             rows.append((request_id, now, self.endpoint_name, self.endpoint_id, result.served_entity, current_user.get(), source,
                          result.prompt_tokens, getattr(result, "completion_tokens", 0),
                          getattr(result, "status", None) or ((result.error_status or 500) if result.error else 200),
-                         round(latency_ms, 3), context.get("client_request_id"), usage_context, result.error,
+                         round(latency_ms, 3), client_ids[position] if client_ids else context.get("client_request_id"),
+                         usage_context, result.error,
                          getattr(result, "guardrail", None), function))
             if self.log_payloads:
                 answer = {"error": result.error} if getattr(result, "status", None) else describe(result)
