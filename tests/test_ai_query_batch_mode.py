@@ -159,3 +159,37 @@ def test_batch_prices_budgets_usage_rows_and_progress(endpoints, provider, tmp_p
     assert {r["usage_context"] for r in rows} == {f'{{"provider_batch": "{batch["batch_id"]}"}}'}
     assert {r["status_code"] for r in rows} == {200} and sum(r["input_tokens"] for r in rows) == 600
     assert len({r["client_request_id"] for r in rows}) == 200
+
+
+def test_sqlinfer_batches_cancel_stops_a_batch_the_query_waits_for(endpoints, provider):
+    import threading
+
+    from tests.registry_helpers import SQLINFER
+
+    provider.polls_to_finish = 10**9
+    ledger = BatchLedger(endpoints.home / "provider_batches.db")  # where the CLI looks, with SQLINFER_HOME
+    con = connect(client=InProcessClient(directory_for(endpoints)))
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["table"] = execute_batched(con, QUERY.format(endpoint="oa-batch", rows=10, extra=", failOnError => false"),
+                                               poll_seconds=0.05, ledger=ledger)
+        except Exception as exc:  # noqa: BLE001  (reported by the assertion below)
+            outcome["error"] = exc
+
+    waiting = threading.Thread(target=run)
+    waiting.start()
+    deadline = time.monotonic() + 60
+    while not ledger.batches():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    [batch] = ledger.batches()
+    env = os.environ | {"SQLINFER_HOME": str(endpoints.home), "ANTHROPIC_BASE_URL": provider.url}
+    cancelled = subprocess.run([SQLINFER, "batches", "cancel", batch["batch_id"]], env=env, capture_output=True, text=True, timeout=60)
+    assert cancelled.returncode == 0, cancelled.stderr
+    waiting.join(timeout=60)
+    assert "error" not in outcome, outcome.get("error")
+    answers = outcome["table"].column("answer").to_pylist()
+    assert len(answers) == 10 and all(a["result"] is None and "batch_cancelled" in a["errorMessage"] for a in answers)
+    assert ledger.batches()[0]["state"] == "cancelled" and provider.creates["openai"] == 1
