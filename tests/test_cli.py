@@ -103,6 +103,7 @@ def _summary_counts(stderr: str) -> str:
 
 
 @pytest.mark.engine
+@pytest.mark.slow  # about 3 minutes on 2 cores: in `make test-slow`, which CI runs too
 @pytest.mark.parametrize("query", SERVER_QUERIES)
 def test_sql_through_a_warm_server_answers_as_in_process(query, chat_engine, sqlinfer_server, capsys, monkeypatch):
     from connectors.cli import main

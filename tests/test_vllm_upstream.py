@@ -6,7 +6,8 @@ import pytest
 
 from tests.registry_helpers import sql_rows
 
-pytestmark = pytest.mark.engine
+# vLLM's own OpenAI server as the provider: about 3.5 minutes on 2 cores, in `make test-slow` (CI runs it)
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 QUESTION = "What is the capital of France? Answer in one word."
 
