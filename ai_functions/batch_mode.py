@@ -142,12 +142,19 @@ def batch_provider(client: Any, endpoint: str) -> BatchTarget | None:
     model (not an Azure one either)."""
     from serving.data.provider_batches import AnthropicBatches, OpenAIBatches
     from serving.data.providers import AnthropicBackend, OpenAICompatibleBackend, _openai_kwargs
+    from serving.data.guardrails import GuardedBackend
     from serving.data.usage import UsageRecordingBackend
 
     directory = getattr(client, "directory", None)
     backend = directory.backend(endpoint) if directory is not None else None
     usage, entity, seen = None, None, 0
     while backend is not None and not isinstance(backend, (OpenAICompatibleBackend, AnthropicBackend)) and seen < 16:
+        check = getattr(backend, "_check", None)
+        if check is not None:  # the egress allow-list holds for batches as for online calls
+            check()
+        if isinstance(backend, GuardedBackend):
+            raise InvalidArgument(f"{endpoint!r} has AI Gateway guardrails, which batch mode does not apply; "
+                                  f"run the query online (without --batch-mode)")
         usage = usage or (backend if isinstance(backend, UsageRecordingBackend) else None)
         entity = entity or getattr(backend, "entity", None)
         backend = getattr(backend, "inner", None) or getattr(backend, "primary", None)

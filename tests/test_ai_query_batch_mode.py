@@ -193,3 +193,21 @@ def test_sqlinfer_batches_cancel_stops_a_batch_the_query_waits_for(endpoints, pr
     answers = outcome["table"].column("answer").to_pylist()
     assert len(answers) == 10 and all(a["result"] is None and "batch_cancelled" in a["errorMessage"] for a in answers)
     assert ledger.batches()[0]["state"] == "cancelled" and provider.creates["openai"] == 1
+
+
+def test_the_egress_allow_list_holds_for_batches(endpoints, provider, tmp_path, monkeypatch):
+    monkeypatch.setenv("SQLINFER_EGRESS_ALLOW", "api.openai.com")
+    con = connect(client=InProcessClient(directory_for(endpoints)))
+    with pytest.raises(Exception, match="egress allow-list"):
+        execute_batched(con, QUERY.format(endpoint="oa-batch", rows=3, extra=""), poll_seconds=0.01,
+                        ledger=BatchLedger(tmp_path / "ledger.db"))
+    assert provider.creates["openai"] == 0
+
+
+def test_an_endpoint_with_guardrails_is_refused_rather_than_unguarded(endpoints, provider, tmp_path):
+    endpoints.put_ai_gateway("oa-batch", {"guardrails": {"input": {"pii": {"behavior": "BLOCK"}}}})
+    con = connect(client=InProcessClient(directory_for(endpoints)))
+    with pytest.raises(Exception, match="guardrails, which batch mode does not apply"):
+        execute_batched(con, QUERY.format(endpoint="oa-batch", rows=3, extra=""), poll_seconds=0.01,
+                        ledger=BatchLedger(tmp_path / "ledger.db"))
+    assert provider.creates["openai"] == 0
