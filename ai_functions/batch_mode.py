@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 from ai_functions.errors import InvalidArgument
 from ai_functions.functions import KIND_OF_TASK, _dedupe, request_options
 from ai_functions.ordering import prompts_for
+from engine.types import GenerationResult
 
 
 @dataclass
@@ -101,12 +102,17 @@ class BatchLedger:
                         (batch_id, provider, endpoint, len(keys), int(time.time() * 1000)))
             con.executemany("INSERT OR REPLACE INTO requests VALUES (?, ?, NULL)", [(key, batch_id) for key in keys])
 
-    def ended(self, batch_id: str, state: str, results: dict[str, str]) -> None:
-        """A batch's answers (key -> result JSON), written as they are downloaded."""
+    def ended(self, batch_id: str, state: str, results: dict[str, str], missing: str) -> bool:
+        """A batch's answers (key -> result JSON), written as they are downloaded; its keys the
+        provider did not answer get ``missing``. False when another process ended it first."""
         with self._write() as con:
+            if con.execute("UPDATE batches SET state = ?, ended_ms = ? WHERE batch_id = ? AND state = 'in_progress'",
+                           (state, int(time.time() * 1000), batch_id)).rowcount == 0:
+                return False
             con.executemany("UPDATE requests SET result_json = ? WHERE key = ? AND batch_id = ?",
                             [(result, key, batch_id) for key, result in results.items()])
-            con.execute("UPDATE batches SET state = ?, ended_ms = ? WHERE batch_id = ?", (state, int(time.time() * 1000), batch_id))
+            con.execute("UPDATE requests SET result_json = ? WHERE batch_id = ? AND result_json IS NULL", (missing, batch_id))
+            return True
 
     def batches(self) -> list[dict[str, Any]]:
         rows = self._con().execute("SELECT batch_id, provider, endpoint, requests, state, created_ms, ended_ms FROM batches "
@@ -137,9 +143,10 @@ class BatchTarget:
     entity: str | None
 
 
-def batch_provider(client: Any, endpoint: str) -> BatchTarget | None:
+def batch_provider(client: Any, endpoint: str, control_only: bool = False) -> BatchTarget | None:
     """How batch mode reaches ``endpoint``, or None when it is not an OpenAI or Anthropic external
-    model (not an Azure one either)."""
+    model (not an Azure one, not a custom provider). ``control_only``: to read or cancel a batch
+    already submitted (guardrails do not stop that)."""
     from serving.data.provider_batches import AnthropicBatches, OpenAIBatches
     from serving.data.providers import AnthropicBackend, OpenAICompatibleBackend, _openai_kwargs
     from serving.data.guardrails import GuardedBackend
@@ -152,16 +159,16 @@ def batch_provider(client: Any, endpoint: str) -> BatchTarget | None:
         check = getattr(backend, "_check", None)
         if check is not None:  # the egress allow-list holds for batches as for online calls
             check()
-        if isinstance(backend, GuardedBackend):
+        if isinstance(backend, GuardedBackend) and not control_only:
             raise InvalidArgument(f"{endpoint!r} has AI Gateway guardrails, which batch mode does not apply; "
                                   f"run the query online (without --batch-mode)")
         usage = usage or (backend if isinstance(backend, UsageRecordingBackend) else None)
         entity = entity or getattr(backend, "entity", None)
         backend = getattr(backend, "inner", None) or getattr(backend, "primary", None)
         seen += 1
-    if isinstance(backend, OpenAICompatibleBackend) and backend.native_async:
+    if isinstance(backend, OpenAICompatibleBackend) and backend.native_async and backend.provider == "openai":
         model = backend.model
-        return BatchTarget(OpenAIBatches(backend.base_url, backend._resolve_key()),
+        return BatchTarget(OpenAIBatches(backend.base_url, backend._resolve_key(), organization=backend._organization),
                            lambda messages, options: {"model": model, "messages": messages, **_openai_kwargs(options)},
                            usage, entity)
     if isinstance(backend, AnthropicBackend):
@@ -207,8 +214,7 @@ def prefetch(client: Any, planner: Any, ledger: BatchLedger, poll_seconds: float
     if planner.calls and getattr(client, "directory", None) is None:
         raise InvalidArgument("batch mode submits the provider batches from this process: leave out --server "
                               "(SQLINFER_SERVER) and run the query with the registry at hand")
-    providers: dict[str, Any] = {}
-    targets: dict[str, BatchTarget] = {}
+    targets: dict[str, BatchTarget] = {}  # per endpoint: its own base URL, key and usage rows
     for call in planner.calls.values():
         if call.function != "ai_query" or not call.requests:
             continue
@@ -219,7 +225,6 @@ def prefetch(client: Any, planner: Any, ledger: BatchLedger, poll_seconds: float
                                   f"{call.endpoint!r} serves {client.task(call.endpoint)} here. Run the query online "
                                   f"(without --batch-mode), or point it at such an endpoint")
         provider, shape = found.provider, found.shape
-        providers[provider.provider] = provider
         targets[call.endpoint] = found
         options = request_options(call.parameters, call.spec, kind)
         if options.tools:
@@ -228,7 +233,7 @@ def prefetch(client: Any, planner: Any, ledger: BatchLedger, poll_seconds: float
         conversations = _conversations(distinct)
         version = client.config_version(call.endpoint)
         keys = [request_key(call.endpoint, version, options, c) for c in conversations]
-        known = ledger.known(keys)
+        known = {key: found for key, found in ledger.known(keys).items() if not _failed(found[1])}  # failures go again
         report.requests += len(keys)
         report.answered_before += sum(1 for key in keys if key in known and known[key][1] is not None)
         report.reattached += sorted({known[key][0] for key in keys if key in known and known[key][1] is None})
@@ -250,17 +255,20 @@ def prefetch(client: Any, planner: Any, ledger: BatchLedger, poll_seconds: float
         if not open_batches:
             return report
         for batch_id, batch in sorted(open_batches.items()):
-            state = providers[batch["provider"]].progress(batch_id)
+            target = targets[batch["endpoint"]]
+            state = target.provider.progress(batch_id)
             if progress:
                 progress(f"{batch_id}: {state.state}, {state.succeeded + state.failed} of {state.total} done")
             if not state.ended:
                 continue
-            answers = providers[batch["provider"]].results(batch_id)
-            target = targets[batch["endpoint"]]
+            answers = target.provider.results(batch_id)
             if target.entity:
                 answers = {key: dataclasses.replace(result, served_entity=target.entity) for key, result in answers.items()}
-            ledger.ended(batch_id, state.state, {key: json.dumps(encode_result(result)) for key, result in answers.items()})
-            if target.usage is not None and answers:  # one usage row per answered request, naming the batch
+            unanswered = GenerationResult(error=f"the provider's batch {batch_id} ended ({state.state}) without answering "
+                                                f"this request; run the query again to send it again", error_status=503)
+            first = ledger.ended(batch_id, state.state, {key: json.dumps(encode_result(result)) for key, result in answers.items()},
+                                 json.dumps(encode_result(unanswered)))
+            if first and target.usage is not None and answers:  # one usage row per answered request, naming the batch
                 named = ai_function.set("ai_query")
                 try:
                     target.usage.record_batch(list(answers.values()), batch_id, list(answers), time.time() * 1000 - batch["created_ms"])
@@ -269,6 +277,11 @@ def prefetch(client: Any, planner: Any, ledger: BatchLedger, poll_seconds: float
             del open_batches[batch_id]
         if open_batches:
             time.sleep(poll_seconds)
+
+
+def _failed(result_json: str | None) -> bool:
+    """A stored answer that is a failure: sent again by the next run, as an online failure would be."""
+    return result_json is not None and json.loads(result_json).get("error") is not None
 
 
 def _conversations(requests: Sequence[Any]) -> list[list[dict[str, Any]]]:

@@ -374,7 +374,7 @@ def _cmd_batches(args: argparse.Namespace) -> int:
         raise SqlinferError(f"no batch {args.batch_id!r} in {ledger.path}; `sqlinfer batches list` shows them")
     from serving.data.client import InProcessClient
 
-    found = batch_provider(InProcessClient(), batch["endpoint"])
+    found = batch_provider(InProcessClient(), batch["endpoint"], control_only=True)
     if found is None:
         raise SqlinferError(f"endpoint {batch['endpoint']!r} of batch {args.batch_id!r} is no longer an OpenAI or Anthropic endpoint")
     provider = found.provider

@@ -267,6 +267,10 @@ def execute_batched(con: duckdb.DuckDBPyConnection, query: str, ai: AIFunctions 
     from ai_functions.stats import prices_from_env
 
     ai = ai or functions(con)
+    kinds = {statement.type for statement in duckdb.extract_statements(query)}
+    if kinds != {duckdb.StatementType.SELECT}:  # it runs twice (plan, answer): a CREATE or INSERT would too
+        raise InvalidArgument("batch mode runs one SELECT (it is planned, then answered); write the result with "
+                              "--format jsonl or into a table with a second statement")
     batch_prices = prices_from_env("SQLINFER_BATCH_PRICES")
     ai.planner = Planner()
     try:

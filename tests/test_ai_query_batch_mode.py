@@ -68,7 +68,8 @@ def test_failed_lines_follow_fail_on_error_exactly_as_online(endpoints, provider
     rows = table.column("answer").to_pylist()
     assert rows[0] == {"result": "row 0", "errorMessage": None}
     assert rows[3]["result"] is None and "scripted failure" in rows[3]["errorMessage"]
-    assert provider.creates["openai"] == 1  # the second run re-used the first run's batch
+    # the second run re-used the first run's answers and sent only the failed request again, as online
+    assert provider.creates["openai"] == 2 and [b["requests"] for b in ledger.batches()] == [6, 1]
 
 
 def test_a_killed_run_re_attaches_to_its_batch_and_pays_nothing_twice(endpoints, provider, tmp_path):
@@ -211,3 +212,11 @@ def test_an_endpoint_with_guardrails_is_refused_rather_than_unguarded(endpoints,
         execute_batched(con, QUERY.format(endpoint="oa-batch", rows=3, extra=""), poll_seconds=0.01,
                         ledger=BatchLedger(tmp_path / "ledger.db"))
     assert provider.creates["openai"] == 0
+
+
+def test_only_a_select_runs_in_batch_mode(endpoints, provider, tmp_path):
+    con = connect(client=InProcessClient(directory_for(endpoints)))
+    with pytest.raises(Exception, match="batch mode runs one SELECT"):
+        execute_batched(con, "CREATE TABLE t AS " + QUERY.format(endpoint="oa-batch", rows=3, extra=""), poll_seconds=0.01,
+                        ledger=BatchLedger(tmp_path / "ledger.db"))
+    assert provider.creates["openai"] == 0 and "t" not in {r[0] for r in con.execute("SHOW TABLES").fetchall()}

@@ -65,13 +65,14 @@ def test_the_openai_sdk_runs_a_batch_with_per_line_errors_and_usage_rows(server,
     lines = [request(f"r{i}", "ext", f"line {i}") for i in range(30)]
     lines.append(request("walled-off", "walled", "not mine"))
     lines.append(request("bad-temperature", "ext", "x", temperature="hot"))
+    lines.append(request("bad-logprobs", "ext", "x", logprobs="maybe"))  # checked by the route's own model
     uploaded = alice.files.create(file=jsonl(lines), purpose="batch")
     assert uploaded.purpose == "batch" and uploaded.bytes > 0
     batch = alice.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h", metadata={"job": "t"})
     assert batch.status == "validating" and batch.metadata == {"job": "t"}
     done = settled(alice, batch.id)
     assert done.status == "completed", done
-    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (32, 30, 2)
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (33, 30, 3)
     assert done.in_progress_at and done.completed_at and done.output_file_id and done.error_file_id
 
     output = [json.loads(line) for line in alice.files.content(done.output_file_id).text.splitlines()]
@@ -80,7 +81,8 @@ def test_the_openai_sdk_runs_a_batch_with_per_line_errors_and_usage_rows(server,
         assert item["response"]["status_code"] == 200 and item["error"] is None
         assert item["response"]["body"]["choices"][0]["message"]["content"] == "line " + item["custom_id"][1:]
     errors = {e["custom_id"]: e for e in map(json.loads, alice.files.content(done.error_file_id).text.splitlines())}
-    assert set(errors) == {"walled-off", "bad-temperature"}
+    assert set(errors) == {"walled-off", "bad-temperature", "bad-logprobs"}
+    assert errors["bad-logprobs"]["response"]["status_code"] == 400
     assert errors["walled-off"]["response"]["status_code"] == 403
     assert errors["walled-off"]["response"]["body"]["error"]["code"] == "PERMISSION_DENIED"
     assert errors["bad-temperature"]["response"]["status_code"] == 400

@@ -121,7 +121,9 @@ class Auth:
         secrets in a config are used with the rights of whoever last changed it."""
         if user_name == EMBEDDED.user_name:
             return EMBEDDED
-        row = self._db.read().execute("SELECT max(is_admin) AS admin FROM tokens WHERE user_name = ?", (user_name,)).fetchone()
+        row = self._db.read().execute("SELECT max(is_admin) AS admin FROM tokens WHERE user_name = ? AND "
+                                      "(expiry_time IS NULL OR expiry_time > ?)",  # an expired admin token is no admin
+                                      (user_name, int(time.time() * 1000))).fetchone()
         return Principal(user_name, bool(row["admin"]) if row and row["admin"] is not None else False)
 
     # -- entitlements ------------------------------------------------------------------------

@@ -93,19 +93,20 @@ class ConfigGeneration:
         """Read the counter on ``con`` (after a commit of this process, or by the poller)."""
         row = con.execute("SELECT generation FROM config_generation WHERE id = 1").fetchone()
         if row is not None:
-            with self._lock:
-                if row[0] != self.value:
+            with self._lock:  # only forward: a slow poll must not undo a commit's newer value
+                if row[0] > self.value:
                     self.value = row[0]
 
     def _poll(self) -> None:
         while True:
-            time.sleep(refresh_seconds())
             try:
-                with self._lock:
-                    con = self._con
-                self.refresh_from(con)
-            except sqlite3.Error:  # a locked or vanished database must not end the watcher
-                log.debug("could not read the config generation of %s", self.path, exc_info=True)
+                time.sleep(refresh_seconds())
+            except ValueError:  # a malformed SQLINFER_CONFIG_REFRESH_SECONDS: the default, not a dead watcher
+                time.sleep(0.05)
+            try:
+                self.refresh_from(self._con)
+            except Exception:  # noqa: BLE001  (nothing may end the watcher: caches would go stale for good)
+                log.warning("could not read the config generation of %s; retrying", self.path, exc_info=True)
 
 
 _WATCHES: dict[str, ConfigGeneration] = {}

@@ -14,15 +14,18 @@ import asyncio
 import json
 import logging
 import os
-import time
 import uuid
 from typing import Any
 
 from serving.data.batch_jobs import ROUTES, BatchStore, Line, concurrency, now, output_line, parse_lines
+from serving.data.query_wire import ChatRequest, CompletionRequest, EmbeddingRequest
 from serving.errors import SqlinferError
 
 log = logging.getLogger("sqlinfer.batches")
 RENEW_SECONDS = 2.0
+
+# Each line's body is checked against its route's own model (serving.data.query_wire).
+MODELS = {"llm/v1/chat": ChatRequest, "llm/v1/completions": CompletionRequest, "llm/v1/embeddings": EmbeddingRequest}
 
 
 def require_query(service: Any, directory: Any, who: Any, name: str) -> None:
@@ -92,12 +95,29 @@ class BatchWorker:
                         (now(), row["id"]))
 
     async def _answer_lines(self, row: Any) -> str:
-        """Answer the pending lines, ``concurrency()`` at a time; the job's status when it stops."""
+        """Answer the pending lines, ``concurrency()`` at a time; the job's status when it stops.
+
+        The lease is renewed by a timer of its own, not between lines: lines that run long (a
+        long generation, a rate-limit wait) must not let it lapse, or another process would
+        take the job over and send them again. Once a renewal fails, no line is started.
+        """
         batch_id, task = row["id"], ROUTES[row["endpoint"]]
         owner = await asyncio.to_thread(self.service.auth.principal_named, row["owner"])
         pending = await asyncio.to_thread(self.store.pending, batch_id)
         gate = asyncio.Semaphore(concurrency())
-        state = {"status": "in_progress", "renewed": time.monotonic()}
+        state = {"status": "in_progress"}
+
+        async def keep_lease() -> None:
+            while state["status"] == "in_progress":
+                await asyncio.sleep(RENEW_SECONDS)
+                if not await asyncio.to_thread(self.store.renew, self.worker, batch_id):
+                    state["status"] = "lost"  # another process took the job over: start nothing more
+                    return
+                current = await asyncio.to_thread(self.store.row, batch_id)
+                if current["status"] != "in_progress":
+                    state["status"] = current["status"]  # cancelling
+                elif now() >= current["expires_at"]:
+                    state["status"] = "expiring"
 
         async def one(line: Line) -> None:
             async with gate:
@@ -105,16 +125,14 @@ class BatchWorker:
                     return
                 ok, result = await asyncio.to_thread(self._answer, owner, batch_id, task, line)
                 await asyncio.to_thread(self.store.answered, batch_id, line.line, ok, result)
-                if time.monotonic() - state["renewed"] > RENEW_SECONDS:
-                    state["renewed"] = time.monotonic()
-                    if not await asyncio.to_thread(self.store.renew, self.worker, batch_id):
-                        state["status"] = "lost"  # another process took the job over: stop here
-                        return
-                    current = await asyncio.to_thread(self.store.row, batch_id)
-                    if current["status"] != "in_progress" or now() >= current["expires_at"]:
-                        state["status"] = current["status"] if current["status"] != "in_progress" else "expiring"
 
-        await asyncio.gather(*(one(line) for line in pending))
+        renewing = asyncio.create_task(keep_lease())
+        try:
+            await asyncio.gather(*(one(line) for line in pending))
+        finally:
+            if state["status"] == "in_progress":
+                state["status"] = "done"
+            renewing.cancel()
         if state["status"] == "expiring":
             await asyncio.to_thread(self._finish, batch_id, "expired")
             return "expired"
@@ -123,23 +141,37 @@ class BatchWorker:
         return (await asyncio.to_thread(self.store.row, batch_id))["status"]
 
     def _answer(self, owner: Any, batch_id: str, task: str, line: Line) -> tuple[bool, dict[str, Any]]:
-        """One line as the owner's query: (ok, its output-file line)."""
+        """One line as the owner's query: (ok, its output-file line). The body is checked against
+        the route's own model first, so a line is refused exactly as the route would refuse it."""
+        from pydantic import ValidationError
+
+        from serving.control.wire import describe_validation_error
         from serving.data.invocations import invoke
         from serving.data.limits import current_user, limit_mode
+        from serving.data.query_wire import body_of
         from serving.data.usage import request_context
+        from serving.errors import InvalidParameterValue
 
         current_user.set(owner.user_name)
         limit_mode.set("wait")  # a batch waits at a rate limit, as SQL jobs do
         request_context.set({"client_request_id": line.custom_id, "usage_context": {"batch_id": batch_id}})
-        body = {k: v for k, v in line.body.items() if k != "stream"}
-        name = body["model"]
         try:
+            try:
+                body = body_of(MODELS[task].model_validate({k: v for k, v in line.body.items() if k != "stream"}))
+            except ValidationError as exc:
+                raise InvalidParameterValue(f"line {line.line}: {describe_validation_error(exc)}") from None
+            name = body["model"]
             require_query(self.service, self.client.directory, owner, name)
             answer, _ = invoke(self.client, name, body, task)
             return True, output_line(line, 200, answer, None)
         except SqlinferError as exc:
             error = {"message": exc.message, "type": exc.error_code.lower(), "code": exc.error_code}
             return False, output_line(line, exc.http_status, {"error": error}, None)
+        except Exception as exc:  # noqa: BLE001  (a bug: this line fails, the job goes on)
+            log.error("internal error answering line %s of %s: %s", line.line, batch_id, type(exc).__name__)
+            error = {"message": "internal error in sqlinfer; the server log has the details", "type": "internal_error",
+                     "code": "INTERNAL_ERROR"}
+            return False, output_line(line, 500, {"error": error}, None)
 
     def _finish(self, batch_id: str, status: str) -> None:
         """Write the output and error files of what was answered, then set the final status.

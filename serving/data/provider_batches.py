@@ -74,10 +74,10 @@ class OpenAIBatches:
     provider = "openai"
     ROUTE = "/v1/chat/completions"
 
-    def __init__(self, base_url: str, api_key: str, timeout: float = 120.0):
+    def __init__(self, base_url: str, api_key: str, timeout: float = 120.0, organization: str | None = None):
         import openai
 
-        self.sdk = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=2, timeout=timeout)
+        self.sdk = openai.OpenAI(base_url=base_url, api_key=api_key, organization=organization, max_retries=2, timeout=timeout)
 
     def submit(self, items: Sequence[BatchItem]) -> SubmittedBatch:
         lines = "".join(json.dumps({"custom_id": i.custom_id, "method": "POST", "url": self.ROUTE, "body": i.body}) + "\n"

@@ -257,9 +257,10 @@ class OpenAICompatibleBackend(ProviderBackend):
     def __init__(self, task: Task, model: str, base_url: str | None, api_key: Callable[[], str | None],
                  azure: dict[str, str] | None = None, organization: str | None = None,
                  max_concurrency: int = 16, timeout: float = 60.0, retry: RetryPolicy | None = None,
-                 embedding_chunk: int = 256):
+                 embedding_chunk: int = 256, provider: str = "openai"):
         super().__init__(task, model, api_key, max_concurrency, timeout, retry)
         self.base_url, self._azure, self._organization = base_url, azure, organization
+        self.provider = provider  # openai or custom: the registry's provider name (batch mode is OpenAI's)
         self.embedding_chunk = embedding_chunk
 
     def _make_client(self, key: str) -> Any:

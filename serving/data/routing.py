@@ -198,7 +198,7 @@ def _provider_backend(external: dict[str, Any], task: Task, secret: Callable[[An
         auth = config.get("bearer_token_auth") or {}
         token = auth.get("token") or auth.get("token_plaintext")
         return OpenAICompatibleBackend(task, external["name"], config["custom_provider_url"], lambda: secret(token),
-                                       max_concurrency=PROVIDER_CONCURRENCY)
+                                       max_concurrency=PROVIDER_CONCURRENCY, provider="custom")
     if provider == "anthropic":
         from serving.data.providers import AnthropicBackend
 

@@ -57,7 +57,10 @@ def _session(origin: str) -> Any:
     session = entry[1] if entry is not None and entry[0] is loop else None  # an id may be reused by a later loop
     if session is None or session.closed:
         connector = aiohttp.TCPConnector(limit=connections_per_upstream(), ttl_dns_cache=300)
-        session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": USER_AGENT})
+        # No cookie jar: one session carries several endpoints' keys to an origin, and a cookie set
+        # for one must never ride along with another's requests.
+        session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": USER_AGENT},
+                                        cookie_jar=aiohttp.DummyCookieJar())
         session.sqlinfer_proxy = _proxy_for(origin)
         with _LOCK:
             _SESSIONS[key] = (loop, session)
@@ -103,7 +106,8 @@ async def post_json(url: str, body: Any, headers: Mapping[str, str], timeout: fl
     session = _session(origin)
     try:
         async with session.post(url, data=_dumps(body), headers={**headers, "Content-Type": "application/json"},
-                                timeout=_timeout(timeout), proxy=session.sqlinfer_proxy) as response:
+                                timeout=_timeout(timeout), proxy=session.sqlinfer_proxy,
+                                allow_redirects=False) as response:  # a redirect must not leave the egress allow-list
             return UpstreamAnswer(response.status, response.headers.get("retry-after"), await response.read())
     except asyncio.TimeoutError:
         raise UpstreamUnreachable(f"APITimeoutError: no answer from {urlsplit(origin).netloc} within {timeout:g} s") from None
