@@ -3,8 +3,8 @@
 Why aiohttp and not the OpenAI SDK's (httpx) clients: against the loopback upstream of
 ``bench/upstream.py`` on a 2-core AMD EPYC, one request at a time took 743 us with an aiohttp
 session and 1,651 us with ``httpx.AsyncClient``; 16 at a time reached 3,794 req/s with aiohttp and
-347 with httpx's async pool (``/tmp`` script in the issue 18 notes; the SDK's sync client per
-thread, the path this replaces, reached 164 req/s behind the server). A provider call is a JSON
+347 with httpx's async pool (a one-off measurement, in the README's gateway section; the SDK's
+sync client per thread, the path this replaces, reached 164 req/s behind the server). A provider call is a JSON
 POST with a bearer key: the SDK adds nothing there we would have to rewrite, so the providers post
 it here (``serving.data.providers``). The SDK stays where it does add protocol value: Azure
 OpenAI's URL and key scheme, Anthropic's Messages client, and parsing streamed server-sent events.
