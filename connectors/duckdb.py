@@ -229,16 +229,20 @@ def explain(con: duckdb.DuckDBPyConnection, query: str, ai: AIFunctions | None =
     The query runs once with the functions in planning mode (they record and return NULL).
     """
     ai = ai or functions(con)
+    return estimate(ai.client, _plan(con, query, ai), ai.store, ai.stats.prices)
+
+
+def _plan(con: duckdb.DuckDBPyConnection, query: str, ai: AIFunctions) -> Planner:
+    """Run ``query`` once with the functions recording what they would send (and answering NULL)."""
     ai.planner = Planner()
     try:
         relation = con.sql(query)
         if relation is not None:
             for _ in relation.to_arrow_reader(2048):  # run it, keeping one batch at a time
                 pass
-        planner = ai.planner
+        return ai.planner
     finally:
         ai.planner = None
-    return estimate(ai.client, planner, ai.store, ai.stats.prices)
 
 
 def execute_within(con: duckdb.DuckDBPyConnection, query: str, budget: Budget, ai: AIFunctions | None = None) -> Any:
@@ -272,15 +276,7 @@ def execute_batched(con: duckdb.DuckDBPyConnection, query: str, ai: AIFunctions 
         raise InvalidArgument("batch mode runs one SELECT (it is planned, then answered); write the result with "
                               "--format jsonl or into a table with a second statement")
     batch_prices = prices_from_env("SQLINFER_BATCH_PRICES")
-    ai.planner = Planner()
-    try:
-        relation = con.sql(query)
-        if relation is not None:
-            for _ in relation.to_arrow_reader(2048):
-                pass
-        planner = ai.planner
-    finally:
-        ai.planner = None
+    planner = _plan(con, query, ai)
     if budget is not None:
         tokens, cost = totals(estimate(ai.client, planner, ai.store, batch_prices))
         budget.check(tokens, cost, "before submitting any batch (estimate at batch prices)")

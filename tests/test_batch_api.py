@@ -88,8 +88,7 @@ def test_the_openai_sdk_runs_a_batch_with_per_line_errors_and_usage_rows(server,
     assert errors["bad-temperature"]["response"]["status_code"] == 400
     assert len(upstream.calls) == 30  # nothing refused was sent
 
-    server.service.db.read()  # usage rows: one per answered line, the owner's, naming the batch
-    from serving.data.usage import flush_all
+    from serving.data.usage import flush_all  # usage rows: one per answered line, the owner's, naming the batch
 
     flush_all()
     rows = server.service.db.read().execute(

@@ -26,6 +26,7 @@ from serving.api.guard import JsonRoute, principal
 from serving.control.auth import Principal
 from serving.control.generation import NotCached, memory_only
 from serving.control.store import SYSTEM_PREFIX
+from serving.data.batch_runner import require_query
 from serving.data.invocations import ainvoke, invoke
 from serving.data.limits import current_user, limit_mode
 from serving.data.query_wire import (
@@ -46,14 +47,9 @@ log = logging.getLogger("sqlinfer.rest")
 
 
 def may_query(request: Request, who: Principal, name: str) -> None:
-    """CAN_QUERY on ``name``; every user may query the system endpoints. An unknown name is a 404
-    that names no other endpoint (the in-process message lists them; a REST caller may not see them)."""
-    if name.startswith(SYSTEM_PREFIX):
-        if not request.app.state.query_client.directory.is_registered(name):
-            raise ResourceDoesNotExist(f"endpoint {name!r} does not exist; list endpoints with GET /api/2.0/serving-endpoints")
-        return
-    service = request.app.state.service
-    service.auth.require(who, service.endpoint_id(name), name, "CAN_QUERY")
+    """CAN_QUERY on ``name`` (``serving.data.batch_runner.require_query``: the one rule, which the
+    batch worker applies too)."""
+    require_query(request.app.state.service, request.app.state.query_client.directory, who, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +71,9 @@ def resolve(request: Request, who: Principal, name: str, build: bool) -> QueryTa
     may_query(request, who, name)
     directory = request.app.state.query_client.directory
     endpoint = directory.endpoint(name)
-    if endpoint.backend is None and not build:
+    if endpoint.backend is not None:  # the hot path: built already, no second lookup
+        return QueryTarget(endpoint.backend, endpoint.task)
+    if not build:
         raise NotCached(name)
     return QueryTarget(directory.backend(name), endpoint.task)
 
