@@ -150,6 +150,7 @@ class LocalEngineBackend(Backend):
         self._idle_timeout = idle_timeout
         self._engine: Any = None
         self._events = events  # the served entity's server log (engine starts, failures)
+        self._attached = False  # whether that log already names the engine serving this entity
 
     @property
     def engine(self) -> Any:
@@ -163,8 +164,14 @@ class LocalEngineBackend(Backend):
 
     def _started(self, engine: Any) -> Any:
         """The engine, started now if it is not running, with its start in the entity's log."""
-        if engine.is_running or self._events is None:
+        if self._events is None:
             return engine
+        if engine.is_running:
+            if not self._attached:  # an engine another endpoint started: this entity's log still says who serves it
+                self._attached = True
+                self._events(f"serving from the local engine for {self.model}, already running: {engine.start_line}")
+            return engine
+        self._attached = True
         import time
 
         from engine.errors import SqlinferError
