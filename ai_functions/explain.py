@@ -7,7 +7,10 @@ arguments): rows, distinct requests, how many the result store already holds, in
 (counted with the model's own tokenizer where the model is local; ~4 characters per token for
 external providers, flagged as approximate), output tokens (at most ``max_tokens`` per request
 sent), cost (prices per million tokens: ``SQLINFER_PRICES`` or ``stats.set_price``), and time
-(the endpoint's rate limits and its throughput measured from the usage log).
+(the endpoint's rate limits and its throughput measured from the usage log), and for
+chat/completions on a local engine the prompt tokens its prefix cache will reuse
+(``engine.prefix_reuse``: the batch ordered as it will be sent, shared prefixes rounded down to
+whole KV blocks), or why there is no such estimate.
 
 Known limit: a query whose later AI calls depend on earlier AI answers (``WHERE ai_query(...) =
 'x'``) is planned with NULL answers, so the dependent calls may be under-counted.
@@ -23,11 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ai_functions.errors import BudgetExceeded
+from ai_functions.ordering import plan_prompts
 from ai_functions.functions import KIND_OF_TASK, _dedupe, request_options, store_keys
 from serving.data.result_store import is_deterministic
 from serving.data.result_store import ResultStore
 from ai_functions.spec import OutputSpec
 from engine.errors import SqlinferError
+from engine.prefix_reuse import PrefixReuse
 
 CHARS_PER_TOKEN = 4
 
@@ -99,6 +104,8 @@ class Estimate:
     cost: float | None
     seconds: float | None
     limited_by: str
+    # chat/completions only: what the engine's prefix cache will reuse once the batch is ordered
+    prefix_reuse: PrefixReuse | None = None
 
     def line(self) -> str:
         cost = f"{self.cost:.6f}" if self.cost is not None else "no price"
@@ -106,7 +113,8 @@ class Estimate:
         approx = "" if self.tokens_exact else " (approx.)"
         return (f"{self.function}({self.endpoint!r}): {self.rows} rows, {self.distinct_requests} distinct requests, "
                 f"{self.cache_hits} in the result store, {self.to_send} to send; input tokens {self.input_tokens}{approx}, "
-                f"output tokens <= {self.output_tokens}; cost {cost}; time {seconds} ({self.limited_by})")
+                f"output tokens <= {self.output_tokens}; cost {cost}; time {seconds} ({self.limited_by})"
+                + (f"; {self.prefix_reuse.describe()}" if self.prefix_reuse is not None else ""))
 
 
 def estimate(client: Any, planner: Planner, store: ResultStore | None, prices: dict[str, tuple[float, float]]) -> list[Estimate]:
@@ -123,17 +131,22 @@ def estimate(client: Any, planner: Planner, store: ResultStore | None, prices: d
             found = store.get_many(keys)
             hits = sum(1 for k in keys if k in found)
             remaining = [r for r, k in zip(distinct, keys) if k not in found]
-        counted = client.count_tokens(call.endpoint, remaining, kind) if remaining and kind != "predict" else []
+        plan = plan_prompts(remaining) if kind in ("chat", "complete") else None
+        # chat/completions are counted as the prompts the model is sent (STRUCTs rendered as fields)
+        sent = plan.sent() if plan is not None else remaining
+        counted = client.count_tokens(call.endpoint, sent, kind) if remaining and kind != "predict" else []
         exact = counted is not None
         if counted is None:
-            counted = [max(1, len(str(r)) // CHARS_PER_TOKEN) for r in remaining]
+            counted = [max(1, len(str(r)) // CHARS_PER_TOKEN) for r in sent]
         input_tokens = sum(counted) if kind != "predict" else 0
         output_tokens = len(remaining) * (options.max_tokens or 0) if kind in ("chat", "complete") else 0
         price = prices.get(call.endpoint)
         cost = (input_tokens * price[0] + output_tokens * price[1]) / 1e6 if price else (0.0 if not remaining else None)
         seconds, limited_by = _duration(client, call.endpoint, len(remaining), input_tokens + output_tokens)
+        # planned exactly as the query path will send them: fields by GGR, the batch in prefix order
+        reuse = client.prefix_reuse(call.endpoint, sent, kind) if plan is not None and remaining else None
         estimates.append(Estimate(call.function, call.endpoint, call.rows, len(distinct), hits, len(remaining),
-                                  input_tokens, output_tokens, exact, cost, seconds, limited_by))
+                                  input_tokens, output_tokens, exact, cost, seconds, limited_by, reuse))
     return estimates
 
 

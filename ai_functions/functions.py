@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from ai_functions.errors import CastError, InvalidArgument, InvalidModelParameters, RowFailed
-from ai_functions.ordering import prefix_order, prompts_for, render
+from ai_functions.ordering import plan_prompts, render
 from ai_functions.params import parse_model_parameters
 from serving.data.result_store import IN_FLIGHT, ResultStore, answer_keys, is_deterministic
 from ai_functions.spec import OutputSpec, output_spec
@@ -245,10 +245,9 @@ def _send(client: ServingClient, function: str, endpoint: str, requests: list[An
     if kind in ("chat", "complete"):
         # STRUCT requests become "field: value" prompts, fields ordered for shared prefixes; the
         # batch goes in prefix order (ai_functions.ordering), answers come back by position.
-        structured = [i for i in to_send if isinstance(distinct[i], dict)]
-        texts = {i: distinct[i] for i in to_send if isinstance(distinct[i], str)}
-        texts.update(zip(structured, prompts_for([distinct[i] for i in structured])))
-        to_send = [to_send[j] for j in prefix_order([texts[i] for i in to_send])]
+        plan = plan_prompts([distinct[i] for i in to_send])
+        texts = dict(zip(to_send, plan.texts))
+        to_send = [to_send[j] for j in plan.order]
     try:
         if to_send:
             batch = [texts[i] for i in to_send] if kind in ("chat", "complete") else [distinct[i] for i in to_send]

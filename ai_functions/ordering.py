@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 
@@ -72,3 +73,25 @@ def prompts_for(rows: Sequence[dict[str, Any]]) -> list[str]:
 def prefix_order(prompts: Sequence[str]) -> list[int]:
     """Positions of ``prompts`` in the order to send them: sorted, so shared prefixes are adjacent."""
     return sorted(range(len(prompts)), key=lambda i: prompts[i])
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """A batch of chat/completion requests as the model will see it."""
+
+    texts: list[str]  # each request's prompt text, in input order
+    order: list[int]  # input positions in the order they are sent
+
+    def sent(self) -> list[str]:
+        return [self.texts[i] for i in self.order]
+
+
+def plan_prompts(requests: Sequence[str | dict[str, Any]]) -> PromptPlan:
+    """Texts stay as they are, STRUCT requests become prompts with fields ordered for shared
+    prefixes (GGR over the STRUCT rows of the batch), and the whole batch goes in prefix order.
+    The query path and EXPLAIN's reuse estimate both plan with this."""
+    texts: list[str] = [r if isinstance(r, str) else "" for r in requests]
+    structured = [i for i, r in enumerate(requests) if isinstance(r, dict)]
+    for i, prompt in zip(structured, prompts_for([requests[i] for i in structured])):
+        texts[i] = prompt
+    return PromptPlan(texts, prefix_order(texts))

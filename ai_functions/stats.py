@@ -41,11 +41,13 @@ class StatsSnapshot:
 
     def summary(self) -> str:
         cost = f", cost {self.cost:.6f}" if self.cost is not None else ""
+        # what the local engine reported reusing from its prefix cache (explain estimates it before)
+        reused = f" ({self.cached_prompt_tokens} prompt tokens reused from the prefix cache)" if self.cached_prompt_tokens else ""
         return (
             f"{self.rows} rows ({self.null_rows} NULL, {self.cache_hits} from the result store, "
             f"{self.deduplicated} answered by an identical request, "
             f"{self.errors} errors), {self.requests} requests, {self.prompt_tokens} prompt + "
-            f"{self.completion_tokens} generated tokens{cost}, {self.rows_per_second:.1f} rows/s, "
+            f"{self.completion_tokens} generated tokens{reused}{cost}, {self.rows_per_second:.1f} rows/s, "
             f"{self.wall_seconds:.1f} s wall"
             + (f"; ai_agg: {self.aggregate_groups} groups in up to {self.aggregate_rounds} rounds" if self.aggregate_groups else "")
         )

@@ -76,7 +76,9 @@ def main() -> int:
     count = int(os.environ.get("SQLINFER_BENCH_ROWS", "96"))
     reviews = [r[0] for r in duckdb.sql(
         f"SELECT review FROM read_csv('{ROOT / 'examples/data/reviews.csv'}') WHERE review IS NOT NULL AND review <> ''").fetchall()]
-    args = EngineConfig.for_this_machine().engine_args("", "generate")
+    config = EngineConfig.for_this_machine()
+    os.environ.update(config.process_env())  # the same CPU binding as sqlinfer's engine
+    args = config.engine_args("", "generate")
     args.pop("model"), args.pop("disable_log_stats")
     args["enable_prefix_caching"] = True
     raw = LLM(model=str(resolve_model("smollm2-135m-instruct").path), **args)

@@ -22,6 +22,7 @@ BENCHMARKS = [
     ("SQL function overhead (DuckDB, Spark)", ["bench_sql_functions.py"]),
     ("Spark vs DuckDB on the same engine", ["bench_spark_vs_duckdb.py"]),
     ("prefix-aware ordering", ["bench_prefix_order.py"]),
+    ("prefix reuse on public short-row tables", ["bench_prefix_tables.py"]),
     ("provisioned throughput under a pay-per-token flood", ["bench_provisioned.py"]),
     ("task functions vs ai_query; quality, joins, aggregates", ["bench_ai_functions.py"]),
 ]
@@ -37,7 +38,8 @@ def main() -> int:
             if completed.returncode != 0 or not out.exists():
                 print(f"benchmark {name!r} failed with exit status {completed.returncode}", file=sys.stderr)
                 return 1
-            results.append(json.loads(out.read_text()))
+            reported = json.loads(out.read_text())  # one result, or a list when a script checks several targets
+            results.extend(reported if isinstance(reported, list) else [reported])
     print("\nSummary (ratio = sqlinfer throughput / baseline throughput, same run):")
     for result in results:
         verdict = "ok" if result["ratio"] >= result["target"] else "BELOW TARGET"

@@ -119,6 +119,9 @@ class CallerClient:
     def count_tokens(self, endpoint, requests, kind):
         return self._call('count_tokens', endpoint, requests, kind)
 
+    def prefix_reuse(self, endpoint, requests, kind):
+        return self._call('prefix_reuse', endpoint, requests, kind)
+
     def throughput(self, endpoint):
         return self._call('throughput', endpoint)
 

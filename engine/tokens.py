@@ -26,18 +26,25 @@ def _tokenizer(model_dir: str) -> Any:
 def count_tokens(model_dir: str, requests: Sequence[Any], kind: str) -> list[int]:
     """Input tokens of each request: ``kind`` is chat (the user message's text, or a conversation:
     a list of messages), complete or embed."""
+    if kind == "embed":
+        tokenizer = _tokenizer(model_dir)
+        limit = getattr(tokenizer, "model_max_length", None) or 512
+        return [len(tokenizer(request, truncation=True, max_length=min(limit, 100_000))["input_ids"]) for request in requests]
+    return [len(ids) for ids in prompt_token_ids(model_dir, requests, kind)]
+
+
+def prompt_token_ids(model_dir: str, requests: Sequence[Any], kind: str) -> list[list[int]]:
+    """The token ids the engine computes for each chat or completion request (what its prefix
+    cache sees): ``kind`` is chat (the user message's text, or a conversation) or complete."""
     tokenizer = _tokenizer(model_dir)
-    counts = []
+    ids = []
     for request in requests:
         if kind == "chat":
             # a user message's text (explain), or a whole conversation (what the engine is sent)
             messages = [{"role": m.get("role", "user"), "content": m.get("content") if isinstance(m.get("content"), str) else ""}
                         for m in request] if isinstance(request, list) else [{"role": "user", "content": request}]
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            counts.append(len(tokenizer.encode(text, add_special_tokens=False)))
-        elif kind == "embed":
-            limit = getattr(tokenizer, "model_max_length", None) or 512
-            counts.append(len(tokenizer(request, truncation=True, max_length=min(limit, 100_000))["input_ids"]))
+            ids.append(tokenizer.encode(text, add_special_tokens=False))
         else:
-            counts.append(len(tokenizer.encode(request)))
-    return counts
+            ids.append(tokenizer.encode(request))
+    return ids

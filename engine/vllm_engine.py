@@ -32,6 +32,7 @@ from engine import cancellation
 from engine.config import EngineConfig
 from engine.errors import EngineError, InvalidParameterValue, RequestCancelled
 from engine.model_store import ModelInfo, resolve_model
+from engine.prefix_reuse import PrefixCache
 from engine.types import (
     Choice,
     EmbeddingResult,
@@ -297,6 +298,20 @@ class LocalEngine:
                 "block_size": config.cache_config.block_size,
                 "enable_prefix_caching": config.cache_config.enable_prefix_caching,
                 "max_model_len": config.model_config.max_model_len}
+
+    def prefix_cache(self) -> PrefixCache:
+        """Block size and whether prefix caching is on: read from vLLM's config when the engine
+        runs, else what it will start with (our config, or vLLM's default block where we set none)."""
+        if self._llm is not None:
+            cache = self._llm.vllm_config.cache_config
+            return PrefixCache(bool(cache.enable_prefix_caching), int(cache.block_size), "the running engine's config")
+        enabled = self.config.enable_prefix_caching and self.model.runner == "generate"
+        if self.config.block_size is not None:
+            return PrefixCache(enabled, self.config.block_size, "the engine config (not started yet)")
+        import torch
+
+        default = 16 if torch.cuda.is_available() else 128  # vLLM's defaults when none is set
+        return PrefixCache(enabled, default, "vLLM's default block (not started yet)")
 
     @property
     def tokenizer(self) -> Any:

@@ -19,6 +19,7 @@ from abc import ABC
 from typing import Any, Callable, Iterator, Sequence
 
 from engine.errors import InvalidParameterValue
+from engine.prefix_reuse import PrefixReuse
 from engine.types import Choice, EmbeddingResult, GenerationResult, PredictionResult, SamplingOptions, StreamDelta, Task
 
 ResultCallback = Callable[[int, Any], None]
@@ -89,6 +90,12 @@ class Backend(ABC):
         this backend cannot tell (external providers: their tokenizers are not here)."""
         return None
 
+    def prefix_reuse(self, requests: Sequence[Any], kind: str) -> PrefixReuse:
+        """Prompt tokens the engine's prefix cache will reuse for ``requests`` sent in this order
+        (chat: user messages, complete: prompts), or why this backend cannot tell."""
+        return PrefixReuse(unknown_because="the endpoint's model does not run on a local engine here "
+                                           "(an external provider's own prompt caching is not estimated)")
+
     def warm_up(self) -> None:
         """Get ready to answer (start an engine, open connections) before the first request."""
 
@@ -119,6 +126,9 @@ class DelegatingBackend(Backend):
 
     def count_tokens(self, requests, kind):
         return self.inner.count_tokens(requests, kind)
+
+    def prefix_reuse(self, requests, kind):
+        return self.inner.prefix_reuse(requests, kind)
 
     def warm_up(self) -> None:
         self.inner.warm_up()
@@ -224,6 +234,18 @@ class LocalEngineBackend(Backend):
         from engine.tokens import count_tokens
 
         return count_tokens(str(resolve_model(self.model).path), requests, kind)
+
+    def prefix_reuse(self, requests, kind):
+        from engine.model_store import resolve_model
+        from engine.prefix_reuse import estimate
+        from engine.tokens import prompt_token_ids
+        from engine.vllm_engine import get_engine
+
+        engine = self._engine or get_engine(self.model, self._engine_config)  # its settings, not started
+        cache = engine.prefix_cache()
+        if not cache.enabled:
+            return PrefixReuse(unknown_because="prefix caching is off for this engine (SQLINFER_ENGINE_ENABLE_PREFIX_CACHING)")
+        return estimate(prompt_token_ids(str(resolve_model(self.model).path), requests, kind), cache.block_size)
 
     def warm_up(self) -> None:
         self.engine.start()

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 from engine.types import EmbeddingResult, GenerationResult, PredictionResult, SamplingOptions, StreamDelta, Task
 from serving.data.backends import Conversation, ResultCallback
+from engine.prefix_reuse import PrefixReuse
 from serving.data.directory import EndpointDirectory, default_directory
 
 
@@ -75,6 +76,10 @@ class InProcessClient:
 
     def count_tokens(self, endpoint: str, requests: Sequence[Any], kind: str) -> list[int] | None:
         return self.directory.backend(endpoint).count_tokens(requests, kind)
+
+    def prefix_reuse(self, endpoint: str, requests: Sequence[Any], kind: str) -> PrefixReuse:
+        """What the engine's prefix cache will reuse for ``requests`` sent in this order (explain)."""
+        return self.directory.backend(endpoint).prefix_reuse(requests, kind)
 
     def throughput(self, endpoint: str) -> float | None:
         """Requests per second the endpoint answered lately, from the usage log; None if unknown."""

@@ -14,6 +14,7 @@ import time
 from typing import Any, Sequence
 
 from serving.data.usage import ai_function
+from engine.prefix_reuse import PrefixReuse
 from engine.types import SamplingOptions, Task
 from serving.data.backends import ResultCallback
 from serving.data.batch_wire import decode_result
@@ -62,6 +63,9 @@ class HttpServingClient:
 
     def count_tokens(self, endpoint: str, requests: Sequence[Any], kind: str) -> list[int] | None:
         return None  # the tokenizer is on the server; explain estimates from text length instead
+
+    def prefix_reuse(self, endpoint: str, requests: Sequence[Any], kind: str) -> PrefixReuse:
+        return PrefixReuse(unknown_because="the engine and its tokenizer are on the server")
 
     def throughput(self, endpoint: str) -> float | None:
         return None

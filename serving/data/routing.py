@@ -23,6 +23,7 @@ import random
 from typing import Any, Callable, Sequence
 
 from engine.errors import InvalidParameterValue
+from engine.prefix_reuse import PrefixReuse
 from engine.types import CUSTOM_TASK, EmbeddingResult, GenerationResult, PredictionResult, Task
 from serving.data.backends import Backend, DelegatingBackend, LocalEngineBackend, ResultCallback, async_like_inner
 from serving.control.service import SEALED, SYSTEM_PREFIX, EndpointService
@@ -112,6 +113,11 @@ class TrafficSplitBackend(Backend):
 
     def count_tokens(self, requests, kind):
         return self.routes[0][2].count_tokens(requests, kind) if self.routes else None
+
+    def prefix_reuse(self, requests, kind):
+        if len(self.routes) != 1:  # the rows are split between entities: each engine sees a part
+            return PrefixReuse(unknown_because="the endpoint splits its traffic between served entities")
+        return self.routes[0][2].prefix_reuse(requests, kind)
 
     def warm_up(self) -> None:
         for _, _, backend in self.routes:
@@ -346,6 +352,9 @@ class FallbackBackend(Backend):
 
     def count_tokens(self, requests, kind):
         return self.primary.count_tokens(requests, kind)
+
+    def prefix_reuse(self, requests, kind):
+        return self.primary.prefix_reuse(requests, kind)
 
     def warm_up(self) -> None:
         self.primary.warm_up()
