@@ -39,6 +39,26 @@ def chat_engine():
 
 
 @pytest.fixture(scope="session")
+def float32_chat_engine(request):
+    """The chat model on a float32 engine, whatever this CPU's rule picks: float32 on CPU is
+    batch-invariant (an answer does not depend on what else is in the batch), bfloat16 is not.
+    The session's chat engine when the rule already picks float32, else one of its own."""
+    from engine.config import EngineConfig
+    from engine.model_store import resolve_model
+    from engine.vllm_engine import LocalEngine
+
+    if EngineConfig.for_this_machine().dtype == "float32":
+        yield request.getfixturevalue("chat_engine")
+        return
+    engine = LocalEngine(resolve_model(CHAT_MODEL), EngineConfig.for_this_machine(dtype="float32"))
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="session")
 def embed_engine():
     from engine.vllm_engine import get_engine
 

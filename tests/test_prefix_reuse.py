@@ -51,26 +51,14 @@ def test_an_external_endpoint_explains_why_reuse_is_not_estimated():
 
 # -- on the engine --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def float32_chat(request):
-    """The chat model on a float32 engine (batch-invariant: answers do not depend on batch order).
-    The session's engine when this CPU's rule chooses float32, else one started for this module."""
-    from engine.config import EngineConfig
-    from engine.model_store import resolve_model
-    from engine.vllm_engine import LocalEngine
+@pytest.fixture
+def float32_chat(float32_chat_engine):
+    """A backend on the float32 chat engine (batch-invariant: answers do not depend on batch order)."""
     from serving.data.backends import LocalEngineBackend
 
     backend = LocalEngineBackend(CHAT_MODEL, "llm/v1/chat")
-    if EngineConfig.for_this_machine().dtype == "float32":
-        backend._engine = request.getfixturevalue("chat_engine")
-        yield backend
-        return
-    engine = LocalEngine(resolve_model(CHAT_MODEL), EngineConfig.for_this_machine(dtype="float32"))
-    backend._engine = engine
-    try:
-        yield backend
-    finally:
-        engine.close()
+    backend._engine = float32_chat_engine
+    return backend
 
 
 @pytest.mark.engine
