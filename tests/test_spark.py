@@ -227,11 +227,48 @@ TASK_QUERIES = [  # (Spark SQL, DuckDB SQL): the same calls, each engine's spell
 ]
 
 
+@pytest.fixture(scope="module")
+def storing_server(tmp_path_factory):
+    """A `sqlinfer serve` with its result store on (the suite turns stores off): what one connector
+    asked first, the other's identical request is answered from, so a comparison between them does
+    not depend on batch invariance, which bfloat16 does not have. Yields (url, admin token)."""
+    from serving.control.service import EndpointService
+    from tests.registry_helpers import SQLINFER
+    from tests.rest_server import free_port, start_group, stop_group, wait_healthy
+
+    home = tmp_path_factory.mktemp("storing-home")
+    _, token = EndpointService(home).auth.create_token("spark-job", is_admin=True)
+    port = free_port()
+    env = os.environ | {"SQLINFER_HOME": str(home), "SQLINFER_RESULT_STORE": "on"}
+    process = start_group([SQLINFER, "serve", "--port", str(port), "--log-level", "warning"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(f"{url}/health")
+        yield url, token
+    finally:
+        stop_group(process)
+
+
 @pytest.mark.engine
 @pytest.mark.slow  # about 200 s on 2 cores: in `make test-slow`, which CI runs too
-def test_the_task_functions_give_duckdbs_typed_answers_in_spark(spark, duck):
+def test_the_task_functions_give_duckdbs_typed_answers_in_spark(spark, sqlinfer_server, storing_server):
     """DuckDB asks first; Spark's identical requests are then answered from the server's store, so
     the comparison holds whatever the CPU's dtype does to batch invariance."""
+    from connectors import spark as sqlinfer_spark
+    from connectors.duckdb import connect
+    from serving.data.http_client import HttpServingClient
+
+    url, token = storing_server
+    sqlinfer_spark.register(spark, url=url, token=token)
+    duck = connect(client=HttpServingClient(url, token))
+    try:
+        _compare_task_functions(spark, duck)
+    finally:
+        duck.close()
+        sqlinfer_spark.register(spark, url=sqlinfer_server[0], token=sqlinfer_server[1])  # the module's other tests
+
+
+def _compare_task_functions(spark, duck) -> None:
     from connectors import spark as sqlinfer_spark
 
     for spark_query, duck_query in TASK_QUERIES:
