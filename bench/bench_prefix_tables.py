@@ -13,6 +13,10 @@ blocks included), and each run starts from an empty prefix cache:
 * sqlinfer: ``SELECT ai_query(endpoint, {'instruction': ..., col: col, ...}) FROM t``: fields per
   row by GGR, the batch in prefix order, answers back in input order.
 
+A third side is a diagnostic: raw ``LLM.chat`` sent sqlinfer's prompts in sqlinfer's order. Its
+time against sqlinfer's is what the path around the engine adds or saves; against raw in the
+original order, what the ordering alone gains.
+
 Reported per table: end-to-end time (median of alternating rounds), prompt tokens and the tokens
 the engine reported reusing from its prefix cache, EXPLAIN's reuse estimate for the query, and a
 last point for the block size: raw vLLM completing the airports' bare columns (unique code first,
@@ -52,7 +56,7 @@ def main() -> int:
     import duckdb
     from vllm import LLM, SamplingParams
 
-    from ai_functions.ordering import render
+    from ai_functions.ordering import plan_prompts, render
     from connectors.duckdb import connect, explain, functions
     from engine.config import EngineConfig
     from engine.hardware import read_cpu_facts
@@ -74,13 +78,16 @@ def main() -> int:
     settings = ours_engine.settings()
     assert settings["block_size"] == raw.llm_engine.vllm_config.cache_config.block_size, "both engines must match"
 
-    def run_raw(llm, requests) -> dict[str, float]:
+    def run_raw(llm, requests, texts: list[str] | None = None) -> dict[str, float]:
+        """``texts``: prompts to send instead of the rows in the user's field and row order."""
         llm.reset_prefix_cache()
+        texts = texts if texts is not None else [render(r, list(r)) for r in requests]
         started = time.perf_counter()
-        outputs = llm.chat([[{"role": "user", "content": render(r, list(r))}] for r in requests], sampling, use_tqdm=False)
+        outputs = llm.chat([[{"role": "user", "content": t}] for t in texts], sampling, use_tqdm=False)
         elapsed = time.perf_counter() - started
         return {"seconds": elapsed, "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
-                "cached_tokens": sum(o.num_cached_tokens or 0 for o in outputs)}
+                "cached_tokens": sum(o.num_cached_tokens or 0 for o in outputs),
+                "generated_tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
 
     def run_ours(query: str, rows: int) -> dict[str, float]:
         assert ours_engine.reset_prefix_cache(), "the engine refused to reset its prefix cache"
@@ -91,7 +98,8 @@ def main() -> int:
         after = ai.stats.snapshot()
         assert len(answers) == rows and all(a[0] is not None for a in answers)
         return {"seconds": elapsed, "prompt_tokens": after.prompt_tokens - before.prompt_tokens,
-                "cached_tokens": after.cached_prompt_tokens - before.cached_prompt_tokens}
+                "cached_tokens": after.cached_prompt_tokens - before.cached_prompt_tokens,
+                "generated_tokens": after.completion_tokens - before.completion_tokens}
 
     chosen = [t for t in TABLES if t.name in options.tables.split(",")]
     for table in chosen:  # warm both sides on a few rows of each table (first-call costs out of the timing)
@@ -106,15 +114,23 @@ def main() -> int:
         query = (f"SELECT ai_query('{CHAT_ENDPOINT}', {table.struct_sql()}, modelParameters => {{'max_tokens': {MAX_TOKENS}}}) "
                  f"FROM t ORDER BY i")
         [estimate] = explain(con, query, ai)
-        raws, ours = [], []
+        # a diagnostic third side: raw vLLM sent sqlinfer's prompts in sqlinfer's order, which tells
+        # the ordering's gain from what the path around the engine adds or costs
+        ordered = plan_prompts(requests).sent()
+        raws, ours, raws_ordered = [], [], []
         for round_ in range(options.rounds):
-            order = (("raw", "ours") if round_ % 2 == 0 else ("ours", "raw"))
+            order = (("raw", "ours", "raw-ordered") if round_ % 2 == 0 else ("raw-ordered", "ours", "raw"))
             for side in order:
                 if side == "raw":
                     raws.append(run_raw(raw, requests))
+                elif side == "raw-ordered":
+                    raws_ordered.append(run_raw(raw, requests, ordered))
                 else:
                     ours.append(run_ours(query, len(requests)))
-        results.append(_report(table, raws, ours, estimate.prefix_reuse))
+        report = _report(table, raws, ours, estimate.prefix_reuse)
+        report["raw_ordered_seconds"] = statistics.median(r["seconds"] for r in raws_ordered)
+        report["raw_ordered_cached"] = raws_ordered[-1]["cached_tokens"]
+        results.append(report)
 
     block_point = None
     if AIRPORTS in chosen:  # what a 32-token block costs against 128 when rows share nothing
@@ -145,7 +161,9 @@ def main() -> int:
     for r in results:
         print(f"  {r['table']:8s} {r['rows']:5d} rows  raw {r['raw_seconds']:6.2f} s (reused {r['raw_cached']}/{r['raw_prompt']})  "
               f"sqlinfer {r['ours_seconds']:6.2f} s (reused {r['ours_cached']}/{r['ours_prompt']}, explain said "
-              f"{r['explain_reuse']})  ratio {r['ratio']:.2f}x")
+              f"{r['explain_reuse']})  ratio {r['ratio']:.2f}x; generated tokens raw {r['raw_generated']}, "
+              f"sqlinfer {r['ours_generated']}; raw vLLM on sqlinfer's prompts and order {r['raw_ordered_seconds']:.2f} s "
+              f"(reused {r['raw_ordered_cached']})")
     if block_point is not None:
         print(f"  block size, nothing shared (airports' bare columns as completions, raw vLLM): 32-token blocks {block_point['block_32_seconds']:.2f} s, "
               f"128-token blocks {block_point['block_128_seconds']:.2f} s: 32 runs at {block_point['ratio_32_over_128']:.2f}x")
@@ -170,6 +188,7 @@ def _report(table: PublicTable, raws: list[dict], ours: list[dict], reuse) -> di
     return {"table": table.name, "rows": table.rows, "raw_seconds": raw_seconds, "ours_seconds": our_seconds,
             "ratio": raw_seconds / our_seconds, "raw_prompt": raws[-1]["prompt_tokens"], "raw_cached": raws[-1]["cached_tokens"],
             "ours_prompt": ours[-1]["prompt_tokens"], "ours_cached": ours[-1]["cached_tokens"],
+            "raw_generated": raws[-1]["generated_tokens"], "ours_generated": ours[-1]["generated_tokens"],
             "explain_reuse": reuse.reused_tokens if reuse is not None and reuse.unknown_because is None else None,
             "all_rounds": {"raw": raws, "ours": ours}}
 
