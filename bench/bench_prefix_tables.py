@@ -53,7 +53,6 @@ def main() -> int:
     parser.add_argument("--json", dest="json_out")
     options = parser.parse_args()
 
-    import duckdb
     from vllm import LLM, SamplingParams
 
     from ai_functions.ordering import plan_prompts, render

@@ -204,14 +204,7 @@ def sqlinfer_server(tmp_path_factory, mlflow_registry):
         service.wait_for_deployments()
     finally:
         del os.environ["SQLINFER_MLFLOW_REGISTRY_URI"]
-    from tests.registry_helpers import SQLINFER
-    from tests.rest_server import free_port, start_group, stop_group, wait_healthy
+    from tests.rest_server import sqlinfer_serve
 
-    port = free_port()
-    process = start_group([SQLINFER, "serve", "--port", str(port), "--log-level", "warning"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(f"{url}/health")
+    with sqlinfer_serve(env) as url:  # stopped with the engine processes it started
         yield url, token
-    finally:
-        stop_group(process)  # the server and the engine processes it started

@@ -87,6 +87,22 @@ def stop_group(process: subprocess.Popen, timeout: float = 60) -> None:
 
 
 @contextlib.contextmanager
+def sqlinfer_serve(env: dict[str, str]) -> Iterator[str]:
+    """One ``sqlinfer serve`` in its own process group with ``env``, healthy; its URL. Stopping it
+    stops the engines it started."""
+    from tests.registry_helpers import SQLINFER
+
+    port = free_port()
+    process = start_group([SQLINFER, "serve", "--port", str(port), "--log-level", "warning"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(f"{url}/health")
+        yield url
+    finally:
+        stop_group(process)
+
+
+@contextlib.contextmanager
 def serve_processes(home, count: int = 2) -> Iterator[list[int]]:
     """``count`` ``sqlinfer serve`` processes on one home (one registry database), healthy; their ports."""
     from tests.registry_helpers import SQLINFER

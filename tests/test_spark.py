@@ -233,20 +233,12 @@ def storing_server(tmp_path_factory):
     asked first, the other's identical request is answered from, so a comparison between them does
     not depend on batch invariance, which bfloat16 does not have. Yields (url, admin token)."""
     from serving.control.service import EndpointService
-    from tests.registry_helpers import SQLINFER
-    from tests.rest_server import free_port, start_group, stop_group, wait_healthy
+    from tests.rest_server import sqlinfer_serve
 
     home = tmp_path_factory.mktemp("storing-home")
     _, token = EndpointService(home).auth.create_token("spark-job", is_admin=True)
-    port = free_port()
-    env = os.environ | {"SQLINFER_HOME": str(home), "SQLINFER_RESULT_STORE": "on"}
-    process = start_group([SQLINFER, "serve", "--port", str(port), "--log-level", "warning"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(f"{url}/health")
+    with sqlinfer_serve(os.environ | {"SQLINFER_HOME": str(home), "SQLINFER_RESULT_STORE": "on"}) as url:
         yield url, token
-    finally:
-        stop_group(process)
 
 
 @pytest.mark.engine

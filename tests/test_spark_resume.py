@@ -23,7 +23,7 @@ import pytest
 
 from tests.fake_providers import ScriptedOpenAIServer
 from tests.registry_helpers import SQLINFER
-from tests.rest_server import free_port, start_group, stop_group, wait_healthy
+from tests.rest_server import sqlinfer_serve, start_group, stop_group
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]  # `make test-slow` (CI runs it after `make test`)
 
@@ -48,15 +48,10 @@ def counted(tmp_path):
         "name": "m", "provider": "openai", "task": "llm/v1/chat",
         "openai_config": {"openai_api_key": "{{secrets/s/k}}", "openai_api_base": upstream.url}}}]}})
     service.wait_for_deployments()
-    port = free_port()
-    env = os.environ | {"SQLINFER_HOME": str(home), "SQLINFER_RESULT_STORE": "on"}
-    server = start_group([SQLINFER, "serve", "--port", str(port), "--log-level", "warning"], env=env)
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(f"{url}/health")
-        yield upstream, url, token
+        with sqlinfer_serve(os.environ | {"SQLINFER_HOME": str(home), "SQLINFER_RESULT_STORE": "on"}) as url:
+            yield upstream, url, token
     finally:
-        stop_group(server)
         upstream.stop()
 
 
