@@ -132,9 +132,14 @@ def estimate(client: Any, planner: Planner, store: ResultStore | None, prices: d
             hits = sum(1 for k in keys if k in found)
             remaining = [r for r, k in zip(distinct, keys) if k not in found]
         plan = plan_prompts(remaining) if kind in ("chat", "complete") else None
-        # chat/completions are counted as the prompts the model is sent (STRUCTs rendered as fields)
+        # chat/completions are counted as the prompts the model is sent (STRUCTs rendered as fields),
+        # planned exactly as the query path sends them: fields by GGR, the batch in prefix order
         sent = plan.sent() if plan is not None else remaining
-        counted = client.count_tokens(call.endpoint, sent, kind) if remaining and kind != "predict" else []
+        reuse = client.prefix_reuse(call.endpoint, sent, kind) if plan is not None and remaining else None
+        if reuse is not None and reuse.unknown_because is None:
+            counted: list[int] | None = [reuse.prompt_tokens]  # the reuse estimate tokenized them already
+        else:
+            counted = client.count_tokens(call.endpoint, sent, kind) if remaining and kind != "predict" else []
         exact = counted is not None
         if counted is None:
             counted = [max(1, len(str(r)) // CHARS_PER_TOKEN) for r in sent]
@@ -143,8 +148,6 @@ def estimate(client: Any, planner: Planner, store: ResultStore | None, prices: d
         price = prices.get(call.endpoint)
         cost = (input_tokens * price[0] + output_tokens * price[1]) / 1e6 if price else (0.0 if not remaining else None)
         seconds, limited_by = _duration(client, call.endpoint, len(remaining), input_tokens + output_tokens)
-        # planned exactly as the query path will send them: fields by GGR, the batch in prefix order
-        reuse = client.prefix_reuse(call.endpoint, sent, kind) if plan is not None and remaining else None
         estimates.append(Estimate(call.function, call.endpoint, call.rows, len(distinct), hits, len(remaining),
                                   input_tokens, output_tokens, exact, cost, seconds, limited_by, reuse))
     return estimates
